@@ -1,0 +1,275 @@
+//! Verdicts, and the pure rules that turn a URL or a response into one.
+//! No I/O here: everything is unit-tested without a network.
+
+use std::fmt;
+use std::str::FromStr;
+
+use reqwest::header::HeaderMap;
+use reqwest::StatusCode;
+use url::Url;
+
+/// What avatar-warden concluded about one avatar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Status {
+    Pending,
+    Mirrored,
+    Expired,
+    Invalid,
+    Failing,
+    Blocked,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Pending,
+        Status::Mirrored,
+        Status::Expired,
+        Status::Invalid,
+        Status::Failing,
+        Status::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Mirrored => "mirrored",
+            Status::Expired => "expired",
+            Status::Invalid => "invalid",
+            Status::Failing => "failing",
+            Status::Blocked => "blocked",
+        }
+    }
+
+    /// The user must log in again: the provider will never serve this picture.
+    pub fn requires_reauth(self) -> bool {
+        matches!(self, Status::Expired | Status::Invalid)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Status {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown status {s:?}"))
+    }
+}
+
+/// A verdict with its reason: a stable snake_case `code` (safe as a metric
+/// label) and an optional human `detail` (header value, status code...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub status: Status,
+    pub code: &'static str,
+    pub detail: Option<String>,
+}
+
+impl Verdict {
+    pub fn new(status: Status, code: &'static str) -> Self {
+        Verdict {
+            status,
+            code,
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn mirrored() -> Self {
+        Verdict::new(Status::Mirrored, "valid_image")
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.detail {
+            Some(d) => write!(f, "{} ({}: {})", self.status, self.code, d),
+            None => write!(f, "{} ({})", self.status, self.code),
+        }
+    }
+}
+
+/// URLs longer than this are junk, not avatars.
+pub const MAX_URL_LEN: usize = 2048;
+
+/// Parses an avatar URL as stored in the profile table. `Err` is the verdict
+/// for a URL that can never make an avatar.
+pub fn parse_avatar_url(raw: &str) -> Result<Url, Verdict> {
+    let raw = raw.trim();
+    if raw.len() > MAX_URL_LEN {
+        return Err(Verdict::new(Status::Invalid, "url_too_long").with_detail(format!("{} bytes", raw.len())));
+    }
+    let url = Url::parse(raw).map_err(|e| Verdict::new(Status::Invalid, "unparsable_url").with_detail(e.to_string()))?;
+    match url.scheme() {
+        "http" | "https" => {}
+        other => {
+            return Err(Verdict::new(Status::Invalid, "unsupported_scheme").with_detail(other.to_string()));
+        }
+    }
+    if url.host().is_none() {
+        return Err(Verdict::new(Status::Invalid, "unparsable_url").with_detail("no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(Verdict::new(Status::Invalid, "url_has_credentials"));
+    }
+    Ok(url)
+}
+
+/// What the status line and headers alone decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadDecision {
+    /// The verdict is final without reading the body.
+    Final(Verdict),
+    /// Read the body and validate it as an image.
+    ReadBody,
+}
+
+/// Tencent's image servers (WeChat `thirdwx.qlogo.cn`, `wx.qlogo.cn`, `*.qpic.cn`...)
+/// answer a dead avatar with `200 image/png` and a gray placeholder; only these
+/// headers tell. No other server sends them, so the rule applies to every host.
+pub fn provider_expiry_header(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("x-errno") {
+        return Some(format!("X-ErrNo: {}", String::from_utf8_lossy(v.as_bytes())));
+    }
+    if let Some(v) = headers.get("x-info") {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        if v.trim_start().to_ascii_lowercase().starts_with("notexist") {
+            return Some(format!("X-Info: {v}"));
+        }
+    }
+    None
+}
+
+/// Classifies a response by status and headers.
+pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> HeadDecision {
+    // The provider's own signal wins over everything, including a 200.
+    if let Some(header) = provider_expiry_header(headers) {
+        return HeadDecision::Final(Verdict::new(Status::Expired, "provider_notexist").with_detail(header));
+    }
+    let code = status.as_u16();
+    let verdict = match code {
+        200..=299 => return HeadDecision::ReadBody,
+        404 => Verdict::new(Status::Expired, "not_found"),
+        410 => Verdict::new(Status::Expired, "gone"),
+        408 => Verdict::new(Status::Failing, "request_timeout"),
+        429 => Verdict::new(Status::Failing, "rate_limited"),
+        // Often a WAF or hotlink rule aimed at us, not the user's fault: never flag on it.
+        401 | 403 => Verdict::new(Status::Failing, "access_denied"),
+        500..=599 => Verdict::new(Status::Failing, "server_error"),
+        300..=399 => Verdict::new(Status::Invalid, "unexpected_redirect"),
+        _ => Verdict::new(Status::Invalid, "http_status"),
+    };
+    HeadDecision::Final(verdict.with_detail(code.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderName, HeaderValue};
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    fn head(status: u16, pairs: &[(&str, &str)]) -> HeadDecision {
+        classify_head(StatusCode::from_u16(status).unwrap(), &headers(pairs))
+    }
+
+    #[test]
+    fn wechat_placeholder_with_200_is_expired_and_names_the_header() {
+        let d = head(
+            200,
+            &[("content-type", "image/png"), ("x-errno", "-6101"), ("x-info", "notexist:-6101")],
+        );
+        let HeadDecision::Final(v) = d else { panic!("{d:?}") };
+        assert_eq!(v.status, Status::Expired);
+        assert_eq!(v.code, "provider_notexist");
+        assert_eq!(v.detail.as_deref(), Some("X-ErrNo: -6101"));
+    }
+
+    #[test]
+    fn x_info_notexist_alone_is_expired_but_other_x_info_is_not() {
+        let HeadDecision::Final(v) = head(200, &[("x-info", "notexist:-6101")]) else { panic!() };
+        assert_eq!(v.detail.as_deref(), Some("X-Info: notexist:-6101"));
+        assert_eq!(head(200, &[("x-info", "real data")]), HeadDecision::ReadBody);
+    }
+
+    #[test]
+    fn provider_header_wins_over_any_status() {
+        for status in [200, 304, 404, 500] {
+            let HeadDecision::Final(v) = head(status, &[("x-errno", "-6101")]) else { panic!() };
+            assert_eq!(v.status, Status::Expired, "status {status}");
+        }
+    }
+
+    #[test]
+    fn statuses_map_to_the_documented_verdicts() {
+        let cases = [
+            (404, Status::Expired, "not_found"),
+            (410, Status::Expired, "gone"),
+            (500, Status::Failing, "server_error"),
+            (503, Status::Failing, "server_error"),
+            (408, Status::Failing, "request_timeout"),
+            (429, Status::Failing, "rate_limited"),
+            (403, Status::Failing, "access_denied"),
+            (400, Status::Invalid, "http_status"),
+        ];
+        for (code, status, reason) in cases {
+            let HeadDecision::Final(v) = head(code, &[]) else { panic!("{code}") };
+            assert_eq!((v.status, v.code), (status, reason), "status {code}");
+            assert_eq!(v.detail.as_deref(), Some(code.to_string().as_str()));
+        }
+        assert_eq!(head(200, &[]), HeadDecision::ReadBody);
+    }
+
+    #[test]
+    fn transient_statuses_never_flag_the_user() {
+        for code in [408, 429, 500, 502, 503, 504, 401, 403] {
+            let HeadDecision::Final(v) = head(code, &[]) else { panic!() };
+            assert!(!v.status.requires_reauth(), "{code} must not flag");
+        }
+    }
+
+    #[test]
+    fn url_rules() {
+        assert!(parse_avatar_url("https://thirdwx.qlogo.cn/mmopen/vi_32/abc/132").is_ok());
+        assert!(parse_avatar_url("  http://example.com/a.png  ").is_ok());
+        let code = |u: &str| parse_avatar_url(u).unwrap_err().code;
+        assert_eq!(code("ftp://example.com/a.png"), "unsupported_scheme");
+        assert_eq!(code("javascript:alert(1)"), "unsupported_scheme");
+        assert_eq!(code("data:image/png;base64,AAAA"), "unsupported_scheme");
+        assert_eq!(code("file:///etc/passwd"), "unsupported_scheme");
+        assert_eq!(code("/relative/avatar.png"), "unparsable_url");
+        assert_eq!(code("not a url"), "unparsable_url");
+        assert_eq!(code("https://user:pw@example.com/a.png"), "url_has_credentials");
+        let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
+        assert_eq!(code(&long), "url_too_long");
+        for bad in ["ftp://x/y", "/rel"] {
+            assert_eq!(parse_avatar_url(bad).unwrap_err().status, Status::Invalid);
+        }
+    }
+
+    #[test]
+    fn status_round_trips_through_text() {
+        for s in Status::ALL {
+            assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
+        }
+        assert!("dead".parse::<Status>().is_err());
+        assert!(Status::Expired.requires_reauth() && Status::Invalid.requires_reauth());
+        assert!(!Status::Failing.requires_reauth() && !Status::Blocked.requires_reauth());
+    }
+}

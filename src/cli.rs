@@ -1,0 +1,480 @@
+//! The binary's glue: argument parsing, wiring, output and exit codes.
+//! `anyhow` lives here and only here.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::classify::Status;
+use crate::config::{FsSettings, LogFormat, Settings, StorageSettings};
+use crate::db::{AvatarRecord, Database};
+use crate::metrics::Metrics;
+use crate::pipeline::{self, Deps, ScanOptions, ScanReport};
+use crate::storage::ImageWriter;
+use crate::{demo, schedule, serve};
+
+/// Exit codes of the contract.
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_SOME_FAILING: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "avatar-warden",
+    version,
+    about = "Keeps third-party avatars alive: mirrors valid pictures, flags users whose avatar is gone.",
+    long_about = "Scans a profile table for third-party avatar URLs (WeChat, QQ, Douyin, Weibo...), \
+detects expired ones (including WeChat's HTTP 200 placeholder marked by X-ErrNo / X-Info: notexist), \
+mirrors valid images to S3-compatible storage under their sha256, flags users for re-authorization \
+and writes every outcome back to the profile database.\n\n\
+Configuration: the built-in defaults, then --config FILE (or config/$AVATAR_WARDEN_ENV.toml), \
+then environment variables AVATAR_WARDEN__<SECTION>__<KEY>.\n\n\
+Exit codes: 0 all done; 2 done but some avatars are failing; 1 configuration or runtime error."
+)]
+pub struct Cli {
+    /// Configuration file layered over the built-in defaults.
+    #[arg(long, global = true, env = "AVATAR_WARDEN_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create or upgrade the worker's own tables in the profile database.
+    Migrate,
+    /// Check every due avatar once and exit (a cron job or a backfill).
+    Scan {
+        /// Print the summary as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Scan on the cron schedule and serve /metrics until SIGTERM or Ctrl-C.
+    Run,
+    /// Fetch, classify and validate one URL and print why; writes nothing.
+    Check {
+        url: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write every avatar's recorded state, one JSON object per line.
+    Export {
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Show how many avatars are in each status.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the whole job on sample users against a simulated origin on 127.0.0.1.
+    Demo {
+        /// Where the demo's database and mirrors go (default: a folder in the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Keep the simulated origin running afterwards, so `check` can be tried on its URLs.
+        #[arg(long)]
+        serve: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ExportFormat {
+    Jsonl,
+}
+
+/// Parses arguments, runs the command, and maps the outcome to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
+    let quiet = !matches!(cli.command, Command::Run | Command::Scan { .. });
+    init_logging(settings.log.format, if quiet { "warn" } else { "info" });
+    match cli.command {
+        Command::Migrate => {
+            let db = settings.profile.connect().await?;
+            let applied = db.migrate().await?;
+            if applied.is_empty() {
+                println!("migrations: already up to date");
+            } else {
+                println!("migrations: applied {applied:?}");
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Scan { json } => {
+            let deps = build_deps(&settings).await?;
+            let shutdown = schedule::shutdown_on_signals();
+            let report = pipeline::scan_once(&deps, &scan_options(&settings, shutdown)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(if report.count(Status::Failing) > 0 {
+                EXIT_SOME_FAILING
+            } else {
+                EXIT_OK
+            })
+        }
+        Command::Run => {
+            let cron = schedule::parse_cron(&settings.schedule.cron)?;
+            let deps = build_deps(&settings).await?;
+            let shutdown = schedule::shutdown_on_signals();
+            let addr = serve::spawn(&settings.metrics.listen, deps.clone(), shutdown.clone())
+                .await
+                .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
+            tracing::info!(%addr, cron = %settings.schedule.cron, "serving /metrics, /healthz and /readyz");
+            schedule::run_until_stopped(deps, scan_options(&settings, shutdown), cron).await;
+            tracing::info!("stopped");
+            Ok(EXIT_OK)
+        }
+        Command::Check { url, json } => check(&settings, &url, json).await,
+        Command::Export { format: ExportFormat::Jsonl, output } => {
+            let db = settings.profile.connect().await?;
+            let count = match output {
+                Some(path) => {
+                    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                    export_jsonl(&db, std::io::BufWriter::new(file)).await?
+                }
+                None => export_jsonl(&db, std::io::stdout().lock()).await?,
+            };
+            tracing::info!(count, "exported");
+            Ok(EXIT_OK)
+        }
+        Command::Status { json } => {
+            let db = settings.profile.connect().await?;
+            let counts = db.status_counts(pipeline::unix_now()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&counts)?);
+            } else {
+                for (status, n) in &counts.counts {
+                    println!("{status:<10} {n:>10}");
+                }
+                println!("{:<10} {:>10}", "reauth", counts.reauth_required);
+                println!("{:<10} {:>10}", "due now", counts.due_now);
+            }
+            Ok(EXIT_OK)
+        }
+        Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
+    }
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+}
+
+fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOptions {
+    ScanOptions {
+        batch_size: settings.scan.batch_size,
+        concurrency: settings.fetch.concurrency,
+        shutdown,
+    }
+}
+
+/// Wires the pipeline from settings; reads as a sentence on purpose.
+pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
+    if settings.fetch.allow_private_networks {
+        tracing::warn!(
+            "fetch.allow_private_networks = true: avatar URLs may reach loopback, private and link-local addresses"
+        );
+    }
+    let db = settings.profile.connect().await?;
+    db.migrate().await.context("migrating the worker's tables")?;
+    let fetcher = settings.fetch.client()?;
+    let store = settings.storage.open().await.context("opening the object store")?;
+    Ok(Deps {
+        db: Arc::new(db),
+        fetcher,
+        images: ImageWriter::new(store),
+        media: settings.media.clone(),
+        recheck: settings.recheck.clone(),
+        metrics: Metrics::new(),
+    })
+}
+
+async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8> {
+    let fetcher = settings.fetch.client()?;
+    let exam = pipeline::examine(&fetcher, &settings.media, url).await;
+    let v = &exam.verdict;
+    let image = exam.image.as_ref().map(|(info, body)| {
+        json!({
+            "format": info.format.name(),
+            "width": info.width,
+            "height": info.height,
+            "bytes": body.bytes.len(),
+            "sha256": body.sha256,
+        })
+    });
+    if json {
+        let out = json!({
+            "url": url,
+            "status": v.status.as_str(),
+            "reason": v.code,
+            "detail": v.detail,
+            "http_status": exam.http_status.map(|s| s.as_u16()),
+            "final_url": exam.final_url.as_ref().map(|u| u.as_str()),
+            "headers": exam.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "image": image,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("url:        {url}");
+        println!("verdict:    {}", v.status);
+        println!("reason:     {}", v.code);
+        if let Some(d) = &v.detail {
+            println!("decided by: {d}");
+        }
+        if let Some(s) = exam.http_status {
+            println!("http:       {s}");
+        }
+        if let Some(u) = exam.final_url.as_ref().filter(|u| u.as_str() != url) {
+            println!("final url:  {u}");
+        }
+        for (name, value) in &exam.headers {
+            println!("header:     {name}: {value}");
+        }
+        if let Some((info, body)) = &exam.image {
+            println!(
+                "image:      {} {}x{}, {} bytes, sha256 {}",
+                info.format.name(),
+                info.width,
+                info.height,
+                body.bytes.len(),
+                body.sha256
+            );
+        }
+    }
+    Ok(if v.status == Status::Failing {
+        EXIT_SOME_FAILING
+    } else {
+        EXIT_OK
+    })
+}
+
+/// One JSON object per avatar, streamed page by page.
+async fn export_jsonl(db: &Database, mut out: impl Write) -> anyhow::Result<u64> {
+    let mut after: Option<String> = None;
+    let mut count = 0;
+    loop {
+        let page = db.export_page(after.as_deref(), 1000).await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.user_id.to_string());
+        for r in &page {
+            serde_json::to_writer(&mut out, &export_object(r))?;
+            out.write_all(b"\n")?;
+            count += 1;
+        }
+    }
+    out.flush()?;
+    Ok(count)
+}
+
+/// The `export` contract: `user_id, source_url, status, reason, mirror_url,
+/// sha256, reauth_required, checked_at`, plus detail fields.
+pub fn export_object(r: &AvatarRecord) -> serde_json::Value {
+    let time = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|d| d.to_rfc3339());
+    json!({
+        "user_id": r.user_id.to_string(),
+        "source_url": r.source_url,
+        "status": r.status.as_str(),
+        "reason": r.reason,
+        "reason_detail": r.reason_detail,
+        "mirror_url": r.mirror_url,
+        "sha256": r.sha256,
+        "reauth_required": r.reauth_required,
+        "checked_at": time(r.checked_at),
+        "next_check_at": r.next_check_at.and_then(time),
+        "format": r.format,
+        "width": r.width,
+        "height": r.height,
+        "size_bytes": r.size_bytes,
+        "attempts": r.attempts,
+    })
+}
+
+fn print_report(report: &ScanReport) {
+    println!(
+        "scanned {} avatars in {:.2}s{}",
+        report.processed,
+        report.duration_secs,
+        if report.interrupted { " (interrupted by shutdown)" } else { "" }
+    );
+    for status in Status::ALL {
+        let n = report.count(status);
+        if n > 0 {
+            println!("  {:<10} {:>8}", status.as_str(), n);
+        }
+    }
+    if !report.by_reason.is_empty() {
+        println!("by reason:");
+        for (reason, n) in &report.by_reason {
+            println!("  {reason:<40} {n:>8}");
+        }
+    }
+    println!(
+        "objects: {} uploaded ({} bytes), {} already stored",
+        report.objects_uploaded, report.bytes_uploaded, report.objects_deduplicated
+    );
+}
+
+/// A folder of our own in the temp dir by default; a folder we did not create is never wiped.
+fn prepare_demo_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    const MARKER: &str = ".avatar-warden-demo";
+    let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("avatar-warden-demo"));
+    if dir.exists() {
+        let empty = std::fs::read_dir(&dir)?.next().is_none();
+        if !empty && !dir.join(MARKER).exists() {
+            bail!(
+                "{} exists and was not made by the demo; pass another --dir",
+                dir.display()
+            );
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::write(dir.join(MARKER), "made by avatar-warden demo; safe to delete\n")?;
+    Ok(std::fs::canonicalize(&dir)?)
+}
+
+async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> anyhow::Result<u8> {
+    let dir = prepare_demo_dir(dir)?;
+    let origin = demo::Origin::spawn(demo::OriginOptions::default())
+        .await
+        .context("starting the simulated origin")?;
+    let db_path = dir.join("profiles.db");
+    let db_url = format!("sqlite://{}?mode=rwc", db_path.display());
+    demo::seed_profiles(&db_url, &origin).await.context("creating sample users")?;
+
+    settings.profile.url = db_url.clone().into();
+    settings.profile.table = "users".into();
+    settings.profile.id_column = "id".into();
+    settings.profile.avatar_column = "avatar_url".into();
+    settings.profile.mirror_url_column = Some("avatar_mirror_url".into());
+    settings.profile.reauth_column = Some("avatar_reauth_required".into());
+    let mirror_root = dir.join("mirror");
+    settings.storage = StorageSettings::Fs(FsSettings {
+        root: mirror_root.clone(),
+        public_base_url: None,
+    });
+    // The simulated origin lives on 127.0.0.1, which the guard refuses by default.
+    settings.fetch.allow_private_networks = true;
+
+    println!("avatar-warden demo");
+    println!("  simulated origin: http://{}", origin.addr());
+    println!("  profile database: {}", db_path.display());
+    println!("  mirror directory: {}", mirror_root.display());
+    println!();
+
+    let deps = build_deps(&settings).await?;
+    let report = pipeline::scan_once(&deps, &scan_options(&settings, CancellationToken::new())).await?;
+    print_report(&report);
+    println!();
+    print_demo_users(&deps.db, &db_url).await?;
+    print_mirror_files(&mirror_root)?;
+
+    let expired_url = origin.url("/wechat/expired/gao");
+    if serve {
+        println!();
+        println!("The simulated origin keeps running; in another terminal try:");
+        println!(
+            "  AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS=true cargo run --release -- check {expired_url}"
+        );
+        println!("Ctrl-C to stop.");
+        let _ = tokio::signal::ctrl_c().await;
+    } else {
+        println!();
+        println!("Run `cargo run --release -- demo --serve` to keep the origin up and try `check` on its URLs.");
+    }
+    Ok(EXIT_OK)
+}
+
+async fn print_demo_users(db: &Database, db_url: &str) -> anyhow::Result<()> {
+    let mut rows: Vec<AvatarRecord> = db.export_page(None, 1000).await?;
+    rows.sort_by_key(|r| r.user_id.to_string().parse::<i64>().unwrap_or(i64::MAX));
+    // Read the write-back columns from the profile table itself, as the app would.
+    let pool = sqlx::SqlitePool::connect(db_url).await?;
+    let profile: Vec<(i64, String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT id, nickname, avatar_mirror_url, avatar_reauth_required FROM users ORDER BY id",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    println!("{:<4} {:<8} {:<9} {:<20} {:<8} {}", "id", "user", "status", "reason", "re-auth", "mirror (users.avatar_mirror_url)");
+    for (id, nickname, mirror, reauth) in profile {
+        let state = rows.iter().find(|r| r.user_id.to_string() == id.to_string());
+        let (status, reason) = match state {
+            Some(r) => (r.status.to_string(), r.reason.clone()),
+            None => ("-".into(), "no avatar: skipped".into()),
+        };
+        let mirror = mirror.map(|m| short_mirror(&m)).unwrap_or_else(|| "-".into());
+        println!(
+            "{id:<4} {nickname:<8} {status:<9} {reason:<20} {:<8} {mirror}",
+            if reauth { "FLAGGED" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn short_mirror(url: &str) -> String {
+    match url.find("avatars/") {
+        Some(i) => format!("mirror/{}", &url[i..]),
+        None => url.to_string(),
+    }
+}
+
+fn print_mirror_files(root: &Path) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                stack.push(entry.path());
+            } else {
+                files.push((entry.path(), entry.metadata()?.len()));
+            }
+        }
+    }
+    files.sort();
+    println!();
+    println!("{} mirrored objects under {}:", files.len(), root.display());
+    for (path, len) in files {
+        println!("  {} ({len} bytes)", path.strip_prefix(root).unwrap_or(&path).display());
+    }
+    Ok(())
+}

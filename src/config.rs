@@ -1,0 +1,413 @@
+//! Layered configuration: the embedded `config/default.toml`, then one file
+//! (`--config FILE`, or `config/$AVATAR_WARDEN_ENV.toml`), then environment
+//! variables `AVATAR_WARDEN__<SECTION>__<KEY>`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+use toml::{Table, Value};
+
+/// Compiled in so the binary runs with documented defaults from any directory.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+pub const ENV_PREFIX: &str = "AVATAR_WARDEN__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("configuration file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl ConfigError {
+    /// Configuration never heals by itself.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub profile: ProfileSettings,
+    pub scan: ScanSettings,
+    pub fetch: FetchSettings,
+    pub media: MediaSettings,
+    pub recheck: RecheckSettings,
+    pub storage: StorageSettings,
+    pub schedule: ScheduleSettings,
+    pub metrics: MetricsSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSettings {
+    /// May carry a password: never printed.
+    pub url: SecretString,
+    pub table: String,
+    pub id_column: String,
+    pub avatar_column: String,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub mirror_url_column: Option<String>,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub reauth_column: Option<String>,
+    pub max_connections: u32,
+    pub connect_timeout_secs: u64,
+    pub statement_timeout_secs: u64,
+}
+
+impl ProfileSettings {
+    pub fn statement_timeout(&self) -> Duration {
+        Duration::from_secs(self.statement_timeout_secs.max(1))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScanSettings {
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchSettings {
+    pub timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub max_bytes: u64,
+    pub concurrency: usize,
+    pub max_redirects: usize,
+    pub allow_private_networks: bool,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub user_agent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyMode {
+    Structure,
+    Decode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MediaSettings {
+    pub verify: VerifyMode,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_pixels: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecheckSettings {
+    pub mirrored_secs: u64,
+    pub failing_initial_secs: u64,
+    pub failing_max_secs: u64,
+}
+
+/// Which object store mirrors go to; each variant builds its own store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StorageSettings {
+    Fs(FsSettings),
+    S3(S3Settings),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct FsSettings {
+    pub root: PathBuf,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub public_base_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct S3Settings {
+    pub bucket: String,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub force_path_style: bool,
+    pub prefix: String,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub public_base_url: Option<String>,
+    #[serde(deserialize_with = "empty_secret_is_none")]
+    pub access_key_id: Option<SecretString>,
+    #[serde(deserialize_with = "empty_secret_is_none")]
+    pub secret_access_key: Option<SecretString>,
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    pub cron: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let s = Option::<String>::deserialize(d)?;
+    Ok(s.filter(|s| !s.trim().is_empty()))
+}
+
+fn empty_secret_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
+    Ok(empty_is_none(d)?.map(SecretString::from))
+}
+
+impl Settings {
+    /// Loads the layers from the real process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env_file = std::env::var("AVATAR_WARDEN_ENV")
+            .ok()
+            .filter(|e| !e.is_empty())
+            .map(|e| PathBuf::from(format!("config/{e}.toml")));
+        let file = file.map(Path::to_path_buf).or(env_file);
+        Self::from_layers(file.as_deref(), std::env::vars())
+    }
+
+    /// The pure core of `load`, so tests can pass their own environment.
+    pub fn from_layers(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: Table = DEFAULT_TOML.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: "config/default.toml (embedded)".into(),
+            message: e.to_string(),
+        })?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            let layer: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: e.message().to_string(),
+            })?;
+            merge(&mut table, layer);
+        }
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        vars.sort();
+        for (var, raw) in vars {
+            apply_env(&mut table, &var, &raw)?;
+        }
+        let settings: Settings = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.scan.batch_size == 0 {
+            return bad("scan.batch_size must be at least 1");
+        }
+        if self.fetch.concurrency == 0 {
+            return bad("fetch.concurrency must be at least 1");
+        }
+        if self.fetch.max_bytes == 0 {
+            return bad("fetch.max_bytes must be at least 1");
+        }
+        if let StorageSettings::S3(s3) = &self.storage
+            && s3.bucket.trim().is_empty()
+        {
+            return bad("storage.bucket is required when storage.kind = \"s3\"");
+        }
+        Ok(())
+    }
+}
+
+/// Deep merge: tables merge key by key, anything else is replaced.
+fn merge(base: &mut Table, layer: Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Table(b)), Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+/// Environment values are text; they take the type of the key they replace,
+/// so `AVATAR_WARDEN__STORAGE__BUCKET=123` stays a string and `..._CONCURRENCY=64` a number.
+fn apply_env(table: &mut Table, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Env {
+        var: var.to_string(),
+        message,
+    };
+    let path: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(str::to_ascii_lowercase)
+        .collect();
+    let [section, key] = path.as_slice() else {
+        return Err(err(
+            "expected AVATAR_WARDEN__<SECTION>__<KEY>, e.g. AVATAR_WARDEN__PROFILE__URL".into(),
+        ));
+    };
+    let Some(Value::Table(section_table)) = table.get_mut(section) else {
+        return Err(err(format!("unknown configuration section [{section}]")));
+    };
+    let Some(current) = section_table.get(key) else {
+        return Err(err(format!("unknown configuration key {section}.{key}")));
+    };
+    let value = match current {
+        Value::String(_) => Value::String(raw.to_string()),
+        Value::Integer(_) => Value::Integer(
+            raw.trim()
+                .parse()
+                .map_err(|_| err(format!("expected a whole number, got {raw:?}")))?,
+        ),
+        Value::Float(_) => Value::Float(
+            raw.trim()
+                .parse()
+                .map_err(|_| err(format!("expected a number, got {raw:?}")))?,
+        ),
+        Value::Boolean(_) => Value::Boolean(match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true,
+            "false" | "0" | "no" | "off" => false,
+            _ => return Err(err(format!("expected true or false, got {raw:?}"))),
+        }),
+        _ => {
+            let parsed: Table = format!("v = {raw}")
+                .parse()
+                .map_err(|e: toml::de::Error| err(e.message().to_string()))?;
+            parsed["v"].clone()
+        }
+    };
+    section_table.insert(key.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use secrecy::ExposeSecret;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn embedded_defaults_load_and_are_safe() {
+        let s = Settings::from_layers(None, env(&[])).unwrap();
+        assert!(!s.fetch.allow_private_networks);
+        assert_eq!(s.scan.batch_size, 500);
+        assert!(matches!(s.storage, StorageSettings::Fs(_)));
+        assert_eq!(s.profile.mirror_url_column, None);
+    }
+
+    #[test]
+    fn environment_overrides_take_the_type_of_the_key() {
+        let s = Settings::from_layers(
+            None,
+            env(&[
+                ("AVATAR_WARDEN__FETCH__CONCURRENCY", "64"),
+                ("AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS", "true"),
+                ("AVATAR_WARDEN__PROFILE__MIRROR_URL_COLUMN", "avatar_mirror"),
+                ("AVATAR_WARDEN__STORAGE__KIND", "s3"),
+                ("AVATAR_WARDEN__STORAGE__BUCKET", "123"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.fetch.concurrency, 64);
+        assert!(s.fetch.allow_private_networks);
+        assert_eq!(s.profile.mirror_url_column.as_deref(), Some("avatar_mirror"));
+        let StorageSettings::S3(s3) = s.storage else {
+            panic!("expected s3")
+        };
+        assert_eq!(s3.bucket, "123");
+    }
+
+    #[test]
+    fn a_typo_in_an_environment_variable_is_a_clear_error() {
+        let err = Settings::from_layers(None, env(&[("AVATAR_WARDEN__FETCH__CONCURENCY", "4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AVATAR_WARDEN__FETCH__CONCURENCY"), "{err}");
+        assert!(err.contains("unknown configuration key fetch.concurency"), "{err}");
+        let err = Settings::from_layers(None, env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn a_file_layer_overrides_defaults_and_env_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.toml");
+        std::fs::write(
+            &path,
+            "[profile]\nurl = \"sqlite://x.db\"\ntable = \"members\"\n[fetch]\nconcurrency = 7\n",
+        )
+        .unwrap();
+        let s = Settings::from_layers(Some(&path), env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "9")]))
+            .unwrap();
+        assert_eq!(s.profile.table, "members");
+        assert_eq!(s.profile.url.expose_secret(), "sqlite://x.db");
+        assert_eq!(s.fetch.concurrency, 9);
+        // Untouched keys keep their defaults.
+        assert_eq!(s.profile.id_column, "id");
+    }
+
+    #[test]
+    fn unknown_keys_in_a_file_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[fetch]\ntimeout = 3\n").unwrap();
+        let err = Settings::from_layers(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("unknown field `timeout`"), "{err}");
+    }
+
+    #[test]
+    fn s3_without_bucket_is_rejected() {
+        let err = Settings::from_layers(None, env(&[("AVATAR_WARDEN__STORAGE__KIND", "s3")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.bucket is required"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed_by_debug() {
+        let s = Settings::from_layers(
+            None,
+            env(&[("AVATAR_WARDEN__PROFILE__URL", "postgres://u:hunter2@db/app")]),
+        )
+        .unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

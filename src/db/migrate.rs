@@ -1,0 +1,40 @@
+//! The worker's own migrations, embedded in the binary. They are tracked in
+//! `avatar_warden_migrations`, not sqlx's `_sqlx_migrations`, because the
+//! profile database usually belongs to an application with migrations of its own.
+
+pub const MIGRATIONS_TABLE: &str = "avatar_warden_migrations";
+
+#[derive(Debug, Clone, Copy)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "avatar_state",
+    sql: include_str!("../../migrations/sqlite/0001_avatar_state.sql"),
+}];
+
+/// Splits a migration file into statements (our files keep `;` out of literals).
+pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
+    sql.split(';')
+        .map(|s| s.trim())
+        .filter(|s| s.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_in_order_and_split_into_statements() {
+        for (i, m) in SQLITE.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1);
+        }
+        let stmts: Vec<_> = statements(SQLITE[0].sql).collect();
+        assert_eq!(stmts.len(), 3);
+        assert!(stmts[0].contains("CREATE TABLE IF NOT EXISTS avatar_warden_avatars"));
+    }
+}

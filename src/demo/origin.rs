@@ -1,0 +1,233 @@
+//! A simulated avatar origin on loopback: valid pictures, WeChat-style expired
+//! answers with the real header set, errors and junk. The demo, the tests and
+//! the benchmark all drive it, and it counts every request it serves.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// What WeChat's CDN sends for an avatar that no longer exists.
+pub const WECHAT_ERRNO: &str = "-6101";
+pub const WECHAT_INFO: &str = "notexist:-6101";
+
+#[derive(Debug, Clone)]
+pub struct OriginOptions {
+    /// Added before every answer, to model a distant CDN.
+    pub latency: Duration,
+    /// Side of the square test pictures, in pixels.
+    pub image_side: u32,
+    /// Address to bind; port 0 picks a free one.
+    pub bind: SocketAddr,
+}
+
+impl Default for OriginOptions {
+    fn default() -> Self {
+        OriginOptions {
+            latency: Duration::ZERO,
+            image_side: 132,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+struct State {
+    options: OriginOptions,
+    total: AtomicU64,
+    hits: Mutex<HashMap<String, u64>>,
+    images: Mutex<HashMap<String, Bytes>>,
+    placeholder: Bytes,
+}
+
+/// A running origin; it stops when dropped.
+pub struct Origin {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: CancellationToken,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Origin {
+    pub async fn spawn(options: OriginOptions) -> std::io::Result<Origin> {
+        let listener = TcpListener::bind(options.bind).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            placeholder: Bytes::from(gray_placeholder_png()),
+            options,
+            total: AtomicU64::new(0),
+            hits: Mutex::new(HashMap::new()),
+            images: Mutex::new(HashMap::new()),
+        });
+        let stop = CancellationToken::new();
+        let app = axum::Router::new().fallback({
+            let state = state.clone();
+            move |req: Request<Body>| {
+                let state = state.clone();
+                async move { serve(&state, req).await }
+            }
+        });
+        let token = stop.clone();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+        });
+        Ok(Origin { addr, state, stop })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` + path.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Requests served so far.
+    pub fn total_hits(&self) -> u64 {
+        self.state.total.load(Ordering::Relaxed)
+    }
+
+    pub fn hits(&self, path: &str) -> u64 {
+        self.state.hits.lock().expect("hits lock").get(path).copied().unwrap_or(0)
+    }
+
+    /// The bytes `/avatar/<kind>/<name>` serves, for comparing with a mirror.
+    pub fn image_bytes(&self, kind: &str, name: &str) -> Option<Bytes> {
+        image_for(&self.state, kind, name)
+    }
+}
+
+async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    state.total.fetch_add(1, Ordering::Relaxed);
+    *state.hits.lock().expect("hits lock").entry(path.clone()).or_default() += 1;
+    if !state.options.latency.is_zero() {
+        tokio::time::sleep(state.options.latency).await;
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["avatar", kind, name] => match image_for(state, kind, name) {
+            Some(bytes) => respond(StatusCode::OK, mime_for(kind), bytes),
+            None => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"unknown kind")),
+        },
+        // WeChat's CDN: 200, a gray PNG, and the only real signal in two headers.
+        ["wechat", "expired", _] => {
+            let mut r = respond(StatusCode::OK, "image/png", state.placeholder.clone());
+            r.headers_mut().insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
+            r.headers_mut().insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
+            r
+        }
+        ["status", code, _] => {
+            let status = code
+                .parse::<u16>()
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::BAD_REQUEST);
+            respond(status, "text/plain", Bytes::from(format!("status {status}")))
+        }
+        // An HTML error page that claims to be a picture.
+        ["html", _] => respond(
+            StatusCode::OK,
+            "image/jpeg",
+            Bytes::from_static(b"<!DOCTYPE html><html><body><h1>Login required</h1></body></html>"),
+        ),
+        ["truncated", name] => {
+            let full = image_for(state, "jpeg", name).unwrap_or_default();
+            respond(StatusCode::OK, "image/jpeg", full.slice(..full.len() / 2))
+        }
+        ["redirect", rest @ ..] => {
+            let mut r = respond(StatusCode::FOUND, "text/plain", Bytes::new());
+            if let Ok(v) = HeaderValue::from_str(&format!("/{}", rest.join("/"))) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found")),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Body::from(body));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn mime_for(kind: &str) -> &'static str {
+    match kind {
+        "png" => "image/png",
+        "webp" => "image/webp",
+        "gif" => "image/gif",
+        _ => "image/jpeg",
+    }
+}
+
+/// A picture per (kind, name): the same name always gives the same bytes, so
+/// two users with one URL name share one mirrored object.
+fn image_for(state: &State, kind: &str, name: &str) -> Option<Bytes> {
+    let format = match kind {
+        "jpeg" => image::ImageFormat::Jpeg,
+        "png" => image::ImageFormat::Png,
+        "webp" => image::ImageFormat::WebP,
+        "gif" => image::ImageFormat::Gif,
+        _ => return None,
+    };
+    let key = format!("{kind}/{name}");
+    if let Some(b) = state.images.lock().expect("images lock").get(&key) {
+        return Some(b.clone());
+    }
+    let bytes = Bytes::from(render_avatar(name, state.options.image_side, format));
+    let mut cache = state.images.lock().expect("images lock");
+    if cache.len() > 4096 {
+        cache.clear(); // bounded: the benchmark asks for many names
+    }
+    cache.insert(key, bytes.clone());
+    Some(bytes)
+}
+
+/// A gradient whose colours come from the name: distinct names, distinct bytes.
+pub fn render_avatar(name: &str, side: u32, format: image::ImageFormat) -> Vec<u8> {
+    let seed = name.bytes().fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    let [r, g, b, _] = seed.to_le_bytes();
+    let img = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([
+            r.wrapping_add((x * 255 / side.max(1)) as u8),
+            g.wrapping_add((y * 255 / side.max(1)) as u8),
+            b ^ ((x ^ y) as u8 & 0x1F),
+        ])
+    });
+    let mut out = Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, format)
+        .expect("encoding to memory cannot fail");
+    out.into_inner()
+}
+
+/// The gray "temporarily unavailable" picture WeChat serves for dead avatars.
+pub fn gray_placeholder_png() -> Vec<u8> {
+    let img = image::GrayImage::from_fn(132, 132, |x, y| {
+        let ring = ((x as i32 - 66).pow(2) + (y as i32 - 50).pow(2)) < 24 * 24;
+        image::Luma([if ring { 200 } else { 228 }])
+    });
+    let mut out = Cursor::new(Vec::new());
+    image::DynamicImage::ImageLuma8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("encoding to memory cannot fail");
+    out.into_inner()
+}

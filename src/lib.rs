@@ -1,0 +1,18 @@
+//! avatar-warden: keeps third-party avatars alive.
+//!
+//! The pipeline (see `docs/ARCHITECTURE.md`): scan the profile table → fetch →
+//! classify → validate → store → record. Each stage is a module; `pipeline`
+//! runs one scan end to end and `schedule` repeats it.
+
+pub mod classify;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod demo;
+pub mod fetch;
+pub mod media;
+pub mod metrics;
+pub mod pipeline;
+pub mod schedule;
+pub mod serve;
+pub mod storage;

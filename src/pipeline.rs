@@ -1,0 +1,417 @@
+//! One scan end to end: read due avatars page by page, check them with bounded
+//! concurrency, store valid pictures, and record outcomes in batches.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{stream, StreamExt, TryStreamExt};
+use rand::Rng;
+use reqwest::StatusCode;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::classify::{self, HeadDecision, Status, Verdict};
+use crate::config::{MediaSettings, RecheckSettings};
+use crate::db::{AvatarRecord, Database, DbError, DueAvatar, UserId};
+use crate::fetch::{Body, Fetcher};
+use crate::media::{self, ImageInfo};
+use crate::metrics::Metrics;
+use crate::storage::{ImageWriter, StoredObject};
+
+/// Everything a scan needs, built once by the binary (or a test).
+#[derive(Clone)]
+pub struct Deps {
+    pub db: Arc<Database>,
+    pub fetcher: Fetcher,
+    pub images: ImageWriter,
+    pub media: MediaSettings,
+    pub recheck: RecheckSettings,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    pub batch_size: usize,
+    pub concurrency: usize,
+    /// Cancelled: stop reading new avatars, finish and record those in flight.
+    pub shutdown: CancellationToken,
+}
+
+/// How many flagged users a report lists by name.
+pub const REPORT_FLAGGED_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ScanReport {
+    pub processed: u64,
+    pub by_status: BTreeMap<String, u64>,
+    /// `status/reason` → count.
+    pub by_reason: BTreeMap<String, u64>,
+    pub objects_uploaded: u64,
+    pub objects_deduplicated: u64,
+    pub bytes_uploaded: u64,
+    /// Users flagged for re-authorization by this scan (first `REPORT_FLAGGED_LIMIT`).
+    pub flagged: Vec<FlaggedUser>,
+    pub duration_secs: f64,
+    pub interrupted: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FlaggedUser {
+    pub user_id: String,
+    pub status: String,
+    pub reason: String,
+}
+
+impl ScanReport {
+    pub fn count(&self, status: Status) -> u64 {
+        self.by_status.get(status.as_str()).copied().unwrap_or(0)
+    }
+
+    fn add(&mut self, record: &AvatarRecord, stored: Option<&StoredObject>, bytes: u64) {
+        self.processed += 1;
+        *self.by_status.entry(record.status.to_string()).or_default() += 1;
+        *self
+            .by_reason
+            .entry(format!("{}/{}", record.status, record.reason))
+            .or_default() += 1;
+        if let Some(s) = stored {
+            if s.deduplicated {
+                self.objects_deduplicated += 1;
+            } else {
+                self.objects_uploaded += 1;
+                self.bytes_uploaded += bytes;
+            }
+        }
+        if record.status.requires_reauth() && self.flagged.len() < REPORT_FLAGGED_LIMIT {
+            self.flagged.push(FlaggedUser {
+                user_id: record.user_id.to_string(),
+                status: record.status.to_string(),
+                reason: record.reason.clone(),
+            });
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl ScanError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ScanError::Db(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// What one look at a URL found, before anything is stored.
+#[derive(Debug, Clone)]
+pub struct Examination {
+    pub verdict: Verdict,
+    pub http_status: Option<StatusCode>,
+    pub final_url: Option<Url>,
+    /// The response headers a verdict can hinge on, for `check`.
+    pub headers: Vec<(String, String)>,
+    /// A valid picture, ready to store.
+    pub image: Option<(ImageInfo, Body)>,
+}
+
+impl Examination {
+    fn verdict_only(verdict: Verdict) -> Self {
+        Examination {
+            verdict,
+            http_status: None,
+            final_url: None,
+            headers: Vec::new(),
+            image: None,
+        }
+    }
+}
+
+/// Headers `check` shows: the ones rules read, and the ones people ask about.
+const RELEVANT_HEADERS: &[&str] = &["content-type", "content-length", "x-errno", "x-info", "etag", "last-modified"];
+
+/// Fetch, classify and validate one URL. Never stores, never errors: every
+/// outcome is a verdict.
+pub async fn examine(fetcher: &Fetcher, media_settings: &MediaSettings, raw_url: &str) -> Examination {
+    let url = match classify::parse_avatar_url(raw_url) {
+        Ok(u) => u,
+        Err(v) => return Examination::verdict_only(v),
+    };
+    let response = match fetcher.get(&url).await {
+        Ok(r) => r,
+        Err(e) => return Examination::verdict_only(e.verdict()),
+    };
+    let http_status = Some(response.status());
+    let final_url = Some(response.url().clone());
+    let headers: Vec<(String, String)> = RELEVANT_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let v = response.headers().get(*name)?;
+            Some((name.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        })
+        .collect();
+    let with = |verdict: Verdict, image| Examination {
+        verdict,
+        http_status,
+        final_url: final_url.clone(),
+        headers: headers.clone(),
+        image,
+    };
+    if let HeadDecision::Final(v) = classify::classify_head(response.status(), response.headers()) {
+        return with(v, None);
+    }
+    let body = match fetcher.read_body(response).await {
+        Ok(b) => b,
+        Err(e) => return with(e.verdict(), None),
+    };
+    match media::validate(&body.bytes, media_settings) {
+        Ok(info) => with(Verdict::mirrored(), Some((info, body))),
+        Err(e) => with(e.verdict(), None),
+    }
+}
+
+/// Checks one avatar end to end and returns what to record.
+async fn check_avatar(deps: &Deps, due: DueAvatar, now: i64) -> (AvatarRecord, Option<StoredObject>, u64) {
+    let started = Instant::now();
+    let _in_flight = deps.metrics.in_flight_guard();
+    let exam = examine(&deps.fetcher, &deps.media, &due.avatar_url).await;
+    let mut verdict = exam.verdict;
+    let mut mirror = None;
+    let mut size = 0;
+    if let Some((info, body)) = exam.image {
+        size = body.bytes.len() as u64;
+        match deps.images.store_image(&body.sha256, info.format, body.bytes).await {
+            Ok(stored) => mirror = Some((info, body.sha256, stored)),
+            Err(e) => {
+                tracing::warn!(user_id = %due.user_id, error = %e, "storing the mirror failed");
+                verdict = Verdict::new(Status::Failing, "storage_error").with_detail(e.to_string());
+            }
+        }
+    }
+    let mut rng = rand::rng();
+    let record = build_record(&due, verdict, mirror.as_ref(), size, now, &deps.recheck, &mut rng);
+    tracing::debug!(
+        user_id = %record.user_id,
+        status = %record.status,
+        reason = %record.reason,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "avatar checked"
+    );
+    (record, mirror.map(|(_, _, s)| s), size)
+}
+
+/// Turns a verdict into the row to record: what carries over from the last
+/// check, when to look again, and whether the user must re-authorize.
+pub fn build_record(
+    due: &DueAvatar,
+    verdict: Verdict,
+    mirror: Option<&(ImageInfo, String, StoredObject)>,
+    size: u64,
+    now: i64,
+    recheck: &RecheckSettings,
+    rng: &mut impl Rng,
+) -> AvatarRecord {
+    let prev = due.previous.as_ref();
+    let same_url = prev.is_some_and(|p| p.source_url == due.avatar_url);
+    let mut record = AvatarRecord {
+        user_id: due.user_id.clone(),
+        source_url: due.avatar_url.clone(),
+        status: verdict.status,
+        reason: verdict.code.to_string(),
+        reason_detail: verdict.detail,
+        // The last good mirror stays visible until a new one replaces it.
+        mirror_url: prev.and_then(|p| p.mirror_url.clone()),
+        object_key: prev.and_then(|p| p.object_key.clone()),
+        sha256: prev.and_then(|p| p.sha256.clone()),
+        size_bytes: None,
+        width: None,
+        height: None,
+        format: None,
+        reauth_required: prev.is_some_and(|p| p.reauth_required),
+        attempts: 0,
+        checked_at: now,
+        next_check_at: None,
+    };
+    match verdict.status {
+        Status::Mirrored => {
+            if let Some((info, sha, stored)) = mirror {
+                record.mirror_url = Some(stored.url.clone());
+                record.object_key = Some(stored.key.clone());
+                record.sha256 = Some(sha.clone());
+                record.size_bytes = Some(size as i64);
+                record.width = Some(i64::from(info.width));
+                record.height = Some(i64::from(info.height));
+                record.format = Some(info.format.name().to_string());
+            }
+            record.reauth_required = false;
+            record.next_check_at = Some(now + jitter(recheck.mirrored_secs, 0.1, rng));
+        }
+        Status::Expired | Status::Invalid => record.reauth_required = true,
+        Status::Failing => {
+            let before = if same_url && prev.is_some_and(|p| p.status == Status::Failing) {
+                prev.map_or(0, |p| p.attempts)
+            } else {
+                0
+            };
+            record.attempts = before + 1;
+            let backoff = backoff_secs(record.attempts, recheck);
+            record.next_check_at = Some(now + jitter(backoff, 0.2, rng));
+        }
+        Status::Blocked | Status::Pending => {}
+    }
+    record
+}
+
+/// `initial * 2^(attempts-1)`, capped.
+pub fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
+    let exp = attempts.clamp(1, 40) as u32 - 1;
+    recheck
+        .failing_initial_secs
+        .max(1)
+        .saturating_mul(1u64 << exp.min(40))
+        .min(recheck.failing_max_secs.max(1))
+}
+
+/// Spreads re-checks so a million avatars mirrored on one day are not all due on the same second.
+fn jitter(secs: u64, fraction: f64, rng: &mut impl Rng) -> i64 {
+    let spread = secs as f64 * fraction;
+    (secs as f64 + rng.random_range(-spread..=spread)).max(1.0) as i64
+}
+
+pub fn unix_now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+/// Scans everything due once: the unit the scheduler repeats and tests call.
+pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let now = unix_now();
+    let batch = opts.batch_size.max(1);
+    let db = deps.db.clone();
+    // Keyset pages, read lazily as the workers need them: memory is bounded by
+    // one page plus what is in flight, whatever the table size.
+    let pages = stream::try_unfold(None::<UserId>, move |cursor| {
+        let db = db.clone();
+        async move {
+            let page = db.due_page(cursor.as_ref(), now, batch).await?;
+            let Some(last) = page.last() else {
+                return Ok::<_, DbError>(None);
+            };
+            let next = Some(last.user_id.clone());
+            Ok(Some((stream::iter(page.into_iter().map(Ok::<DueAvatar, DbError>)), next)))
+        }
+    });
+    let shutdown = opts.shutdown.clone();
+    let results = pages
+        .try_flatten()
+        .take_until(async move { shutdown.cancelled().await })
+        .map_ok(|due| async move { Ok::<_, DbError>(check_avatar(deps, due, now).await) })
+        .try_buffer_unordered(opts.concurrency.max(1))
+        .try_chunks(batch);
+    futures::pin_mut!(results);
+    let mut report = ScanReport::default();
+    while let Some(chunk) = results.try_next().await.map_err(|e| e.1)? {
+        let records: Vec<AvatarRecord> = chunk.iter().map(|(r, _, _)| r.clone()).collect();
+        let write_started = Instant::now();
+        deps.db.record_batch(&records).await?;
+        deps.metrics.observe_db_batch(write_started.elapsed());
+        for (record, stored, size) in &chunk {
+            report.add(record, stored.as_ref(), *size);
+            deps.metrics.record_outcome(record, stored.as_ref(), *size);
+        }
+    }
+    report.interrupted = opts.shutdown.is_cancelled();
+    report.duration_secs = started.elapsed().as_secs_f64();
+    deps.metrics.scan_finished(&report);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Previous;
+    use crate::media::ImageFormat;
+    use rand::SeedableRng;
+
+    fn recheck() -> RecheckSettings {
+        RecheckSettings {
+            mirrored_secs: 1000,
+            failing_initial_secs: 60,
+            failing_max_secs: 86_400,
+        }
+    }
+
+    fn due(prev: Option<Previous>) -> DueAvatar {
+        DueAvatar {
+            user_id: UserId::Int(7),
+            avatar_url: "https://thirdwx.qlogo.cn/mmopen/a/132".into(),
+            previous: prev,
+        }
+    }
+
+    fn prev(status: Status, attempts: i64) -> Previous {
+        Previous {
+            source_url: "https://thirdwx.qlogo.cn/mmopen/a/132".into(),
+            status,
+            mirror_url: Some("https://cdn/avatars/ab/ab.jpg".into()),
+            object_key: Some("avatars/ab/ab.jpg".into()),
+            sha256: Some("ab".into()),
+            attempts,
+            reauth_required: false,
+        }
+    }
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(1)
+    }
+
+    #[test]
+    fn expired_avatar_flags_user_and_keeps_the_last_mirror() {
+        let v = Verdict::new(Status::Expired, "provider_notexist");
+        let r = build_record(&due(Some(prev(Status::Mirrored, 0))), v, None, 0, 100, &recheck(), &mut rng());
+        assert!(r.reauth_required);
+        assert_eq!(r.mirror_url.as_deref(), Some("https://cdn/avatars/ab/ab.jpg"));
+        assert_eq!(r.next_check_at, None, "expired avatars wait for a new URL");
+    }
+
+    #[test]
+    fn mirrored_avatar_clears_the_flag_and_schedules_a_jittered_recheck() {
+        let mut p = prev(Status::Expired, 0);
+        p.reauth_required = true;
+        let info = ImageInfo { format: ImageFormat::Jpeg, width: 132, height: 132 };
+        let stored = StoredObject { key: "avatars/cd/cd.jpg".into(), url: "https://cdn/avatars/cd/cd.jpg".into(), deduplicated: false };
+        let m = (info, "cd".to_string(), stored);
+        let r = build_record(&due(Some(p)), Verdict::mirrored(), Some(&m), 5000, 100, &recheck(), &mut rng());
+        assert!(!r.reauth_required);
+        assert_eq!(r.mirror_url.as_deref(), Some("https://cdn/avatars/cd/cd.jpg"));
+        assert_eq!((r.width, r.height, r.size_bytes), (Some(132), Some(132), Some(5000)));
+        let next = r.next_check_at.unwrap() - 100;
+        assert!((900..=1100).contains(&next), "{next}");
+    }
+
+    #[test]
+    fn failing_avatars_back_off_and_never_flag() {
+        let v = Verdict::new(Status::Failing, "server_error");
+        let r = build_record(&due(Some(prev(Status::Failing, 3))), v.clone(), None, 0, 0, &recheck(), &mut rng());
+        assert_eq!(r.attempts, 4);
+        assert!(!r.reauth_required);
+        let next = r.next_check_at.unwrap();
+        assert!((384..=576).contains(&next), "60*2^3=480 +-20%: {next}");
+        // A first failure starts the count again.
+        let r = build_record(&due(None), v, None, 0, 0, &recheck(), &mut rng());
+        assert_eq!(r.attempts, 1);
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let rc = recheck();
+        assert_eq!(backoff_secs(1, &rc), 60);
+        assert_eq!(backoff_secs(2, &rc), 120);
+        assert_eq!(backoff_secs(30, &rc), 86_400);
+    }
+}

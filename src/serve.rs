@@ -1,0 +1,58 @@
+//! The operations endpoint of `run`: `/metrics`, `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::Deps;
+
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Binds first, so a port clash is an error at start-up, then serves in the background.
+pub async fn spawn(listen: &str, deps: Deps, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(deps);
+    tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+    Ok(addr)
+}
+
+async fn metrics(State(deps): State<Deps>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], deps.metrics.encode())
+}
+
+/// Ready when the profile database and the object store both answer.
+async fn ready(State(deps): State<Deps>) -> impl IntoResponse {
+    let db = tokio::time::timeout(READY_TIMEOUT, deps.db.ping()).await;
+    let store = tokio::time::timeout(READY_TIMEOUT, deps.images.store().ping()).await;
+    match (db, store) {
+        (Ok(Ok(())), Ok(Ok(()))) => (StatusCode::OK, "ready\n".to_string()),
+        (db, store) => {
+            let why = |r: Result<Result<(), String>, tokio::time::error::Elapsed>| match r {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => e,
+                Err(_) => "timed out".to_string(),
+            };
+            let db = why(db.map(|r| r.map_err(|e| e.to_string())));
+            let store = why(store.map(|r| r.map_err(|e| e.to_string())));
+            (StatusCode::SERVICE_UNAVAILABLE, format!("database: {db}\nstorage: {store}\n"))
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! Content-addressed object storage for mirrored avatars. Keys are derived
+//! from the bytes, so identical pictures are stored once, writes are
+//! idempotent and objects can be cached forever.
+
+mod fs;
+mod s3;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+pub use fs::FsStore;
+pub use s3::S3Store;
+
+use crate::config::StorageSettings;
+use crate::media::ImageFormat;
+
+/// Objects never change once written: let the CDN keep them forever.
+pub const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("storage request failed: {0}")]
+    Request(String),
+    #[error("storage rejected the request: {0}")]
+    Rejected(String),
+    #[error("storage timed out")]
+    Timeout,
+    #[error("storage is misconfigured: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// Network trouble and timeouts may pass; a refused request or a bad config will not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Io(_) | StoreError::Request(_) | StoreError::Timeout)
+    }
+}
+
+/// Where mirrored avatars live. Implementations must make `put` idempotent.
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    async fn exists(&self, key: &str) -> Result<bool, StoreError>;
+    async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError>;
+    /// The URL the app will show for this key.
+    fn public_url(&self, key: &str) -> String;
+    /// Cheap reachability check for readiness and start-up.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Key prefix every object key starts with (may be empty).
+    fn prefix(&self) -> &str;
+}
+
+/// `avatars/<first two hex>/<sha256>.<ext>`: two hex characters spread keys
+/// over 256 prefixes, which S3 partitions and directory listings both like.
+pub fn object_key(prefix: &str, sha256: &str, format: ImageFormat) -> String {
+    format!("{prefix}avatars/{}/{sha256}.{}", &sha256[..2], format.ext())
+}
+
+/// Joins a public base URL and a key with exactly one slash.
+pub fn join_url(base: &str, key: &str) -> String {
+    format!("{}/{}", base.trim_end_matches('/'), key.trim_start_matches('/'))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredObject {
+    pub key: String,
+    pub url: String,
+    /// The object was already there: nothing was uploaded.
+    pub deduplicated: bool,
+}
+
+/// How many keys a writer remembers as present, to skip existence checks
+/// for pictures many users share. Bounded so memory stays flat.
+const KNOWN_KEYS_CAP: usize = 16_384;
+
+/// Writes images to a store once per content key, also when many users
+/// with the same picture are checked at the same moment.
+#[derive(Clone)]
+pub struct ImageWriter {
+    store: Arc<dyn ObjectStore>,
+    state: Arc<Mutex<WriterState>>,
+}
+
+#[derive(Default)]
+struct WriterState {
+    known: HashSet<String>,
+    in_progress: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
+}
+
+impl ImageWriter {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        ImageWriter {
+            store,
+            state: Arc::default(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Stores an image under its content key unless it is already there.
+    /// Existence is checked instead of conditional puts: several S3-compatible
+    /// servers (Garage among them) ignore `If-None-Match: *` on PutObject.
+    pub async fn store_image(&self, sha256: &str, format: ImageFormat, bytes: Bytes) -> Result<StoredObject, StoreError> {
+        let key = object_key(self.store.prefix(), sha256, format);
+        let stored = |deduplicated| StoredObject {
+            url: self.store.public_url(&key),
+            key: key.clone(),
+            deduplicated,
+        };
+        // One writer per key at a time: the second waits, then finds the object.
+        let key_lock = {
+            let mut st = self.state.lock().expect("writer lock");
+            if st.known.contains(&key) {
+                return Ok(stored(true));
+            }
+            st.in_progress.entry(key.clone()).or_default().clone()
+        };
+        let result = async {
+            let _guard = key_lock.lock().await;
+            if self.state.lock().expect("writer lock").known.contains(&key) {
+                return Ok(true);
+            }
+            let exists = self.store.exists(&key).await?;
+            if !exists {
+                self.store.put(&key, bytes, format.mime()).await?;
+            }
+            let mut st = self.state.lock().expect("writer lock");
+            if st.known.len() >= KNOWN_KEYS_CAP {
+                st.known.clear();
+            }
+            st.known.insert(key.clone());
+            Ok(exists)
+        }
+        .await;
+        {
+            let mut st = self.state.lock().expect("writer lock");
+            if Arc::strong_count(&key_lock) <= 2 {
+                st.in_progress.remove(&key);
+            }
+        }
+        result.map(stored)
+    }
+}
+
+impl StorageSettings {
+    /// Opens the configured store and checks that it is reachable.
+    pub async fn open(&self) -> Result<Arc<dyn ObjectStore>, StoreError> {
+        let store: Arc<dyn ObjectStore> = match self {
+            StorageSettings::Fs(fs) => Arc::new(FsStore::open(fs).await?),
+            StorageSettings::S3(s3) => Arc::new(S3Store::open(s3).await?),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHA: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn keys_are_content_addressed_and_sharded_by_two_hex_characters() {
+        assert_eq!(
+            object_key("", SHA, ImageFormat::Jpeg),
+            format!("avatars/9f/{SHA}.jpg")
+        );
+        assert_eq!(
+            object_key("prod/", SHA, ImageFormat::Webp),
+            format!("prod/avatars/9f/{SHA}.webp")
+        );
+    }
+
+    #[test]
+    fn public_urls_join_with_exactly_one_slash() {
+        assert_eq!(join_url("https://cdn.example.com/", "/avatars/a.jpg"), "https://cdn.example.com/avatars/a.jpg");
+        assert_eq!(join_url("https://cdn.example.com", "avatars/a.jpg"), "https://cdn.example.com/avatars/a.jpg");
+    }
+}

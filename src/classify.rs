@@ -4,8 +4,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use reqwest::header::HeaderMap;
 use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
 use url::Url;
 
 /// What avatar-warden concluded about one avatar.
@@ -107,13 +107,17 @@ pub const MAX_URL_LEN: usize = 2048;
 pub fn parse_avatar_url(raw: &str) -> Result<Url, Verdict> {
     let raw = raw.trim();
     if raw.len() > MAX_URL_LEN {
-        return Err(Verdict::new(Status::Invalid, "url_too_long").with_detail(format!("{} bytes", raw.len())));
+        return Err(Verdict::new(Status::Invalid, "url_too_long")
+            .with_detail(format!("{} bytes", raw.len())));
     }
-    let url = Url::parse(raw).map_err(|e| Verdict::new(Status::Invalid, "unparsable_url").with_detail(e.to_string()))?;
+    let url = Url::parse(raw)
+        .map_err(|e| Verdict::new(Status::Invalid, "unparsable_url").with_detail(e.to_string()))?;
     match url.scheme() {
         "http" | "https" => {}
         other => {
-            return Err(Verdict::new(Status::Invalid, "unsupported_scheme").with_detail(other.to_string()));
+            return Err(
+                Verdict::new(Status::Invalid, "unsupported_scheme").with_detail(other.to_string())
+            );
         }
     }
     if url.host().is_none() {
@@ -139,7 +143,10 @@ pub enum HeadDecision {
 /// headers tell. No other server sends them, so the rule applies to every host.
 pub fn provider_expiry_header(headers: &HeaderMap) -> Option<String> {
     if let Some(v) = headers.get("x-errno") {
-        return Some(format!("X-ErrNo: {}", String::from_utf8_lossy(v.as_bytes())));
+        return Some(format!(
+            "X-ErrNo: {}",
+            String::from_utf8_lossy(v.as_bytes())
+        ));
     }
     if let Some(v) = headers.get("x-info") {
         let v = String::from_utf8_lossy(v.as_bytes());
@@ -154,7 +161,9 @@ pub fn provider_expiry_header(headers: &HeaderMap) -> Option<String> {
 pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> HeadDecision {
     // The provider's own signal wins over everything, including a 200.
     if let Some(header) = provider_expiry_header(headers) {
-        return HeadDecision::Final(Verdict::new(Status::Expired, "provider_notexist").with_detail(header));
+        return HeadDecision::Final(
+            Verdict::new(Status::Expired, "provider_notexist").with_detail(header),
+        );
     }
     let code = status.as_u16();
     let verdict = match code {
@@ -180,7 +189,10 @@ mod tests {
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+            h.insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
         }
         h
     }
@@ -193,9 +205,15 @@ mod tests {
     fn wechat_placeholder_with_200_is_expired_and_names_the_header() {
         let d = head(
             200,
-            &[("content-type", "image/png"), ("x-errno", "-6101"), ("x-info", "notexist:-6101")],
+            &[
+                ("content-type", "image/png"),
+                ("x-errno", "-6101"),
+                ("x-info", "notexist:-6101"),
+            ],
         );
-        let HeadDecision::Final(v) = d else { panic!("{d:?}") };
+        let HeadDecision::Final(v) = d else {
+            panic!("{d:?}")
+        };
         assert_eq!(v.status, Status::Expired);
         assert_eq!(v.code, "provider_notexist");
         assert_eq!(v.detail.as_deref(), Some("X-ErrNo: -6101"));
@@ -203,15 +221,22 @@ mod tests {
 
     #[test]
     fn x_info_notexist_alone_is_expired_but_other_x_info_is_not() {
-        let HeadDecision::Final(v) = head(200, &[("x-info", "notexist:-6101")]) else { panic!() };
+        let HeadDecision::Final(v) = head(200, &[("x-info", "notexist:-6101")]) else {
+            panic!()
+        };
         assert_eq!(v.detail.as_deref(), Some("X-Info: notexist:-6101"));
-        assert_eq!(head(200, &[("x-info", "real data")]), HeadDecision::ReadBody);
+        assert_eq!(
+            head(200, &[("x-info", "real data")]),
+            HeadDecision::ReadBody
+        );
     }
 
     #[test]
     fn provider_header_wins_over_any_status() {
         for status in [200, 304, 404, 500] {
-            let HeadDecision::Final(v) = head(status, &[("x-errno", "-6101")]) else { panic!() };
+            let HeadDecision::Final(v) = head(status, &[("x-errno", "-6101")]) else {
+                panic!()
+            };
             assert_eq!(v.status, Status::Expired, "status {status}");
         }
     }
@@ -229,7 +254,9 @@ mod tests {
             (400, Status::Invalid, "http_status"),
         ];
         for (code, status, reason) in cases {
-            let HeadDecision::Final(v) = head(code, &[]) else { panic!("{code}") };
+            let HeadDecision::Final(v) = head(code, &[]) else {
+                panic!("{code}")
+            };
             assert_eq!((v.status, v.code), (status, reason), "status {code}");
             assert_eq!(v.detail.as_deref(), Some(code.to_string().as_str()));
         }
@@ -239,7 +266,9 @@ mod tests {
     #[test]
     fn transient_statuses_never_flag_the_user() {
         for code in [408, 429, 500, 502, 503, 504, 401, 403] {
-            let HeadDecision::Final(v) = head(code, &[]) else { panic!() };
+            let HeadDecision::Final(v) = head(code, &[]) else {
+                panic!()
+            };
             assert!(!v.status.requires_reauth(), "{code} must not flag");
         }
     }
@@ -255,7 +284,10 @@ mod tests {
         assert_eq!(code("file:///etc/passwd"), "unsupported_scheme");
         assert_eq!(code("/relative/avatar.png"), "unparsable_url");
         assert_eq!(code("not a url"), "unparsable_url");
-        assert_eq!(code("https://user:pw@example.com/a.png"), "url_has_credentials");
+        assert_eq!(
+            code("https://user:pw@example.com/a.png"),
+            "url_has_credentials"
+        );
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert_eq!(code(&long), "url_too_long");
         for bad in ["ftp://x/y", "/rel"] {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -96,7 +96,10 @@ pub enum ExportFormat {
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -155,11 +158,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Check { url, json } => check(&settings, &url, json).await,
-        Command::Export { format: ExportFormat::Jsonl, output } => {
+        Command::Export {
+            format: ExportFormat::Jsonl,
+            output,
+        } => {
             let db = settings.profile.connect().await?;
             let count = match output {
                 Some(path) => {
-                    let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                    let file = std::fs::File::create(&path)
+                        .with_context(|| format!("creating {}", path.display()))?;
                     export_jsonl(&db, std::io::BufWriter::new(file)).await?
                 }
                 None => export_jsonl(&db, std::io::stdout().lock()).await?,
@@ -214,9 +221,15 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
         );
     }
     let db = settings.profile.connect().await?;
-    db.migrate().await.context("migrating the worker's tables")?;
+    db.migrate()
+        .await
+        .context("migrating the worker's tables")?;
     let fetcher = settings.fetch.client()?;
-    let store = settings.storage.open().await.context("opening the object store")?;
+    let store = settings
+        .storage
+        .open()
+        .await
+        .context("opening the object store")?;
     Ok(Deps {
         db: Arc::new(db),
         fetcher,
@@ -332,7 +345,11 @@ fn print_report(report: &ScanReport) {
         "scanned {} avatars in {:.2}s{}",
         report.processed,
         report.duration_secs,
-        if report.interrupted { " (interrupted by shutdown)" } else { "" }
+        if report.interrupted {
+            " (interrupted by shutdown)"
+        } else {
+            ""
+        }
     );
     for status in Status::ALL {
         let n = report.count(status);
@@ -367,7 +384,10 @@ fn prepare_demo_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    std::fs::write(dir.join(MARKER), "made by avatar-warden demo; safe to delete\n")?;
+    std::fs::write(
+        dir.join(MARKER),
+        "made by avatar-warden demo; safe to delete\n",
+    )?;
     Ok(std::fs::canonicalize(&dir)?)
 }
 
@@ -378,7 +398,9 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
         .context("starting the simulated origin")?;
     let db_path = dir.join("profiles.db");
     let db_url = format!("sqlite://{}?mode=rwc", db_path.display());
-    demo::seed_profiles(&db_url, &origin).await.context("creating sample users")?;
+    demo::seed_profiles(&db_url, &origin)
+        .await
+        .context("creating sample users")?;
 
     settings.profile.url = db_url.clone().into();
     settings.profile.table = "users".into();
@@ -401,7 +423,8 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
     println!();
 
     let deps = build_deps(&settings).await?;
-    let report = pipeline::scan_once(&deps, &scan_options(&settings, CancellationToken::new())).await?;
+    let report =
+        pipeline::scan_once(&deps, &scan_options(&settings, CancellationToken::new())).await?;
     print_report(&report);
     println!();
     print_demo_users(&deps.db, &db_url).await?;
@@ -418,7 +441,9 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
         let _ = tokio::signal::ctrl_c().await;
     } else {
         println!();
-        println!("Run `cargo run --release -- demo --serve` to keep the origin up and try `check` on its URLs.");
+        println!(
+            "Run `cargo run --release -- demo --serve` to keep the origin up and try `check` on its URLs."
+        );
     }
     Ok(EXIT_OK)
 }
@@ -434,14 +459,21 @@ async fn print_demo_users(db: &Database, db_url: &str) -> anyhow::Result<()> {
     .fetch_all(&pool)
     .await?;
     pool.close().await;
-    println!("{:<4} {:<8} {:<9} {:<20} {:<8} {}", "id", "user", "status", "reason", "re-auth", "mirror (users.avatar_mirror_url)");
+    println!(
+        "{:<4} {:<8} {:<9} {:<20} {:<8} mirror (users.avatar_mirror_url)",
+        "id", "user", "status", "reason", "re-auth"
+    );
     for (id, nickname, mirror, reauth) in profile {
-        let state = rows.iter().find(|r| r.user_id.to_string() == id.to_string());
+        let state = rows
+            .iter()
+            .find(|r| r.user_id.to_string() == id.to_string());
         let (status, reason) = match state {
             Some(r) => (r.status.to_string(), r.reason.clone()),
             None => ("-".into(), "no avatar: skipped".into()),
         };
-        let mirror = mirror.map(|m| short_mirror(&m)).unwrap_or_else(|| "-".into());
+        let mirror = mirror
+            .map(|m| short_mirror(&m))
+            .unwrap_or_else(|| "-".into());
         println!(
             "{id:<4} {nickname:<8} {status:<9} {reason:<20} {:<8} {mirror}",
             if reauth { "FLAGGED" } else { "" }
@@ -474,7 +506,10 @@ fn print_mirror_files(root: &Path) -> anyhow::Result<()> {
     println!();
     println!("{} mirrored objects under {}:", files.len(), root.display());
     for (path, len) in files {
-        println!("  {} ({len} bytes)", path.strip_prefix(root).unwrap_or(&path).display());
+        println!(
+            "  {} ({len} bytes)",
+            path.strip_prefix(root).unwrap_or(&path).display()
+        );
     }
     Ok(())
 }

@@ -197,19 +197,24 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: Table = DEFAULT_TOML.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: "config/default.toml (embedded)".into(),
-            message: e.to_string(),
-        })?;
+        let mut table: Table =
+            DEFAULT_TOML
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: "config/default.toml (embedded)".into(),
+                    message: e.to_string(),
+                })?;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let layer: Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.message().to_string(),
-            })?;
+            let layer: Table = text
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.message().to_string(),
+                })?;
             merge(&mut table, layer);
         }
         let mut vars: Vec<(String, String)> = env
@@ -346,7 +351,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.fetch.concurrency, 64);
         assert!(s.fetch.allow_private_networks);
-        assert_eq!(s.profile.mirror_url_column.as_deref(), Some("avatar_mirror"));
+        assert_eq!(
+            s.profile.mirror_url_column.as_deref(),
+            Some("avatar_mirror")
+        );
         let StorageSettings::S3(s3) = s.storage else {
             panic!("expected s3")
         };
@@ -359,10 +367,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("AVATAR_WARDEN__FETCH__CONCURENCY"), "{err}");
-        assert!(err.contains("unknown configuration key fetch.concurency"), "{err}");
-        let err = Settings::from_layers(None, env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "many")]))
-            .unwrap_err()
-            .to_string();
+        assert!(
+            err.contains("unknown configuration key fetch.concurency"),
+            "{err}"
+        );
+        let err =
+            Settings::from_layers(None, env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "many")]))
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("whole number"), "{err}");
     }
 
@@ -375,8 +387,11 @@ mod tests {
             "[profile]\nurl = \"sqlite://x.db\"\ntable = \"members\"\n[fetch]\nconcurrency = 7\n",
         )
         .unwrap();
-        let s = Settings::from_layers(Some(&path), env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "9")]))
-            .unwrap();
+        let s = Settings::from_layers(
+            Some(&path),
+            env(&[("AVATAR_WARDEN__FETCH__CONCURRENCY", "9")]),
+        )
+        .unwrap();
         assert_eq!(s.profile.table, "members");
         assert_eq!(s.profile.url.expose_secret(), "sqlite://x.db");
         assert_eq!(s.fetch.concurrency, 9);
@@ -389,7 +404,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[fetch]\ntimeout = 3\n").unwrap();
-        let err = Settings::from_layers(Some(&path), env(&[])).unwrap_err().to_string();
+        let err = Settings::from_layers(Some(&path), env(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `timeout`"), "{err}");
     }
 
@@ -399,6 +416,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("storage.bucket is required"), "{err}");
+    }
+
+    #[test]
+    fn the_container_environment_loads_production_on_top_of_defaults() {
+        // What the Dockerfile sets up: WORKDIR with config/, AVATAR_WARDEN_ENV=production.
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/production.toml");
+        let s = Settings::from_layers(
+            Some(&path),
+            env(&[("AVATAR_WARDEN__STORAGE__BUCKET", "avatars")]),
+        )
+        .unwrap();
+        assert_eq!(s.log.format, LogFormat::Json);
+        let StorageSettings::S3(s3) = s.storage else {
+            panic!("production stores in s3")
+        };
+        assert_eq!(s3.bucket, "avatars");
     }
 
     #[test]

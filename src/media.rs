@@ -100,7 +100,9 @@ impl MediaError {
         match self {
             MediaError::NotAnImage(what) => v.with_detail(*what),
             MediaError::Malformed(d) | MediaError::Undecodable(d) => v.with_detail(d.clone()),
-            MediaError::DimensionsTooLarge { width, height } => v.with_detail(format!("{width}x{height}")),
+            MediaError::DimensionsTooLarge { width, height } => {
+                v.with_detail(format!("{width}x{height}"))
+            }
             MediaError::Empty | MediaError::Truncated => v,
         }
     }
@@ -129,7 +131,9 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, MediaError> {
 /// A short name for what came instead of an image, for the reason detail.
 fn describe_non_image(bytes: &[u8]) -> &'static str {
     let head = &bytes[..bytes.len().min(512)];
-    let text = String::from_utf8_lossy(head).trim_start().to_ascii_lowercase();
+    let text = String::from_utf8_lossy(head)
+        .trim_start()
+        .to_ascii_lowercase();
     if text.starts_with("<!doctype html") || text.starts_with("<html") || text.contains("<body") {
         "html"
     } else if text.contains("<svg") {
@@ -159,16 +163,27 @@ pub fn validate(bytes: &[u8], settings: &MediaSettings) -> Result<ImageInfo, Med
         ImageFormat::Webp => walk_webp(bytes)?,
     }
     let limits = image_limits(settings);
+    // Reading the header allocates no pixels: read the real size first so the
+    // reason can name it, then let our own limits decide.
+    let mut header_limits = limits.clone();
+    header_limits.max_image_width = None;
+    header_limits.max_image_height = None;
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.to_image());
-    reader.limits(limits.clone());
-    let (width, height) = reader.into_dimensions().map_err(|e| map_image_error(e, settings))?;
+    reader.limits(header_limits);
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| map_image_error(e, settings))?;
     check_dimensions(width, height, settings)?;
     if settings.verify == VerifyMode::Decode {
         let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.to_image());
         reader.limits(limits);
         reader.decode().map_err(|e| map_image_error(e, settings))?;
     }
-    Ok(ImageInfo { format, width, height })
+    Ok(ImageInfo {
+        format,
+        width,
+        height,
+    })
 }
 
 fn image_limits(settings: &MediaSettings) -> image::Limits {
@@ -176,13 +191,20 @@ fn image_limits(settings: &MediaSettings) -> image::Limits {
     limits.max_image_width = Some(settings.max_width);
     limits.max_image_height = Some(settings.max_height);
     // RGBA8 of the largest allowed picture, plus slack for decoder buffers.
-    limits.max_alloc = Some(settings.max_pixels.saturating_mul(4).saturating_add(16 << 20));
+    limits.max_alloc = Some(
+        settings
+            .max_pixels
+            .saturating_mul(4)
+            .saturating_add(16 << 20),
+    );
     limits
 }
 
 fn check_dimensions(width: u32, height: u32, settings: &MediaSettings) -> Result<(), MediaError> {
     if width == 0 || height == 0 {
-        return Err(MediaError::Malformed(format!("zero dimension {width}x{height}")));
+        return Err(MediaError::Malformed(format!(
+            "zero dimension {width}x{height}"
+        )));
     }
     if width > settings.max_width
         || height > settings.max_height
@@ -199,21 +221,26 @@ fn map_image_error(e: image::ImageError, settings: &MediaSettings) -> MediaError
             width: settings.max_width,
             height: settings.max_height,
         },
-        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => MediaError::Truncated,
+        image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            MediaError::Truncated
+        }
         other => MediaError::Undecodable(other.to_string()),
     }
 }
 
 fn be16(b: &[u8], at: usize) -> Option<usize> {
-    b.get(at..at + 2).map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
+    b.get(at..at + 2)
+        .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 fn le32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
+    b.get(at..at + 4)
+        .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
 /// JPEG: SOI, then marker segments; after each SOS the entropy-coded data runs
@@ -227,7 +254,9 @@ pub fn walk_jpeg(b: &[u8]) -> Result<(), MediaError> {
             return Err(MediaError::Truncated);
         }
         if b[i] != 0xFF {
-            return Err(MediaError::Malformed(format!("expected a JPEG marker at byte {i}")));
+            return Err(MediaError::Malformed(format!(
+                "expected a JPEG marker at byte {i}"
+            )));
         }
         while i < b.len() && b[i] == 0xFF {
             i += 1;
@@ -245,7 +274,11 @@ pub fn walk_jpeg(b: &[u8]) -> Result<(), MediaError> {
                 };
             }
             0x01 | 0xD0..=0xD7 => continue, // standalone markers
-            0x00 => return Err(MediaError::Malformed("stray 0xFF00 outside scan data".into())),
+            0x00 => {
+                return Err(MediaError::Malformed(
+                    "stray 0xFF00 outside scan data".into(),
+                ));
+            }
             _ => {}
         }
         let len = be16(b, i).ok_or(MediaError::Truncated)?;
@@ -346,7 +379,11 @@ pub fn walk_gif(b: &[u8]) -> Result<(), MediaError> {
             0x21 => {
                 i = skip_sub_blocks(b, i + 2)?;
             }
-            other => return Err(MediaError::Malformed(format!("unknown GIF block 0x{other:02x}"))),
+            other => {
+                return Err(MediaError::Malformed(format!(
+                    "unknown GIF block 0x{other:02x}"
+                )));
+            }
         }
     }
 }
@@ -406,9 +443,12 @@ pub(crate) mod tests {
     }
 
     fn encode(format: image::ImageFormat, w: u32, h: u32) -> Vec<u8> {
-        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 3) as u8, 90]));
+        let img =
+            image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 3) as u8, 90]));
         let mut out = Cursor::new(Vec::new());
-        image::DynamicImage::ImageRgb8(img).write_to(&mut out, format).unwrap();
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, format)
+            .unwrap();
         out.into_inner()
     }
 
@@ -422,7 +462,14 @@ pub(crate) mod tests {
         ] {
             let bytes = encode(fmt, 64, 48);
             let info = validate(&bytes, &settings()).unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
-            assert_eq!(info, ImageInfo { format: ours, width: 64, height: 48 });
+            assert_eq!(
+                info,
+                ImageInfo {
+                    format: ours,
+                    width: 64,
+                    height: 48
+                }
+            );
             let mut decode = settings();
             decode.verify = VerifyMode::Decode;
             assert_eq!(validate(&bytes, &decode).unwrap(), info);
@@ -440,18 +487,35 @@ pub(crate) mod tests {
             let bytes = encode(fmt, 64, 64);
             for cut in [bytes.len() - 1, bytes.len() / 2, 40] {
                 let err = validate(&bytes[..cut], &settings()).unwrap_err();
-                assert_eq!(err, MediaError::Truncated, "{fmt:?} cut at {cut} of {}", bytes.len());
+                assert_eq!(
+                    err,
+                    MediaError::Truncated,
+                    "{fmt:?} cut at {cut} of {}",
+                    bytes.len()
+                );
             }
         }
     }
 
     #[test]
     fn format_comes_from_magic_bytes_not_from_anything_else() {
-        assert_eq!(sniff(b"<!DOCTYPE html><html><body>hi</body></html>"), Err(MediaError::NotAnImage("html")));
-        assert_eq!(sniff(b"<svg xmlns='http://www.w3.org/2000/svg'/>"), Err(MediaError::NotAnImage("svg")));
-        assert_eq!(sniff(b"{\"errcode\":40001}"), Err(MediaError::NotAnImage("json")));
+        assert_eq!(
+            sniff(b"<!DOCTYPE html><html><body>hi</body></html>"),
+            Err(MediaError::NotAnImage("html"))
+        );
+        assert_eq!(
+            sniff(b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
+            Err(MediaError::NotAnImage("svg"))
+        );
+        assert_eq!(
+            sniff(b"{\"errcode\":40001}"),
+            Err(MediaError::NotAnImage("json"))
+        );
         assert_eq!(sniff(b""), Err(MediaError::Empty));
-        assert_eq!(sniff(&encode(image::ImageFormat::Png, 2, 2)), Ok(ImageFormat::Png));
+        assert_eq!(
+            sniff(&encode(image::ImageFormat::Png, 2, 2)),
+            Ok(ImageFormat::Png)
+        );
     }
 
     #[test]
@@ -459,7 +523,10 @@ pub(crate) mod tests {
         let mut bytes = encode(image::ImageFormat::Png, 16, 16);
         let n = bytes.len();
         bytes[n - 20] ^= 0xFF; // inside IDAT, before IEND
-        assert_eq!(validate(&bytes, &settings()).unwrap_err().code(), "malformed");
+        assert_eq!(
+            validate(&bytes, &settings()).unwrap_err().code(),
+            "malformed"
+        );
     }
 
     #[test]
@@ -473,6 +540,11 @@ pub(crate) mod tests {
         png.extend_from_slice(&13u32.to_be_bytes());
         png.extend_from_slice(&ihdr);
         png.extend_from_slice(&crc32fast::hash(&ihdr).to_be_bytes());
+        let mut idat = b"IDAT".to_vec();
+        idat.extend_from_slice(b"\x78\x9c\x03\x00\x00\x00\x00\x01");
+        png.extend_from_slice(&8u32.to_be_bytes());
+        png.extend_from_slice(&idat);
+        png.extend_from_slice(&crc32fast::hash(&idat).to_be_bytes());
         let iend = b"IEND";
         png.extend_from_slice(&0u32.to_be_bytes());
         png.extend_from_slice(iend);
@@ -488,17 +560,26 @@ pub(crate) mod tests {
         small.max_width = 256;
         assert_eq!(
             validate(&bytes, &small).unwrap_err(),
-            MediaError::DimensionsTooLarge { width: 300, height: 200 }
+            MediaError::DimensionsTooLarge {
+                width: 300,
+                height: 200
+            }
         );
         let mut few_pixels = settings();
         few_pixels.max_pixels = 300 * 200 - 1;
-        assert_eq!(validate(&bytes, &few_pixels).unwrap_err().code(), "dimensions_too_large");
+        assert_eq!(
+            validate(&bytes, &few_pixels).unwrap_err().code(),
+            "dimensions_too_large"
+        );
     }
 
     #[test]
     fn every_media_error_is_an_invalid_verdict_with_its_code() {
         let v = MediaError::NotAnImage("html").verdict();
-        assert_eq!((v.status, v.code, v.detail.as_deref()), (Status::Invalid, "not_an_image", Some("html")));
+        assert_eq!(
+            (v.status, v.code, v.detail.as_deref()),
+            (Status::Invalid, "not_an_image", Some("html"))
+        );
         assert_eq!(MediaError::Truncated.verdict().code, "truncated");
     }
 }

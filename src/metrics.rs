@@ -1,15 +1,15 @@
 //! Prometheus metrics (OpenMetrics text). Names are defined here once; labels
 //! are low-cardinality codes only, never user ids or URLs.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -67,7 +67,11 @@ impl Metrics {
             processed.clone(),
         );
         let in_flight = Gauge::default();
-        registry.register("avatars_in_flight", "Avatars being checked right now", in_flight.clone());
+        registry.register(
+            "avatars_in_flight",
+            "Avatars being checked right now",
+            in_flight.clone(),
+        );
         let bytes_stored = Counter::default();
         registry.register_with_unit(
             "stored",
@@ -76,7 +80,11 @@ impl Metrics {
             bytes_stored.clone(),
         );
         let objects_stored = Counter::default();
-        registry.register("objects_stored", "Objects uploaded to the object store", objects_stored.clone());
+        registry.register(
+            "objects_stored",
+            "Objects uploaded to the object store",
+            objects_stored.clone(),
+        );
         let objects_deduplicated = Counter::default();
         registry.register(
             "objects_deduplicated",
@@ -174,7 +182,8 @@ impl Metrics {
         let m = &self.inner;
         m.scans.inc();
         m.scan_last_duration.set(report.duration_secs);
-        m.scan_last_success.set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        m.scan_last_success
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
     }
 
     /// Processed count for one status, summed over reasons.
@@ -183,7 +192,9 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry);
         let needle = format!("status=\"{}\"", status.as_str());
         text.lines()
-            .filter(|l| l.starts_with("avatar_warden_avatars_processed_total{") && l.contains(&needle))
+            .filter(|l| {
+                l.starts_with("avatar_warden_avatars_processed_total{") && l.contains(&needle)
+            })
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum()
     }
@@ -243,7 +254,10 @@ mod tests {
         assert!(text.contains(
             "avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\"} 1"
         ), "{text}");
-        assert!(text.contains("avatar_warden_reauth_flagged_total 2"), "{text}");
+        assert!(
+            text.contains("avatar_warden_reauth_flagged_total 2"),
+            "{text}"
+        );
         assert!(!text.contains("https://x/y"));
         assert!(text.ends_with("# EOF\n"));
     }

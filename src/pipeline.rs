@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::{stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt, stream};
 use rand::Rng;
 use reqwest::StatusCode;
 use serde::Serialize;
@@ -133,11 +133,22 @@ impl Examination {
 }
 
 /// Headers `check` shows: the ones rules read, and the ones people ask about.
-const RELEVANT_HEADERS: &[&str] = &["content-type", "content-length", "x-errno", "x-info", "etag", "last-modified"];
+const RELEVANT_HEADERS: &[&str] = &[
+    "content-type",
+    "content-length",
+    "x-errno",
+    "x-info",
+    "etag",
+    "last-modified",
+];
 
 /// Fetch, classify and validate one URL. Never stores, never errors: every
 /// outcome is a verdict.
-pub async fn examine(fetcher: &Fetcher, media_settings: &MediaSettings, raw_url: &str) -> Examination {
+pub async fn examine(
+    fetcher: &Fetcher,
+    media_settings: &MediaSettings,
+    raw_url: &str,
+) -> Examination {
     let url = match classify::parse_avatar_url(raw_url) {
         Ok(u) => u,
         Err(v) => return Examination::verdict_only(v),
@@ -152,7 +163,10 @@ pub async fn examine(fetcher: &Fetcher, media_settings: &MediaSettings, raw_url:
         .iter()
         .filter_map(|name| {
             let v = response.headers().get(*name)?;
-            Some((name.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            Some((
+                name.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            ))
         })
         .collect();
     let with = |verdict: Verdict, image| Examination {
@@ -176,7 +190,11 @@ pub async fn examine(fetcher: &Fetcher, media_settings: &MediaSettings, raw_url:
 }
 
 /// Checks one avatar end to end and returns what to record.
-async fn check_avatar(deps: &Deps, due: DueAvatar, now: i64) -> (AvatarRecord, Option<StoredObject>, u64) {
+async fn check_avatar(
+    deps: &Deps,
+    due: DueAvatar,
+    now: i64,
+) -> (AvatarRecord, Option<StoredObject>, u64) {
     let started = Instant::now();
     let _in_flight = deps.metrics.in_flight_guard();
     let exam = examine(&deps.fetcher, &deps.media, &due.avatar_url).await;
@@ -185,7 +203,11 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, now: i64) -> (AvatarRecord, O
     let mut size = 0;
     if let Some((info, body)) = exam.image {
         size = body.bytes.len() as u64;
-        match deps.images.store_image(&body.sha256, info.format, body.bytes).await {
+        match deps
+            .images
+            .store_image(&body.sha256, info.format, body.bytes)
+            .await
+        {
             Ok(stored) => mirror = Some((info, body.sha256, stored)),
             Err(e) => {
                 tracing::warn!(user_id = %due.user_id, error = %e, "storing the mirror failed");
@@ -194,7 +216,15 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, now: i64) -> (AvatarRecord, O
         }
     }
     let mut rng = rand::rng();
-    let record = build_record(&due, verdict, mirror.as_ref(), size, now, &deps.recheck, &mut rng);
+    let record = build_record(
+        &due,
+        verdict,
+        mirror.as_ref(),
+        size,
+        now,
+        &deps.recheck,
+        &mut rng,
+    );
     tracing::debug!(
         user_id = %record.user_id,
         status = %record.status,
@@ -303,7 +333,10 @@ pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, Sc
                 return Ok::<_, DbError>(None);
             };
             let next = Some(last.user_id.clone());
-            Ok(Some((stream::iter(page.into_iter().map(Ok::<DueAvatar, DbError>)), next)))
+            Ok(Some((
+                stream::iter(page.into_iter().map(Ok::<DueAvatar, DbError>)),
+                next,
+            )))
         }
     });
     let shutdown = opts.shutdown.clone();
@@ -373,9 +406,20 @@ mod tests {
     #[test]
     fn expired_avatar_flags_user_and_keeps_the_last_mirror() {
         let v = Verdict::new(Status::Expired, "provider_notexist");
-        let r = build_record(&due(Some(prev(Status::Mirrored, 0))), v, None, 0, 100, &recheck(), &mut rng());
+        let r = build_record(
+            &due(Some(prev(Status::Mirrored, 0))),
+            v,
+            None,
+            0,
+            100,
+            &recheck(),
+            &mut rng(),
+        );
         assert!(r.reauth_required);
-        assert_eq!(r.mirror_url.as_deref(), Some("https://cdn/avatars/ab/ab.jpg"));
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/ab/ab.jpg")
+        );
         assert_eq!(r.next_check_at, None, "expired avatars wait for a new URL");
     }
 
@@ -383,13 +427,35 @@ mod tests {
     fn mirrored_avatar_clears_the_flag_and_schedules_a_jittered_recheck() {
         let mut p = prev(Status::Expired, 0);
         p.reauth_required = true;
-        let info = ImageInfo { format: ImageFormat::Jpeg, width: 132, height: 132 };
-        let stored = StoredObject { key: "avatars/cd/cd.jpg".into(), url: "https://cdn/avatars/cd/cd.jpg".into(), deduplicated: false };
+        let info = ImageInfo {
+            format: ImageFormat::Jpeg,
+            width: 132,
+            height: 132,
+        };
+        let stored = StoredObject {
+            key: "avatars/cd/cd.jpg".into(),
+            url: "https://cdn/avatars/cd/cd.jpg".into(),
+            deduplicated: false,
+        };
         let m = (info, "cd".to_string(), stored);
-        let r = build_record(&due(Some(p)), Verdict::mirrored(), Some(&m), 5000, 100, &recheck(), &mut rng());
+        let r = build_record(
+            &due(Some(p)),
+            Verdict::mirrored(),
+            Some(&m),
+            5000,
+            100,
+            &recheck(),
+            &mut rng(),
+        );
         assert!(!r.reauth_required);
-        assert_eq!(r.mirror_url.as_deref(), Some("https://cdn/avatars/cd/cd.jpg"));
-        assert_eq!((r.width, r.height, r.size_bytes), (Some(132), Some(132), Some(5000)));
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/cd/cd.jpg")
+        );
+        assert_eq!(
+            (r.width, r.height, r.size_bytes),
+            (Some(132), Some(132), Some(5000))
+        );
         let next = r.next_check_at.unwrap() - 100;
         assert!((900..=1100).contains(&next), "{next}");
     }
@@ -397,7 +463,15 @@ mod tests {
     #[test]
     fn failing_avatars_back_off_and_never_flag() {
         let v = Verdict::new(Status::Failing, "server_error");
-        let r = build_record(&due(Some(prev(Status::Failing, 3))), v.clone(), None, 0, 0, &recheck(), &mut rng());
+        let r = build_record(
+            &due(Some(prev(Status::Failing, 3))),
+            v.clone(),
+            None,
+            0,
+            0,
+            &recheck(),
+            &mut rng(),
+        );
         assert_eq!(r.attempts, 4);
         assert!(!r.reauth_required);
         let next = r.next_check_at.unwrap();

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{scan_once, Deps, ScanOptions};
+use crate::pipeline::{Deps, ScanOptions, scan_once};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScheduleError {
@@ -25,7 +25,10 @@ pub fn parse_cron(expr: &str) -> Result<cron::Schedule, ScheduleError> {
                 expr: expr.to_string(),
                 message,
             })?;
-            format!("0 {} {} {} {} {}", fields[0], fields[1], fields[2], fields[3], dow)
+            format!(
+                "0 {} {} {} {} {}",
+                fields[0], fields[1], fields[2], fields[3], dow
+            )
         }
         6 | 7 => fields.join(" "),
         n => {
@@ -112,7 +115,9 @@ pub fn shutdown_on_signals() -> CancellationToken {
     let t = token.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutdown requested: finishing avatars in flight (signal again to exit now)");
+        tracing::info!(
+            "shutdown requested: finishing avatars in flight (signal again to exit now)"
+        );
         t.cancel();
         wait_for_signal().await;
         tracing::warn!("second signal: exiting now");
@@ -124,7 +129,7 @@ pub fn shutdown_on_signals() -> CancellationToken {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let mut term = match signal(SignalKind::terminate()) {
             Ok(s) => s,
             Err(_) => {
@@ -186,6 +191,11 @@ mod tests {
         let err = parse_cron("* * *").unwrap_err().to_string();
         assert!(err.contains("expected 5 fields"), "{err}");
         assert!(parse_cron("99 * * * *").is_err());
-        assert!(parse_cron("0 0 * * 9").unwrap_err().to_string().contains("out of range"));
+        assert!(
+            parse_cron("0 0 * * 9")
+                .unwrap_err()
+                .to_string()
+                .contains("out of range")
+        );
     }
 }

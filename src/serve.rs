@@ -4,18 +4,23 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::Deps;
 
-pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds first, so a port clash is an error at start-up, then serves in the background.
-pub async fn spawn(listen: &str, deps: Deps, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn spawn(
+    listen: &str,
+    deps: Deps,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let app = axum::Router::new()
@@ -35,7 +40,10 @@ pub async fn spawn(listen: &str, deps: Deps, shutdown: CancellationToken) -> std
 }
 
 async fn metrics(State(deps): State<Deps>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], deps.metrics.encode())
+    (
+        [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+        deps.metrics.encode(),
+    )
 }
 
 /// Ready when the profile database and the object store both answer.
@@ -52,7 +60,10 @@ async fn ready(State(deps): State<Deps>) -> impl IntoResponse {
             };
             let db = why(db.map(|r| r.map_err(|e| e.to_string())));
             let store = why(store.map(|r| r.map_err(|e| e.to_string())));
-            (StatusCode::SERVICE_UNAVAILABLE, format!("database: {db}\nstorage: {store}\n"))
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("database: {db}\nstorage: {store}\n"),
+            )
         }
     }
 }

@@ -19,9 +19,10 @@ pub const SQLITE: &[Migration] = &[Migration {
 
 /// Splits a migration file into statements (our files keep `;` out of literals).
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
-    sql.split(';')
-        .map(|s| s.trim())
-        .filter(|s| s.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--")))
+    sql.split(';').map(|s| s.trim()).filter(|s| {
+        s.lines()
+            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
+    })
 }
 
 #[cfg(test)]

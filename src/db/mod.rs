@@ -15,7 +15,7 @@ use secrecy::ExposeSecret;
 use crate::classify::Status;
 use crate::config::ProfileSettings;
 
-pub use ident::{quote, Quote};
+pub use ident::{Quote, quote};
 
 pub const STATE_TABLE: &str = "avatar_warden_avatars";
 
@@ -46,7 +46,10 @@ impl DbError {
             DbError::Timeout(_) | DbError::Connect(_) => true,
             DbError::Query(e) => matches!(
                 e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::WorkerCrashed
             ),
             _ => false,
         }
@@ -163,7 +166,9 @@ impl ProfileSettings {
         let url = self.url.expose_secret();
         let scheme = url.split(':').next().unwrap_or_default();
         let backend = match scheme {
-            "sqlite" => Backend::Sqlite(sqlite::Sqlite::connect(self, ProfileNames::new(self, Quote::Double)?).await?),
+            "sqlite" => Backend::Sqlite(
+                sqlite::Sqlite::connect(self, ProfileNames::new(self, Quote::Double)?).await?,
+            ),
             other => {
                 return Err(DbError::Config(format!(
                     "profile.url scheme {other:?} is not supported (use sqlite://)"
@@ -200,7 +205,12 @@ impl Database {
     }
 
     /// The next page of due avatars after `after`, in id order.
-    pub async fn due_page(&self, after: Option<&UserId>, now: i64, limit: usize) -> Result<Vec<DueAvatar>, DbError> {
+    pub async fn due_page(
+        &self,
+        after: Option<&UserId>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<DueAvatar>, DbError> {
         match &self.backend {
             Backend::Sqlite(db) => self.timed(db.due_page(after, now, limit)).await,
         }
@@ -218,7 +228,11 @@ impl Database {
     }
 
     /// State rows after `after` (by user id text), for `export`.
-    pub async fn export_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<ExportRow>, DbError> {
+    pub async fn export_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ExportRow>, DbError> {
         match &self.backend {
             Backend::Sqlite(db) => self.timed(db.export_page(after, limit)).await,
         }

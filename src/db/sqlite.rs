@@ -9,7 +9,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRo
 use sqlx::{QueryBuilder, Row};
 
 use super::migrate::{self, MIGRATIONS_TABLE};
-use super::{AvatarRecord, DbError, DueAvatar, Previous, ProfileNames, StatusCounts, UserId, STATE_TABLE};
+use super::{
+    AvatarRecord, DbError, DueAvatar, Previous, ProfileNames, STATE_TABLE, StatusCounts, UserId,
+};
 use crate::classify::Status;
 use crate::config::ProfileSettings;
 
@@ -34,7 +36,11 @@ impl Sqlite {
             .await
             .map_err(|e| DbError::Connect(e.to_string()))?;
         let due_sql = (due_query(&names, false), due_query(&names, true));
-        Ok(Sqlite { pool, names, due_sql })
+        Ok(Sqlite {
+            pool,
+            names,
+            due_sql,
+        })
     }
 
     pub async fn ping(&self) -> Result<(), DbError> {
@@ -53,7 +59,10 @@ impl Sqlite {
             .fetch_all(&mut *tx)
             .await?;
         let mut applied = Vec::new();
-        for m in migrate::SQLITE.iter().filter(|m| !done.contains(&m.version)) {
+        for m in migrate::SQLITE
+            .iter()
+            .filter(|m| !done.contains(&m.version))
+        {
             for stmt in migrate::statements(m.sql) {
                 sqlx::query(stmt)
                     .execute(&mut *tx)
@@ -78,8 +87,17 @@ impl Sqlite {
         Ok(applied)
     }
 
-    pub async fn due_page(&self, after: Option<&UserId>, now: i64, limit: usize) -> Result<Vec<DueAvatar>, DbError> {
-        let sql = if after.is_some() { &self.due_sql.1 } else { &self.due_sql.0 };
+    pub async fn due_page(
+        &self,
+        after: Option<&UserId>,
+        now: i64,
+        limit: usize,
+    ) -> Result<Vec<DueAvatar>, DbError> {
+        let sql = if after.is_some() {
+            &self.due_sql.1
+        } else {
+            &self.due_sql.0
+        };
         let mut q = sqlx::query(sql);
         match after {
             Some(UserId::Int(i)) => q = q.bind(*i),
@@ -102,7 +120,11 @@ impl Sqlite {
         Ok(())
     }
 
-    pub async fn export_page(&self, after: Option<&str>, limit: usize) -> Result<Vec<AvatarRecord>, DbError> {
+    pub async fn export_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AvatarRecord>, DbError> {
         let rows = sqlx::query(&format!(
             "SELECT * FROM {STATE_TABLE} WHERE user_id > ? ORDER BY user_id LIMIT ?"
         ))
@@ -183,7 +205,8 @@ fn due_from_row(row: &SqliteRow) -> Result<DueAvatar, DbError> {
 }
 
 fn parse_status(s: &str) -> Result<Status, DbError> {
-    s.parse().map_err(|e| DbError::Data(format!("{STATE_TABLE}.status: {e}")))
+    s.parse()
+        .map_err(|e| DbError::Data(format!("{STATE_TABLE}.status: {e}")))
 }
 
 fn record_from_row(row: &SqliteRow) -> Result<AvatarRecord, DbError> {
@@ -242,7 +265,10 @@ fn upsert_state(records: &[AvatarRecord]) -> QueryBuilder<'_, sqlx::Sqlite> {
 }
 
 /// One `UPDATE ... FROM (VALUES ...)` for the configured write-back columns.
-fn write_back<'a>(n: &ProfileNames, records: &'a [AvatarRecord]) -> Option<QueryBuilder<'a, sqlx::Sqlite>> {
+fn write_back<'a>(
+    n: &ProfileNames,
+    records: &'a [AvatarRecord],
+) -> Option<QueryBuilder<'a, sqlx::Sqlite>> {
     if n.mirror_url.is_none() && n.reauth.is_none() {
         return None;
     }
@@ -253,7 +279,11 @@ fn write_back<'a>(n: &ProfileNames, records: &'a [AvatarRecord]) -> Option<Query
     if let Some(col) = &n.reauth {
         sets.push(format!("{col} = v.column3"));
     }
-    let mut q = QueryBuilder::new(format!("UPDATE {} AS p SET {} FROM (", n.table, sets.join(", ")));
+    let mut q = QueryBuilder::new(format!(
+        "UPDATE {} AS p SET {} FROM (",
+        n.table,
+        sets.join(", ")
+    ));
     q.push_values(records, |mut b, r| {
         match &r.user_id {
             UserId::Int(i) => b.push_bind(*i),

@@ -20,33 +20,114 @@ pub struct SampleUser {
 }
 
 pub const SAMPLE_USERS: &[SampleUser] = &[
-    SampleUser { id: 1, nickname: "alice", avatar: Some("/avatar/jpeg/alice"), expect: "mirrored" },
-    SampleUser { id: 2, nickname: "bo", avatar: Some("/avatar/png/bo"), expect: "mirrored" },
-    SampleUser { id: 3, nickname: "chen", avatar: Some("/avatar/webp/chen"), expect: "mirrored" },
-    SampleUser { id: 4, nickname: "dan", avatar: Some("/avatar/jpeg/team-logo"), expect: "mirrored" },
-    SampleUser { id: 5, nickname: "erin", avatar: Some("/avatar/jpeg/team-logo"), expect: "mirrored" },
-    SampleUser { id: 6, nickname: "fang", avatar: Some("/avatar/gif/fang"), expect: "mirrored" },
-    SampleUser { id: 7, nickname: "gao", avatar: Some("/wechat/expired/gao"), expect: "expired" },
-    SampleUser { id: 8, nickname: "hui", avatar: Some("/wechat/expired/hui"), expect: "expired" },
-    SampleUser { id: 9, nickname: "ivan", avatar: Some("/status/404/ivan"), expect: "expired" },
-    SampleUser { id: 10, nickname: "jun", avatar: Some("/status/500/jun"), expect: "failing" },
-    SampleUser { id: 11, nickname: "kai", avatar: Some("/html/kai"), expect: "invalid" },
-    SampleUser { id: 12, nickname: "lan", avatar: Some("/truncated/lan"), expect: "invalid" },
-    SampleUser { id: 13, nickname: "mei", avatar: Some("ftp://files.example.com/mei.png"), expect: "invalid" },
-    SampleUser { id: 14, nickname: "ning", avatar: None, expect: "skipped (no avatar)" },
+    SampleUser {
+        id: 1,
+        nickname: "alice",
+        avatar: Some("/avatar/jpeg/alice"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 2,
+        nickname: "bo",
+        avatar: Some("/avatar/png/bo"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 3,
+        nickname: "chen",
+        avatar: Some("/avatar/webp/chen"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 4,
+        nickname: "dan",
+        avatar: Some("/avatar/jpeg/team-logo"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 5,
+        nickname: "erin",
+        avatar: Some("/avatar/jpeg/team-logo"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 6,
+        nickname: "fang",
+        avatar: Some("/avatar/gif/fang"),
+        expect: "mirrored",
+    },
+    SampleUser {
+        id: 7,
+        nickname: "gao",
+        avatar: Some("/wechat/expired/gao"),
+        expect: "expired",
+    },
+    SampleUser {
+        id: 8,
+        nickname: "hui",
+        avatar: Some("/wechat/expired/hui"),
+        expect: "expired",
+    },
+    SampleUser {
+        id: 9,
+        nickname: "ivan",
+        avatar: Some("/status/404/ivan"),
+        expect: "expired",
+    },
+    SampleUser {
+        id: 10,
+        nickname: "jun",
+        avatar: Some("/status/500/jun"),
+        expect: "failing",
+    },
+    SampleUser {
+        id: 11,
+        nickname: "kai",
+        avatar: Some("/html/kai"),
+        expect: "invalid",
+    },
+    SampleUser {
+        id: 12,
+        nickname: "lan",
+        avatar: Some("/truncated/lan"),
+        expect: "invalid",
+    },
+    SampleUser {
+        id: 13,
+        nickname: "mei",
+        avatar: Some("ftp://files.example.com/mei.png"),
+        expect: "invalid",
+    },
+    SampleUser {
+        id: 14,
+        nickname: "ning",
+        avatar: None,
+        expect: "skipped (no avatar)",
+    },
 ];
 
 impl SampleUser {
     pub fn avatar_url(&self, origin: &Origin) -> Option<String> {
-        self.avatar.map(|a| if a.starts_with('/') { origin.url(a) } else { a.to_string() })
+        self.avatar.map(|a| {
+            if a.starts_with('/') {
+                origin.url(a)
+            } else {
+                a.to_string()
+            }
+        })
     }
 }
 
 /// Creates (or replaces) the sample `users` table in a SQLite database.
 pub async fn seed_profiles(db_url: &str, origin: &Origin) -> Result<(), sqlx::Error> {
     let options = SqliteConnectOptions::from_str(db_url)?.create_if_missing(true);
-    let pool = SqlitePoolOptions::new().max_connections(1).connect_with(options).await?;
-    sqlx::query("DROP TABLE IF EXISTS users").execute(&pool).await?;
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    sqlx::query("DROP TABLE IF EXISTS users")
+        .execute(&pool)
+        .await?;
     sqlx::query(
         "CREATE TABLE users (
             id INTEGER PRIMARY KEY,

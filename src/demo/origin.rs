@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderValue, Request, Response, StatusCode};
+use axum::http::{HeaderValue, Request, Response, StatusCode, header};
 use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -103,7 +103,13 @@ impl Origin {
     }
 
     pub fn hits(&self, path: &str) -> u64 {
-        self.state.hits.lock().expect("hits lock").get(path).copied().unwrap_or(0)
+        self.state
+            .hits
+            .lock()
+            .expect("hits lock")
+            .get(path)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The bytes `/avatar/<kind>/<name>` serves, for comparing with a mirror.
@@ -115,7 +121,12 @@ impl Origin {
 async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     state.total.fetch_add(1, Ordering::Relaxed);
-    *state.hits.lock().expect("hits lock").entry(path.clone()).or_default() += 1;
+    *state
+        .hits
+        .lock()
+        .expect("hits lock")
+        .entry(path.clone())
+        .or_default() += 1;
     if !state.options.latency.is_zero() {
         tokio::time::sleep(state.options.latency).await;
     }
@@ -123,13 +134,19 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     match segments.as_slice() {
         ["avatar", kind, name] => match image_for(state, kind, name) {
             Some(bytes) => respond(StatusCode::OK, mime_for(kind), bytes),
-            None => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"unknown kind")),
+            None => respond(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                Bytes::from_static(b"unknown kind"),
+            ),
         },
         // WeChat's CDN: 200, a gray PNG, and the only real signal in two headers.
         ["wechat", "expired", _] => {
             let mut r = respond(StatusCode::OK, "image/png", state.placeholder.clone());
-            r.headers_mut().insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
-            r.headers_mut().insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
+            r.headers_mut()
+                .insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
+            r.headers_mut()
+                .insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
             r
         }
         ["status", code, _] => {
@@ -138,7 +155,11 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
                 .ok()
                 .and_then(|c| StatusCode::from_u16(c).ok())
                 .unwrap_or(StatusCode::BAD_REQUEST);
-            respond(status, "text/plain", Bytes::from(format!("status {status}")))
+            respond(
+                status,
+                "text/plain",
+                Bytes::from(format!("status {status}")),
+            )
         }
         // An HTML error page that claims to be a picture.
         ["html", _] => respond(
@@ -157,7 +178,11 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             }
             r
         }
-        _ => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::from_static(b"not found")),
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            Bytes::from_static(b"not found"),
+        ),
     }
 }
 
@@ -203,7 +228,9 @@ fn image_for(state: &State, kind: &str, name: &str) -> Option<Bytes> {
 
 /// A gradient whose colours come from the name: distinct names, distinct bytes.
 pub fn render_avatar(name: &str, side: u32, format: image::ImageFormat) -> Vec<u8> {
-    let seed = name.bytes().fold(2166136261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16777619));
+    let seed = name.bytes().fold(2166136261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16777619)
+    });
     let [r, g, b, _] = seed.to_le_bytes();
     let img = image::RgbImage::from_fn(side, side, |x, y| {
         image::Rgb([

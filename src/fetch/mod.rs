@@ -69,7 +69,8 @@ impl FetchError {
             FetchError::TooManyRedirects(_) => (Status::Invalid, "too_many_redirects"),
             FetchError::BadRedirect => (Status::Invalid, "bad_redirect"),
             FetchError::TooLarge(limit) => {
-                return Verdict::new(Status::Invalid, "too_large").with_detail(format!("over {limit} bytes"));
+                return Verdict::new(Status::Invalid, "too_large")
+                    .with_detail(format!("over {limit} bytes"));
             }
         };
         Verdict::new(status, code).with_detail(self.to_string())
@@ -114,7 +115,9 @@ impl Resolve for GuardedResolver {
         Box::pin(async move {
             let answers = tokio::net::lookup_host((host.as_str(), 0))
                 .await
-                .map_err(|e| Box::new(DnsFailure(format!("{host}: {e}"))) as Box<dyn StdError + Send + Sync>)?;
+                .map_err(|e| {
+                    Box::new(DnsFailure(format!("{host}: {e}"))) as Box<dyn StdError + Send + Sync>
+                })?;
             let mut allowed: Vec<SocketAddr> = Vec::new();
             let mut refused = None;
             for addr in answers {
@@ -192,7 +195,9 @@ impl FetchSettings {
         if !allow_private {
             builder = builder.dns_resolver(Arc::new(GuardedResolver));
         }
-        let client = builder.build().map_err(|e| FetchError::Other(e.to_string()))?;
+        let client = builder
+            .build()
+            .map_err(|e| FetchError::Other(e.to_string()))?;
         Ok(Fetcher {
             client,
             max_bytes: self.max_bytes,
@@ -214,7 +219,11 @@ impl Fetcher {
         {
             return Err(FetchError::Blocked(class));
         }
-        self.client.get(url.clone()).send().await.map_err(map_reqwest_error)
+        self.client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(map_reqwest_error)
     }
 
     /// Reads the body up to the cap, hashing as it streams. A declared length
@@ -225,7 +234,10 @@ impl Fetcher {
         {
             return Err(FetchError::TooLarge(self.max_bytes));
         }
-        let hint = response.content_length().unwrap_or(64 * 1024).min(self.max_bytes);
+        let hint = response
+            .content_length()
+            .unwrap_or(64 * 1024)
+            .min(self.max_bytes);
         let mut buf = Vec::with_capacity(hint as usize);
         let mut hasher = Sha256::new();
         while let Some(chunk) = response.chunk().await.map_err(map_reqwest_error)? {
@@ -305,7 +317,10 @@ mod tests {
         }
         let url = Url::parse("http://169.254.169.254/latest/meta-data").unwrap();
         assert_eq!(literal_host_class(&url), Some("link_local"));
-        assert_eq!(literal_host_class(&Url::parse("https://thirdwx.qlogo.cn/x").unwrap()), None);
+        assert_eq!(
+            literal_host_class(&Url::parse("https://thirdwx.qlogo.cn/x").unwrap()),
+            None
+        );
     }
 
     #[test]
@@ -317,6 +332,9 @@ mod tests {
         assert_eq!(FetchError::Timeout.verdict().status, Status::Failing);
         assert_eq!(FetchError::TooLarge(10).verdict().code, "too_large");
         let blocked = FetchError::Blocked("private").verdict();
-        assert_eq!((blocked.status, blocked.detail.as_deref()), (Status::Blocked, Some("private")));
+        assert_eq!(
+            (blocked.status, blocked.detail.as_deref()),
+            (Status::Blocked, Some("private"))
+        );
     }
 }

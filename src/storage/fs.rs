@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 
-use super::{join_url, ObjectStore, StoreError};
+use super::{ObjectStore, StoreError, join_url};
 use crate::config::FsSettings;
 
 pub struct FsStore {
@@ -22,7 +22,9 @@ impl FsStore {
         let base_url = match &settings.public_base_url {
             Some(base) => base.clone(),
             None => url::Url::from_directory_path(&root)
-                .map_err(|_| StoreError::Config(format!("cannot make a file URL of {}", root.display())))?
+                .map_err(|_| {
+                    StoreError::Config(format!("cannot make a file URL of {}", root.display()))
+                })?
                 .to_string(),
         };
         Ok(FsStore { root, base_url })
@@ -50,7 +52,11 @@ impl ObjectStore for FsStore {
         }
         // Write aside and rename: readers never see half an object, and two
         // writers of the same key both end with the same complete file.
-        let tmp = path.with_extension(format!("tmp-{}-{}", std::process::id(), rand::random::<u64>()));
+        let tmp = path.with_extension(format!(
+            "tmp-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
         let mut file = tokio::fs::File::create(&tmp).await?;
         file.write_all(&body).await?;
         file.sync_data().await?;

@@ -37,7 +37,10 @@ pub enum StoreError {
 impl StoreError {
     /// Network trouble and timeouts may pass; a refused request or a bad config will not.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Io(_) | StoreError::Request(_) | StoreError::Timeout)
+        matches!(
+            self,
+            StoreError::Io(_) | StoreError::Request(_) | StoreError::Timeout
+        )
     }
 }
 
@@ -62,7 +65,11 @@ pub fn object_key(prefix: &str, sha256: &str, format: ImageFormat) -> String {
 
 /// Joins a public base URL and a key with exactly one slash.
 pub fn join_url(base: &str, key: &str) -> String {
-    format!("{}/{}", base.trim_end_matches('/'), key.trim_start_matches('/'))
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        key.trim_start_matches('/')
+    )
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +113,12 @@ impl ImageWriter {
     /// Stores an image under its content key unless it is already there.
     /// Existence is checked instead of conditional puts: several S3-compatible
     /// servers (Garage among them) ignore `If-None-Match: *` on PutObject.
-    pub async fn store_image(&self, sha256: &str, format: ImageFormat, bytes: Bytes) -> Result<StoredObject, StoreError> {
+    pub async fn store_image(
+        &self,
+        sha256: &str,
+        format: ImageFormat,
+        bytes: Bytes,
+    ) -> Result<StoredObject, StoreError> {
         let key = object_key(self.store.prefix(), sha256, format);
         let stored = |deduplicated| StoredObject {
             url: self.store.public_url(&key),
@@ -180,7 +192,13 @@ mod tests {
 
     #[test]
     fn public_urls_join_with_exactly_one_slash() {
-        assert_eq!(join_url("https://cdn.example.com/", "/avatars/a.jpg"), "https://cdn.example.com/avatars/a.jpg");
-        assert_eq!(join_url("https://cdn.example.com", "avatars/a.jpg"), "https://cdn.example.com/avatars/a.jpg");
+        assert_eq!(
+            join_url("https://cdn.example.com/", "/avatars/a.jpg"),
+            "https://cdn.example.com/avatars/a.jpg"
+        );
+        assert_eq!(
+            join_url("https://cdn.example.com", "avatars/a.jpg"),
+            "https://cdn.example.com/avatars/a.jpg"
+        );
     }
 }

@@ -3,15 +3,17 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use aws_sdk_s3::Client;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
-use aws_sdk_s3::config::{Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation};
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::Client;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
 
-use super::{join_url, ObjectStore, StoreError, CACHE_CONTROL};
+use super::{CACHE_CONTROL, ObjectStore, StoreError, join_url};
 use crate::config::S3Settings;
 
 pub struct S3Store {
@@ -38,7 +40,8 @@ impl S3Store {
             (None, None) => {} // the standard AWS chain
             _ => {
                 return Err(StoreError::Config(
-                    "set both storage.access_key_id and storage.secret_access_key, or neither".into(),
+                    "set both storage.access_key_id and storage.secret_access_key, or neither"
+                        .into(),
                 ));
             }
         }
@@ -62,10 +65,13 @@ impl S3Store {
         }
         let base_url = match (&settings.public_base_url, &settings.endpoint) {
             (Some(base), _) => base.clone(),
-            (None, Some(endpoint)) if settings.force_path_style => join_url(endpoint, &settings.bucket),
+            (None, Some(endpoint)) if settings.force_path_style => {
+                join_url(endpoint, &settings.bucket)
+            }
             (None, Some(endpoint)) => {
-                let ep = url::Url::parse(endpoint)
-                    .map_err(|e| StoreError::Config(format!("storage.endpoint {endpoint:?}: {e}")))?;
+                let ep = url::Url::parse(endpoint).map_err(|e| {
+                    StoreError::Config(format!("storage.endpoint {endpoint:?}: {e}"))
+                })?;
                 format!(
                     "{}://{}.{}",
                     ep.scheme(),
@@ -73,7 +79,10 @@ impl S3Store {
                     ep.host_str().unwrap_or_default()
                 ) + &ep.port().map(|p| format!(":{p}")).unwrap_or_default()
             }
-            (None, None) => format!("https://{}.s3.{}.amazonaws.com", settings.bucket, settings.region),
+            (None, None) => format!(
+                "https://{}.s3.{}.amazonaws.com",
+                settings.bucket, settings.region
+            ),
         };
         Ok(S3Store {
             client: Client::from_conf(config.build()),
@@ -92,7 +101,9 @@ fn map_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) ->
     match &err {
         SdkError::TimeoutError(_) => StoreError::Timeout,
         SdkError::DispatchFailure(f) if f.is_timeout() => StoreError::Timeout,
-        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => StoreError::Request(format!("{err:?}")),
+        SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            StoreError::Request(format!("{err:?}"))
+        }
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
             let message = format!(
@@ -113,7 +124,14 @@ fn map_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) ->
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(_) => Ok(true),
             Err(SdkError::ServiceError(e)) if e.err().is_not_found() => Ok(false),
             // HEAD has no body, so some servers' 404 arrives without the NotFound code.

@@ -1,1 +1,8 @@
+//! Integration tests: one binary, so linking happens once.
+//! Each test builds the real thing: a fresh SQLite database in a temp dir, the
+//! simulated origin on an OS-chosen port, a real object store.
 
+mod cli;
+mod helpers;
+mod s3;
+mod scan;

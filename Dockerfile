@@ -1,0 +1,36 @@
+# syntax=docker/dockerfile:1
+# Multi-stage build with cargo-chef: dependencies are compiled in their own
+# layer and reused until Cargo.toml/Cargo.lock change.
+
+ARG RUST_VERSION=1.95
+FROM rust:${RUST_VERSION}-slim-bookworm AS chef
+RUN cargo install cargo-chef --locked --version 0.1.78
+WORKDIR /app
+
+FROM chef AS planner
+COPY . .
+RUN cargo chef prepare --recipe-path recipe.json
+
+FROM chef AS builder
+COPY --from=planner /app/recipe.json recipe.json
+RUN cargo chef cook --release --locked --recipe-path recipe.json
+COPY . .
+RUN cargo build --release --locked --bin avatar-warden
+
+FROM debian:bookworm-slim AS runtime
+# CA certificates for HTTPS avatar origins and S3 endpoints; nothing else.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /app
+COPY --from=builder /app/target/release/avatar-warden /usr/local/bin/avatar-warden
+COPY config ./config
+# config/production.toml is layered over the built-in defaults (JSON logs, s3
+# storage); everything site-specific comes from AVATAR_WARDEN__* variables.
+ENV AVATAR_WARDEN_ENV=production
+# A numeric non-root UID, so Kubernetes runAsNonRoot can verify it.
+USER 10001:10001
+STOPSIGNAL SIGTERM
+EXPOSE 9898
+ENTRYPOINT ["avatar-warden"]
+CMD ["run"]

@@ -1,0 +1,246 @@
+//! The real binary, with the arguments and environment an operator would use.
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::helpers::TestApp;
+
+const BIN: &str = env!("CARGO_BIN_EXE_avatar-warden");
+
+fn command(app: &TestApp, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AVATAR_WARDEN") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args)
+        .envs(app.env.iter().cloned())
+        .current_dir(app.dir.path());
+    cmd
+}
+
+fn run(app: &TestApp, args: &[&str]) -> Output {
+    command(app, args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_header_that_decided_an_expired_wechat_avatar() {
+    let app = TestApp::empty().await;
+    let out = run(&app, &["check", &app.origin.url("/wechat/expired/someone")]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("verdict:    expired"), "{text}");
+    assert!(text.contains("decided by: X-ErrNo: -6101"), "{text}");
+    assert!(
+        text.contains("header:     x-info: notexist:-6101"),
+        "{text}"
+    );
+    assert!(text.contains("http:       200 OK"), "{text}");
+
+    let out = run(
+        &app,
+        &["check", "--json", &app.origin.url("/avatar/webp/x")],
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "mirrored");
+    assert_eq!(v["image"]["format"], "webp");
+    assert_eq!(v["image"]["width"], 132);
+
+    let out = run(&app, &["check", &app.origin.url("/status/503/x")]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "failing exits 2: {}",
+        stdout(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_refuses_loopback_by_default_without_contacting_it() {
+    let mut app = TestApp::empty().await;
+    app.set("FETCH__ALLOW_PRIVATE_NETWORKS", "false");
+    let out = run(&app, &["check", &app.origin.url("/avatar/jpeg/x")]);
+    let text = stdout(&out);
+    assert!(text.contains("verdict:    blocked"), "{text}");
+    assert!(text.contains("loopback"), "{text}");
+    assert_eq!(app.origin.total_hits(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_exits_2_when_some_avatars_are_failing_and_export_follows_the_contract() {
+    let app = TestApp::spawn().await;
+    let out = run(&app, &["migrate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("applied [1]"), "{}", stdout(&out));
+    let again = run(&app, &["migrate"]);
+    assert!(stdout(&again).contains("already up to date"));
+
+    let out = run(&app, &["scan"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("scanned 13 avatars"),
+        "{}",
+        stdout(&out)
+    );
+
+    let out = run(&app, &["export", "--format", "jsonl"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 13);
+    for line in &lines {
+        for key in [
+            "user_id",
+            "source_url",
+            "status",
+            "reason",
+            "mirror_url",
+            "sha256",
+            "reauth_required",
+            "checked_at",
+        ] {
+            assert!(line.get(key).is_some(), "missing {key} in {line}");
+        }
+    }
+    let gao = lines.iter().find(|l| l["user_id"] == "7").unwrap();
+    assert_eq!(gao["status"], "expired");
+    assert_eq!(gao["reauth_required"], true);
+    assert!(chrono::DateTime::parse_from_rfc3339(gao["checked_at"].as_str().unwrap()).is_ok());
+
+    let out = run(&app, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reauth_required"], 6, "{v}");
+    assert!(
+        v["counts"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(["mirrored", 6])),
+        "{v}"
+    );
+
+    // Nothing failing is due yet, so a second scan has nothing to do and exits 0.
+    let out = run(&app, &["scan"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_typo_exits_1_and_names_the_variable() {
+    let mut app = TestApp::spawn().await;
+    app.set("FETCH__CONCURENCY", "4");
+    let out = run(&app, &["scan"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("AVATAR_WARDEN__FETCH__CONCURENCY"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_every_verdict_and_leaves_mirrors_on_disk() {
+    let app = TestApp::empty().await;
+    let dir = app.dir.path().join("demo-run");
+    let out = run(&app, &["demo", "--dir", dir.to_str().unwrap()]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    for word in [
+        "mirrored",
+        "expired",
+        "failing",
+        "invalid",
+        "FLAGGED",
+        "provider_notexist",
+    ] {
+        assert!(text.contains(word), "missing {word}:\n{text}");
+    }
+    assert!(
+        text.contains(&dir.display().to_string()),
+        "the demo names its directory"
+    );
+    let files = crate::scan::walk(&dir.join("mirror"));
+    assert_eq!(files.len(), 5, "{files:?}");
+    // A folder the demo did not make is never wiped.
+    let foreign = app.dir.path().join("precious");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("keep.txt"), "x").unwrap();
+    let out = run(&app, &["demo", "--dir", foreign.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(foreign.join("keep.txt").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
+    let mut app = TestApp::spawn().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    app.set("METRICS__LISTEN", &format!("127.0.0.1:{port}"));
+    app.set("SCHEDULE__CRON", "*/1 * * * * *");
+    let mut child = command(&app, &["run"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no scan seen on /metrics in time"
+        );
+        if let Ok(r) = http.get(format!("{base}/metrics")).send().await {
+            let text = r.text().await.unwrap();
+            if text.contains("avatar_warden_scans_total 1")
+                || text.contains("avatar_warden_scans_total 2")
+            {
+                break text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        metrics.contains(
+            "avatar_warden_avatars_processed_total{status=\"mirrored\",reason=\"valid_image\"} 6"
+        ),
+        "{metrics}"
+    );
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(Instant::now() < deadline, "run did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(code, Some(0));
+}

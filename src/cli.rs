@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::classify::Status;
 use crate::config::{FsSettings, LogFormat, Settings, StorageSettings};
-use crate::db::{AvatarRecord, Database};
+use crate::db::{AvatarRecord, Database, Shard};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Deps, ScanOptions, ScanReport};
 use crate::storage::ImageWriter;
@@ -54,6 +54,9 @@ pub enum Command {
         /// Print the summary as JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Only ids of shard I of N (e.g. `--shard 0/4`), for indexed Jobs.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<Shard>,
     },
     /// Scan on the cron schedule and serve /metrics until SIGTERM or Ctrl-C.
     Run,
@@ -130,10 +133,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(EXIT_OK)
         }
-        Command::Scan { json } => {
+        Command::Scan { json, shard } => {
             let deps = build_deps(&settings).await?;
             let shutdown = schedule::shutdown_on_signals();
-            let report = pipeline::scan_once(&deps, &scan_options(&settings, shutdown)).await?;
+            let mut opts = scan_options(&settings, shutdown);
+            opts.shard = shard;
+            let report = pipeline::scan_once(&deps, &opts).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -205,10 +210,12 @@ fn init_logging(format: LogFormat, default_level: &str) {
     };
 }
 
-fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOptions {
+pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOptions {
     ScanOptions {
         batch_size: settings.scan.batch_size,
         concurrency: settings.fetch.concurrency,
+        lease_secs: settings.scan.lease_secs,
+        shard: None,
         shutdown,
     }
 }
@@ -367,6 +374,12 @@ fn print_report(report: &ScanReport) {
         "objects: {} uploaded ({} bytes), {} already stored",
         report.objects_uploaded, report.bytes_uploaded, report.objects_deduplicated
     );
+    if report.lease_lost > 0 {
+        println!(
+            "{} results not written: their lease had passed to another worker",
+            report.lease_lost
+        );
+    }
 }
 
 /// A folder of our own in the temp dir by default; a folder we did not create is never wiped.

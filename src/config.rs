@@ -61,6 +61,9 @@ pub struct ProfileSettings {
     pub mirror_url_column: Option<String>,
     #[serde(deserialize_with = "empty_is_none")]
     pub reauth_column: Option<String>,
+    /// SQL condition on the profile table, from the operator (trusted).
+    #[serde(deserialize_with = "empty_is_none")]
+    pub filter: Option<String>,
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
     pub statement_timeout_secs: u64,
@@ -76,6 +79,7 @@ impl ProfileSettings {
 #[serde(deny_unknown_fields)]
 pub struct ScanSettings {
     pub batch_size: usize,
+    pub lease_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +240,9 @@ impl Settings {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.scan.batch_size == 0 {
             return bad("scan.batch_size must be at least 1");
+        }
+        if self.scan.lease_secs < self.fetch.timeout_secs.saturating_mul(2) {
+            return bad("scan.lease_secs must be at least twice fetch.timeout_secs");
         }
         if self.fetch.concurrency == 0 {
             return bad("fetch.concurrency must be at least 1");

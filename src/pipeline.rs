@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use rand::Rng;
@@ -14,7 +14,9 @@ use url::Url;
 
 use crate::classify::{self, HeadDecision, Status, Verdict};
 use crate::config::{MediaSettings, RecheckSettings};
-use crate::db::{AvatarRecord, Database, DbError, DueAvatar, UserId};
+use crate::db::{
+    AvatarRecord, Claim, Database, DbError, DueAvatar, Shard, UserId, new_lease_token,
+};
 use crate::fetch::{Body, Fetcher};
 use crate::media::{self, ImageInfo};
 use crate::metrics::Metrics;
@@ -35,6 +37,10 @@ pub struct Deps {
 pub struct ScanOptions {
     pub batch_size: usize,
     pub concurrency: usize,
+    /// How long claimed avatars stay leased to this scan.
+    pub lease_secs: u64,
+    /// Static sharding: only ids of this shard.
+    pub shard: Option<Shard>,
     /// Cancelled: stop reading new avatars, finish and record those in flight.
     pub shutdown: CancellationToken,
 }
@@ -51,6 +57,8 @@ pub struct ScanReport {
     pub objects_uploaded: u64,
     pub objects_deduplicated: u64,
     pub bytes_uploaded: u64,
+    /// Results not written because their lease had passed to another worker.
+    pub lease_lost: u64,
     /// Users flagged for re-authorization by this scan (first `REPORT_FLAGGED_LIMIT`).
     pub flagged: Vec<FlaggedUser>,
     pub duration_secs: f64,
@@ -98,12 +106,15 @@ impl ScanReport {
 pub enum ScanError {
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("a scan task failed: {0}")]
+    Task(String),
 }
 
 impl ScanError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ScanError::Db(e) => e.is_retryable(),
+            ScanError::Task(_) => false,
         }
     }
 }
@@ -190,11 +201,7 @@ pub async fn examine(
 }
 
 /// Checks one avatar end to end and returns what to record.
-async fn check_avatar(
-    deps: &Deps,
-    due: DueAvatar,
-    now: i64,
-) -> (AvatarRecord, Option<StoredObject>, u64) {
+async fn check_avatar(deps: &Deps, due: DueAvatar) -> (AvatarRecord, Option<StoredObject>, u64) {
     let started = Instant::now();
     let _in_flight = deps.metrics.in_flight_guard();
     let exam = examine(&deps.fetcher, &deps.media, &due.avatar_url).await;
@@ -221,7 +228,7 @@ async fn check_avatar(
         verdict,
         mirror.as_ref(),
         size,
-        now,
+        unix_now(),
         &deps.recheck,
         &mut rng,
     );
@@ -318,49 +325,139 @@ pub fn unix_now() -> i64 {
 }
 
 /// Scans everything due once: the unit the scheduler repeats and tests call.
+/// Avatars are claimed page by page under a lease, so several workers can
+/// scan one table at once without checking anything twice.
 pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
     let started = Instant::now();
-    let now = unix_now();
+    let token = new_lease_token();
+    let result = scan_with_lease(deps, opts, &token).await;
+    // Give back what was claimed but not checked (shutdown, or an error mid-way).
+    if let Err(e) = deps.db.release(&token).await {
+        tracing::warn!(error = %e, "could not release leases; they expire by themselves");
+    }
+    let mut report = result?;
+    report.interrupted = opts.shutdown.is_cancelled();
+    report.duration_secs = started.elapsed().as_secs_f64();
+    deps.metrics.scan_finished(&report);
+    Ok(report)
+}
+
+/// How long a partly filled batch may wait before it is written anyway.
+const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+type Checked = (AvatarRecord, Option<StoredObject>, u64);
+
+async fn scan_with_lease(
+    deps: &Deps,
+    opts: &ScanOptions,
+    token: &str,
+) -> Result<ScanReport, ScanError> {
     let batch = opts.batch_size.max(1);
+    let (lease_secs, shard) = (opts.lease_secs as i64, opts.shard);
+    // Keyset pages, claimed lazily as the workers need them: memory is bounded
+    // by one page plus what is in flight, whatever the table size. Each claim
+    // runs as its own task so its transaction finishes even while this stream
+    // is not being polled (an open transaction would block the writer).
     let db = deps.db.clone();
-    // Keyset pages, read lazily as the workers need them: memory is bounded by
-    // one page plus what is in flight, whatever the table size.
-    let pages = stream::try_unfold(None::<UserId>, move |cursor| {
+    let claim_token = token.to_string();
+    let pages = stream::try_unfold(Some(None::<UserId>), move |state| {
         let db = db.clone();
+        let token = claim_token.clone();
         async move {
-            let page = db.due_page(cursor.as_ref(), now, batch).await?;
-            let Some(last) = page.last() else {
-                return Ok::<_, DbError>(None);
+            let Some(after) = state else {
+                return Ok::<_, ScanError>(None);
             };
-            let next = Some(last.user_id.clone());
-            Ok(Some((
-                stream::iter(page.into_iter().map(Ok::<DueAvatar, DbError>)),
-                next,
-            )))
+            let page = tokio::spawn(async move {
+                let now = unix_now();
+                db.claim_page(&Claim {
+                    after: after.as_ref(),
+                    now,
+                    limit: batch,
+                    token: &token,
+                    lease_until: now + lease_secs,
+                    shard,
+                })
+                .await
+            })
+            .await
+            .map_err(|e| ScanError::Task(e.to_string()))??;
+            let next = page.cursor.map(Some);
+            let items = page.claimed.into_iter().map(Ok::<DueAvatar, ScanError>);
+            Ok(Some((stream::iter(items), next)))
         }
     });
+
+    // The writer drains results in batches on its own task, so checking
+    // never pauses while a batch is written.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Checked>(batch * 2);
+    let writer = tokio::spawn(write_results(deps.clone(), rx, batch, token.to_string()));
+
     let shutdown = opts.shutdown.clone();
     let results = pages
         .try_flatten()
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(|due| async move { Ok::<_, DbError>(check_avatar(deps, due, now).await) })
-        .try_buffer_unordered(opts.concurrency.max(1))
-        .try_chunks(batch);
+        .map_ok(|due| async move { Ok::<_, ScanError>(check_avatar(deps, due).await) })
+        .try_buffer_unordered(opts.concurrency.max(1));
     futures::pin_mut!(results);
-    let mut report = ScanReport::default();
-    while let Some(chunk) = results.try_next().await.map_err(|e| e.1)? {
-        let records: Vec<AvatarRecord> = chunk.iter().map(|(r, _, _)| r.clone()).collect();
-        let write_started = Instant::now();
-        deps.db.record_batch(&records).await?;
-        deps.metrics.observe_db_batch(write_started.elapsed());
-        for (record, stored, size) in &chunk {
-            report.add(record, stored.as_ref(), *size);
-            deps.metrics.record_outcome(record, stored.as_ref(), *size);
+    let mut failure = None;
+    loop {
+        match results.try_next().await {
+            Ok(Some(checked)) => {
+                if tx.send(checked).await.is_err() {
+                    break; // the writer stopped: its error is reported below
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
         }
     }
-    report.interrupted = opts.shutdown.is_cancelled();
-    report.duration_secs = started.elapsed().as_secs_f64();
-    deps.metrics.scan_finished(&report);
+    drop(tx);
+    let report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+async fn write_results(
+    deps: Deps,
+    mut rx: tokio::sync::mpsc::Receiver<Checked>,
+    batch: usize,
+    token: String,
+) -> Result<ScanReport, ScanError> {
+    let mut report = ScanReport::default();
+    let mut buf: Vec<Checked> = Vec::with_capacity(batch);
+    let mut open = true;
+    while open || !buf.is_empty() {
+        if open && buf.len() < batch {
+            let deadline = tokio::time::sleep(FLUSH_INTERVAL);
+            let (room, waiting) = (batch - buf.len(), !buf.is_empty());
+            tokio::select! {
+                n = rx.recv_many(&mut buf, room) => {
+                    open = n > 0;
+                    if open && buf.len() < batch {
+                        continue;
+                    }
+                }
+                _ = deadline, if waiting => {}
+            }
+        }
+        if buf.is_empty() {
+            continue;
+        }
+        let records: Vec<AvatarRecord> = buf.iter().map(|(r, _, _)| r.clone()).collect();
+        let write_started = Instant::now();
+        let recorded = deps.db.record_batch(&records, &token).await?;
+        deps.metrics.observe_db_batch(write_started.elapsed());
+        report.lease_lost += recorded.discarded as u64;
+        for (record, stored, size) in buf.drain(..) {
+            report.add(&record, stored.as_ref(), size);
+            deps.metrics.record_outcome(&record, stored.as_ref(), size);
+        }
+    }
     Ok(report)
 }
 

@@ -16,8 +16,12 @@ CREATE TABLE IF NOT EXISTS avatar_warden_avatars (
     reauth_required INTEGER NOT NULL DEFAULT 0,
     attempts        INTEGER NOT NULL DEFAULT 0,
     checked_at      INTEGER NOT NULL,
-    next_check_at   INTEGER
+    next_check_at   INTEGER,
+    -- Held by the worker checking this avatar right now (see `claim`).
+    lease_token      TEXT,
+    lease_expires_at INTEGER
 );
 
 CREATE INDEX IF NOT EXISTS avatar_warden_avatars_status ON avatar_warden_avatars (status);
 CREATE INDEX IF NOT EXISTS avatar_warden_avatars_next_check ON avatar_warden_avatars (next_check_at);
+CREATE INDEX IF NOT EXISTS avatar_warden_avatars_lease ON avatar_warden_avatars (lease_token);

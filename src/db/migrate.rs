@@ -17,6 +17,18 @@ pub const SQLITE: &[Migration] = &[Migration {
     sql: include_str!("../../migrations/sqlite/0001_avatar_state.sql"),
 }];
 
+pub const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "avatar_state",
+    sql: include_str!("../../migrations/postgres/0001_avatar_state.sql"),
+}];
+
+pub const MYSQL: &[Migration] = &[Migration {
+    version: 1,
+    name: "avatar_state",
+    sql: include_str!("../../migrations/mysql/0001_avatar_state.sql"),
+}];
+
 /// Splits a migration file into statements (our files keep `;` out of literals).
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
     sql.split(';').map(|s| s.trim()).filter(|s| {
@@ -31,11 +43,15 @@ mod tests {
 
     #[test]
     fn migrations_are_numbered_in_order_and_split_into_statements() {
-        for (i, m) in SQLITE.iter().enumerate() {
-            assert_eq!(m.version, i as i64 + 1);
+        for set in [SQLITE, POSTGRES, MYSQL] {
+            for (i, m) in set.iter().enumerate() {
+                assert_eq!(m.version, i as i64 + 1);
+            }
         }
+        assert_eq!(SQLITE.len(), POSTGRES.len());
+        assert_eq!(SQLITE.len(), MYSQL.len());
         let stmts: Vec<_> = statements(SQLITE[0].sql).collect();
-        assert_eq!(stmts.len(), 3);
+        assert_eq!(stmts.len(), 4);
         assert!(stmts[0].contains("CREATE TABLE IF NOT EXISTS avatar_warden_avatars"));
     }
 }

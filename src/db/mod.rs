@@ -1,9 +1,11 @@
 //! The profile database: the user's own table (read due avatars, write back
 //! the mirror URL and re-auth flag) and the worker's state tables beside it.
-//! Backend-specific SQL lives in one file per backend; callers see one API.
+//! One file per backend; callers see one API and never learn which it is.
 
 mod ident;
 mod migrate;
+mod mysql;
+mod postgres;
 mod sqlite;
 
 use std::fmt;
@@ -40,10 +42,19 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// Connection trouble and timeouts may heal; SQL and config errors will not.
+    /// Connection trouble, timeouts, deadlocks and lock waits may heal; SQL and config errors will not.
     pub fn is_retryable(&self) -> bool {
         match self {
             DbError::Timeout(_) | DbError::Connect(_) => true,
+            DbError::Query(sqlx::Error::Database(e)) => {
+                // 40001 serialization failure, 40P01 deadlock (PostgreSQL); 1213/1205 (MySQL) report 40001/HY000.
+                matches!(
+                    e.code().as_deref(),
+                    Some("40001" | "40P01" | "55P03" | "57014")
+                ) || e.message().contains("Deadlock")
+                    || e.message().contains("Lock wait timeout")
+                    || e.message().contains("database is locked")
+            }
             DbError::Query(e) => matches!(
                 e,
                 sqlx::Error::Io(_)
@@ -84,7 +95,7 @@ pub struct Previous {
     pub reauth_required: bool,
 }
 
-/// One avatar that must be checked now.
+/// One avatar this worker holds a lease on and must check now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DueAvatar {
     pub user_id: UserId,
@@ -116,8 +127,117 @@ pub struct AvatarRecord {
     pub next_check_at: Option<i64>,
 }
 
-/// A state row as `export` shows it.
-pub type ExportRow = AvatarRecord;
+/// What to claim: the next page after `after`, leased to `token` until `lease_until`.
+#[derive(Debug, Clone)]
+pub struct Claim<'a> {
+    pub after: Option<&'a UserId>,
+    pub now: i64,
+    pub limit: usize,
+    pub token: &'a str,
+    pub lease_until: i64,
+    pub shard: Option<Shard>,
+}
+
+/// Static sharding for indexed Jobs: this worker takes ids whose shard is `index` of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    /// Integer ids shard by value, text ids by a stable FNV-1a hash.
+    pub fn owns(&self, id: &UserId) -> bool {
+        let bucket = match id {
+            UserId::Int(i) => i.rem_euclid(i64::from(self.count)) as u32,
+            UserId::Text(s) => {
+                let h = s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+                });
+                (h % u64::from(self.count)) as u32
+            }
+        };
+        bucket == self.index
+    }
+}
+
+impl std::str::FromStr for Shard {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 0/4")?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard index {i:?}"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad shard count {n:?}"))?;
+        if count == 0 || index >= count {
+            return Err(format!("shard {index}/{count}: need 0 <= I < N"));
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// One page of the keyset walk: what was claimed, and where the walk goes on.
+#[derive(Debug, Clone, Default)]
+pub struct ClaimedPage {
+    pub claimed: Vec<DueAvatar>,
+    /// Last id read (claimed or not); `None` when the walk is over.
+    pub cursor: Option<UserId>,
+}
+
+/// A due candidate from the keyset query, before its lease is taken.
+#[derive(Debug, Clone)]
+struct Candidate {
+    user_id: UserId,
+    avatar_url: String,
+    has_state: bool,
+}
+
+/// A state row as locked while claiming.
+#[derive(Debug, Clone)]
+struct Locked {
+    user_id: String,
+    previous: Previous,
+    next_check_at: Option<i64>,
+    lease_expires_at: Option<i64>,
+}
+
+/// Re-checked under the row lock: another worker may have taken or finished it
+/// since the page was read.
+fn claimable(now: i64, url: &str, locked: &Locked) -> bool {
+    let lease_free = locked.lease_expires_at.is_none_or(|t| t <= now);
+    let due = locked.previous.source_url != url || locked.next_check_at.is_some_and(|t| t <= now);
+    lease_free && due
+}
+
+/// Pairs candidates with their locked rows and keeps the claimable ones.
+fn select_claims(now: i64, candidates: Vec<Candidate>, locked: Vec<Locked>) -> Vec<DueAvatar> {
+    let mut by_id: std::collections::HashMap<String, Locked> =
+        locked.into_iter().map(|l| (l.user_id.clone(), l)).collect();
+    candidates
+        .into_iter()
+        .filter_map(|c| {
+            let l = by_id.remove(&c.user_id.to_string())?;
+            let due = claimable(now, &c.avatar_url, &l);
+            due.then_some(DueAvatar {
+                user_id: c.user_id,
+                avatar_url: c.avatar_url,
+                previous: Some(l.previous),
+            })
+        })
+        .collect()
+}
+
+/// Outcome of writing a batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recorded {
+    pub written: usize,
+    /// Results whose lease expired or was taken over: not written.
+    pub discarded: usize,
+}
 
 /// Validated, quoted names of the user's table and columns.
 #[derive(Debug, Clone)]
@@ -127,11 +247,22 @@ pub struct ProfileNames {
     pub avatar: String,
     pub mirror_url: Option<String>,
     pub reauth: Option<String>,
+    /// Operator-supplied SQL condition on the profile table, in parentheses.
+    pub filter: Option<String>,
 }
 
 impl ProfileNames {
     fn new(s: &ProfileSettings, q: Quote) -> Result<Self, DbError> {
         let col = |what: &str, name: &str| quote(what, name, false, q);
+        let filter = match s.filter.as_deref() {
+            None => None,
+            Some(f) if f.contains(';') => {
+                return Err(DbError::Config(
+                    "profile.filter must be a single SQL condition (no ';')".into(),
+                ));
+            }
+            Some(f) => Some(format!("({f})")),
+        };
         Ok(ProfileNames {
             table: quote("profile.table", &s.table, true, q)?,
             id: col("profile.id_column", &s.id_column)?,
@@ -146,12 +277,118 @@ impl ProfileNames {
                 .as_deref()
                 .map(|c| col("profile.reauth_column", c))
                 .transpose()?,
+            filter,
         })
+    }
+
+    /// The profile table reduced to `id` and `avatar` (and the filter), as a
+    /// derived table: the filter's column names cannot collide with ours.
+    fn source(&self) -> String {
+        format!(
+            "(SELECT {id} AS id, {avatar} AS avatar FROM {table}{filter})",
+            id = self.id,
+            avatar = self.avatar,
+            table = self.table,
+            filter = self
+                .filter
+                .as_ref()
+                .map(|f| format!(" WHERE {f}"))
+                .unwrap_or_default()
+        )
     }
 }
 
+/// The columns of the state table, in the order batches bind them.
+const STATE_COLUMNS: [&str; 16] = [
+    "user_id",
+    "source_url",
+    "status",
+    "reason",
+    "reason_detail",
+    "mirror_url",
+    "object_key",
+    "sha256",
+    "size_bytes",
+    "width",
+    "height",
+    "format",
+    "reauth_required",
+    "attempts",
+    "checked_at",
+    "next_check_at",
+];
+
+/// Columns read back into `Previous` when claiming.
+const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, attempts, reauth_required, next_check_at, lease_expires_at";
+
+/// Row decoders shared by every backend (the row type differs, the columns do not).
+macro_rules! row_readers {
+    ($row:ty) => {
+        /// Text that MySQL may report as VARBINARY (binary collations) is still text.
+        fn text(row: &$row, col: &str) -> Result<String, sqlx::Error> {
+            use sqlx::Row;
+            row.try_get::<String, _>(col).or_else(|_| {
+                row.try_get::<Vec<u8>, _>(col)
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+            })
+        }
+
+        fn opt_text(row: &$row, col: &str) -> Result<Option<String>, sqlx::Error> {
+            use sqlx::Row;
+            row.try_get::<Option<String>, _>(col).or_else(|_| {
+                row.try_get::<Option<Vec<u8>>, _>(col)
+                    .map(|b| b.map(|b| String::from_utf8_lossy(&b).into_owned()))
+            })
+        }
+
+        #[allow(dead_code)]
+        fn locked_from_row(row: &$row) -> Result<super::Locked, super::DbError> {
+            use sqlx::Row;
+            Ok(super::Locked {
+                user_id: text(row, "user_id")?,
+                previous: super::Previous {
+                    source_url: text(row, "source_url")?,
+                    status: super::parse_status(&text(row, "status")?)?,
+                    mirror_url: opt_text(row, "mirror_url")?,
+                    object_key: opt_text(row, "object_key")?,
+                    sha256: opt_text(row, "sha256")?,
+                    attempts: row.try_get("attempts")?,
+                    reauth_required: row.try_get("reauth_required")?,
+                },
+                next_check_at: row.try_get("next_check_at")?,
+                lease_expires_at: row.try_get("lease_expires_at")?,
+            })
+        }
+
+        fn record_from_row(row: &$row) -> Result<super::AvatarRecord, super::DbError> {
+            use sqlx::Row;
+            Ok(super::AvatarRecord {
+                user_id: super::UserId::Text(text(row, "user_id")?),
+                source_url: text(row, "source_url")?,
+                status: super::parse_status(&text(row, "status")?)?,
+                reason: text(row, "reason")?,
+                reason_detail: opt_text(row, "reason_detail")?,
+                mirror_url: opt_text(row, "mirror_url")?,
+                object_key: opt_text(row, "object_key")?,
+                sha256: opt_text(row, "sha256")?,
+                size_bytes: row.try_get("size_bytes")?,
+                width: row.try_get("width")?,
+                height: row.try_get("height")?,
+                format: opt_text(row, "format")?,
+                reauth_required: row.try_get("reauth_required")?,
+                attempts: row.try_get("attempts")?,
+                checked_at: row.try_get("checked_at")?,
+                next_check_at: row.try_get("next_check_at")?,
+            })
+        }
+    };
+}
+pub(crate) use row_readers;
+
 enum Backend {
     Sqlite(sqlite::Sqlite),
+    Postgres(postgres::Postgres),
+    MySql(mysql::MySql),
 }
 
 /// The profile database with every statement under one timeout.
@@ -161,7 +398,8 @@ pub struct Database {
 }
 
 impl ProfileSettings {
-    /// Connects to `profile.url`; the scheme picks the backend.
+    /// Connects to `profile.url`; the scheme picks the backend. Checks the
+    /// configured table, columns and filter once, so a typo fails here.
     pub async fn connect(&self) -> Result<Database, DbError> {
         let url = self.url.expose_secret();
         let scheme = url.split(':').next().unwrap_or_default();
@@ -169,9 +407,15 @@ impl ProfileSettings {
             "sqlite" => Backend::Sqlite(
                 sqlite::Sqlite::connect(self, ProfileNames::new(self, Quote::Double)?).await?,
             ),
+            "postgres" | "postgresql" => Backend::Postgres(
+                postgres::Postgres::connect(self, ProfileNames::new(self, Quote::Double)?).await?,
+            ),
+            "mysql" | "mariadb" => Backend::MySql(
+                mysql::MySql::connect(self, ProfileNames::new(self, Quote::Backtick)?).await?,
+            ),
             other => {
                 return Err(DbError::Config(format!(
-                    "profile.url scheme {other:?} is not supported (use sqlite://)"
+                    "profile.url scheme {other:?} is not supported (use postgres://, mysql:// or sqlite://)"
                 )));
             }
         };
@@ -190,6 +434,16 @@ pub struct StatusCounts {
     pub due_now: i64,
 }
 
+macro_rules! dispatch {
+    ($self:ident, $db:ident => $call:expr) => {
+        match &$self.backend {
+            Backend::Sqlite($db) => $self.timed($call).await,
+            Backend::Postgres($db) => $self.timed($call).await,
+            Backend::MySql($db) => $self.timed($call).await,
+        }
+    };
+}
+
 impl Database {
     async fn timed<T>(&self, fut: impl Future<Output = Result<T, DbError>>) -> Result<T, DbError> {
         tokio::time::timeout(self.timeout, fut)
@@ -197,34 +451,47 @@ impl Database {
             .map_err(|_| DbError::Timeout(self.timeout))?
     }
 
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Sqlite(_) => "sqlite",
+            Backend::Postgres(_) => "postgres",
+            Backend::MySql(_) => "mysql",
+        }
+    }
+
     /// Creates or upgrades the worker's own tables. Never touches the user's table.
     pub async fn migrate(&self) -> Result<Vec<i64>, DbError> {
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.migrate()).await,
-        }
+        dispatch!(self, db => db.migrate())
     }
 
-    /// The next page of due avatars after `after`, in id order.
-    pub async fn due_page(
+    /// Checks that the profile table, its columns and the filter exist (after `migrate`).
+    pub async fn check_profile(&self) -> Result<(), DbError> {
+        dispatch!(self, db => db.check_profile())
+    }
+
+    /// Reads the next keyset page of due avatars and leases what no other
+    /// worker holds. Rows locked by another worker are skipped, not waited for.
+    pub async fn claim_page(&self, claim: &Claim<'_>) -> Result<ClaimedPage, DbError> {
+        dispatch!(self, db => db.claim_page(claim))
+    }
+
+    /// Writes a batch of outcomes (state rows and write-back) in one
+    /// transaction, only for avatars still leased to `token`. Replaying the
+    /// same batch succeeds and changes nothing.
+    pub async fn record_batch(
         &self,
-        after: Option<&UserId>,
-        now: i64,
-        limit: usize,
-    ) -> Result<Vec<DueAvatar>, DbError> {
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.due_page(after, now, limit)).await,
+        records: &[AvatarRecord],
+        token: &str,
+    ) -> Result<Recorded, DbError> {
+        if records.is_empty() {
+            return Ok(Recorded::default());
         }
+        dispatch!(self, db => db.record_batch(records, token))
     }
 
-    /// Writes a batch of outcomes (state rows and write-back) in one transaction.
-    /// Replaying the same batch succeeds and changes nothing.
-    pub async fn record_batch(&self, records: &[AvatarRecord]) -> Result<(), DbError> {
-        if records.is_empty() {
-            return Ok(());
-        }
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.record_batch(records)).await,
-        }
+    /// Gives back every lease `token` still holds (avatars claimed but not checked).
+    pub async fn release(&self, token: &str) -> Result<u64, DbError> {
+        dispatch!(self, db => db.release(token))
     }
 
     /// State rows after `after` (by user id text), for `export`.
@@ -232,22 +499,101 @@ impl Database {
         &self,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<ExportRow>, DbError> {
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.export_page(after, limit)).await,
-        }
+    ) -> Result<Vec<AvatarRecord>, DbError> {
+        dispatch!(self, db => db.export_page(after, limit))
     }
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.status_counts(now)).await,
-        }
+        dispatch!(self, db => db.status_counts(now))
     }
 
     /// Reachability, for readiness.
     pub async fn ping(&self) -> Result<(), DbError> {
-        match &self.backend {
-            Backend::Sqlite(db) => self.timed(db.ping()).await,
+        dispatch!(self, db => db.ping())
+    }
+}
+
+fn parse_status(s: &str) -> Result<Status, DbError> {
+    s.parse()
+        .map_err(|e| DbError::Data(format!("{STATE_TABLE}.status: {e}")))
+}
+
+/// `(?, ?, ?), (?, ?, ?)` for `rows` rows of `cols` columns.
+fn question_marks(rows: usize, cols: usize) -> String {
+    let row = format!("({})", vec!["?"; cols].join(", "));
+    vec![row.as_str(); rows].join(", ")
+}
+
+/// A random lease token for one scan.
+pub fn new_lease_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn locked(url: &str, next: Option<i64>, lease: Option<i64>) -> Locked {
+        Locked {
+            user_id: "1".into(),
+            previous: Previous {
+                source_url: url.into(),
+                status: Status::Mirrored,
+                mirror_url: None,
+                object_key: None,
+                sha256: None,
+                attempts: 0,
+                reauth_required: false,
+            },
+            next_check_at: next,
+            lease_expires_at: lease,
         }
+    }
+
+    #[test]
+    fn a_row_is_claimable_only_when_due_and_not_leased() {
+        let now = 1000;
+        assert!(
+            claimable(now, "u", &locked("u", Some(999), None)),
+            "due by time"
+        );
+        assert!(
+            claimable(now, "new", &locked("u", None, None)),
+            "url changed"
+        );
+        assert!(
+            !claimable(now, "u", &locked("u", Some(2000), None)),
+            "not due yet"
+        );
+        assert!(
+            !claimable(now, "u", &locked("u", None, None)),
+            "settled until the url changes"
+        );
+        assert!(
+            !claimable(now, "u", &locked("u", Some(999), Some(1500))),
+            "leased by another worker"
+        );
+        assert!(
+            claimable(now, "u", &locked("u", Some(999), Some(1000))),
+            "an expired lease is free"
+        );
+    }
+
+    #[test]
+    fn shards_split_ids_without_overlap() {
+        let shards: Vec<Shard> = (0..4).map(|i| format!("{i}/4").parse().unwrap()).collect();
+        for id in (0..200)
+            .map(UserId::Int)
+            .chain((0..200).map(|i| UserId::Text(format!("u{i}"))))
+        {
+            assert_eq!(shards.iter().filter(|s| s.owns(&id)).count(), 1, "{id}");
+        }
+        assert!("4/4".parse::<Shard>().is_err());
+        assert!("1".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn placeholders_for_multi_row_statements() {
+        assert_eq!(question_marks(2, 3), "(?, ?, ?), (?, ?, ?)");
     }
 }

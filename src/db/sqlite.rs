@@ -1,27 +1,28 @@
-//! SQLite backend (the embedded default). One writer at a time, so batches are
-//! written in one transaction of multi-row statements.
+//! SQLite backend (the embedded default). One writer at a time: writes take
+//! the lock up front (`BEGIN IMMEDIATE`), batches are multi-row statements.
 
 use std::str::FromStr;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow};
-use sqlx::{QueryBuilder, Row};
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow,
+};
+use sqlx::{Arguments, Row};
 
 use super::migrate::{self, MIGRATIONS_TABLE};
 use super::{
-    AvatarRecord, DbError, DueAvatar, Previous, ProfileNames, STATE_TABLE, StatusCounts, UserId,
+    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, LOCK_COLUMNS, ProfileNames, Recorded,
+    STATE_COLUMNS, STATE_TABLE, StatusCounts, UserId, question_marks, select_claims,
 };
-use crate::classify::Status;
 use crate::config::ProfileSettings;
 
-/// SQLite allows 32766 bound parameters per statement; stay well below.
+/// SQLite allows 32766 bound parameters per statement; 1000 rows x 16 stays well below.
 const ROWS_PER_STATEMENT: usize = 1000;
 
 pub struct Sqlite {
     pool: SqlitePool,
     names: ProfileNames,
-    due_sql: (String, String),
 }
 
 impl Sqlite {
@@ -35,12 +36,7 @@ impl Sqlite {
             .connect_with(options)
             .await
             .map_err(|e| DbError::Connect(e.to_string()))?;
-        let due_sql = (due_query(&names, false), due_query(&names, true));
-        Ok(Sqlite {
-            pool,
-            names,
-            due_sql,
-        })
+        Ok(Sqlite { pool, names })
     }
 
     pub async fn ping(&self) -> Result<(), DbError> {
@@ -48,8 +44,21 @@ impl Sqlite {
         Ok(())
     }
 
+    pub async fn check_profile(&self) -> Result<(), DbError> {
+        let sql = format!(
+            "SELECT id, avatar FROM {} AS p LIMIT 0",
+            self.names.source()
+        );
+        sqlx::query(&sql).fetch_all(&self.pool).await.map_err(|e| {
+            DbError::Config(format!(
+                "the profile table does not match the configuration: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+
     pub async fn migrate(&self) -> Result<Vec<i64>, DbError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(&format!(
             "CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)"
         ))
@@ -87,37 +96,127 @@ impl Sqlite {
         Ok(applied)
     }
 
-    pub async fn due_page(
-        &self,
-        after: Option<&UserId>,
-        now: i64,
-        limit: usize,
-    ) -> Result<Vec<DueAvatar>, DbError> {
-        let sql = if after.is_some() {
-            &self.due_sql.1
-        } else {
-            &self.due_sql.0
-        };
-        let mut q = sqlx::query(sql);
-        match after {
-            Some(UserId::Int(i)) => q = q.bind(*i),
-            Some(UserId::Text(s)) => q = q.bind(s.as_str()),
-            None => {}
+    pub async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
+        let sql = due_query(&self.names, c.after.is_some());
+        let mut args = SqliteArguments::default();
+        if let Some(after) = c.after {
+            bind_id(&mut args, after)?;
         }
-        let rows = q.bind(now).bind(limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(due_from_row).collect()
+        args.add(c.now).map_err(sqlx::Error::Encode)?;
+        args.add(c.now).map_err(sqlx::Error::Encode)?;
+        args.add(c.limit as i64).map_err(sqlx::Error::Encode)?;
+        let rows = sqlx::query_with(&sql, args).fetch_all(&self.pool).await?;
+        let mut candidates = rows
+            .iter()
+            .map(candidate_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let cursor = candidates.last().map(|c| c.user_id.clone());
+        if let Some(shard) = c.shard {
+            candidates.retain(|cand| shard.owns(&cand.user_id));
+        }
+        if candidates.is_empty() {
+            return Ok(ClaimedPage {
+                claimed: Vec::new(),
+                cursor,
+            });
+        }
+        // One writer at a time: nobody can claim between our read and our lease.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let new: Vec<&Candidate> = candidates.iter().filter(|c| !c.has_state).collect();
+        for chunk in new.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO {STATE_TABLE} (user_id, source_url, status, reason, checked_at, next_check_at) VALUES {} \
+                 ON CONFLICT (user_id) DO NOTHING",
+                question_marks(chunk.len(), 6)
+            );
+            let mut args = SqliteArguments::default();
+            for cand in chunk {
+                add_all(&mut args, |a| {
+                    a.add(cand.user_id.to_string())?;
+                    a.add(cand.avatar_url.clone())?;
+                    a.add("pending")?;
+                    a.add("not_checked_yet")?;
+                    a.add(0i64)?;
+                    a.add(c.now)
+                })?;
+            }
+            sqlx::query_with(&sql, args).execute(&mut *tx).await?;
+        }
+        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
+        let mut locked = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for id in chunk {
+                q = q.bind(id);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                locked.push(locked_from_row(&row)?);
+            }
+        }
+        let claimed = select_claims(c.now, candidates, locked);
+        for chunk in claimed.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE {STATE_TABLE} SET lease_token = ?, lease_expires_at = ? WHERE user_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(c.token).bind(c.lease_until);
+            for d in chunk {
+                q = q.bind(d.user_id.to_string());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(ClaimedPage { claimed, cursor })
     }
 
-    pub async fn record_batch(&self, records: &[AvatarRecord]) -> Result<(), DbError> {
-        let mut tx = self.pool.begin().await?;
+    pub async fn record_batch(
+        &self,
+        records: &[AvatarRecord],
+        token: &str,
+    ) -> Result<Recorded, DbError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut owned = Vec::with_capacity(records.len());
         for chunk in records.chunks(ROWS_PER_STATEMENT) {
-            upsert_state(chunk).build().execute(&mut *tx).await?;
-            if let Some(mut q) = write_back(&self.names, chunk) {
-                q.build().execute(&mut *tx).await?;
+            let sql = format!(
+                "SELECT user_id FROM {STATE_TABLE} WHERE lease_token = ? AND user_id IN ({})",
+                vec!["?"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query_scalar::<_, String>(&sql).bind(token);
+            for r in chunk {
+                q = q.bind(r.user_id.to_string());
+            }
+            owned.extend(q.fetch_all(&mut *tx).await?);
+        }
+        let mine: Vec<&AvatarRecord> = records
+            .iter()
+            .filter(|r| owned.contains(&r.user_id.to_string()))
+            .collect();
+        for chunk in mine.chunks(ROWS_PER_STATEMENT) {
+            let (sql, args) = upsert_state(chunk)?;
+            sqlx::query_with(&sql, args).execute(&mut *tx).await?;
+            if let Some((sql, args)) = write_back(&self.names, chunk)? {
+                sqlx::query_with(&sql, args).execute(&mut *tx).await?;
             }
         }
         tx.commit().await?;
-        Ok(())
+        Ok(Recorded {
+            written: mine.len(),
+            discarded: records.len() - mine.len(),
+        })
+    }
+
+    pub async fn release(&self, token: &str) -> Result<u64, DbError> {
+        let done = sqlx::query(&format!(
+            "UPDATE {STATE_TABLE} SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = ?"
+        ))
+        .bind(token)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
     }
 
     pub async fn export_page(
@@ -126,7 +225,8 @@ impl Sqlite {
         limit: usize,
     ) -> Result<Vec<AvatarRecord>, DbError> {
         let rows = sqlx::query(&format!(
-            "SELECT * FROM {STATE_TABLE} WHERE user_id > ? ORDER BY user_id LIMIT ?"
+            "SELECT {} FROM {STATE_TABLE} WHERE user_id > ? ORDER BY user_id LIMIT ?",
+            STATE_COLUMNS.join(", ")
         ))
         .bind(after.unwrap_or(""))
         .bind(limit as i64)
@@ -155,27 +255,36 @@ impl Sqlite {
     }
 }
 
-/// Due: never checked, URL changed since the last check, or its time has come.
+fn add_all(
+    args: &mut SqliteArguments<'_>,
+    f: impl FnOnce(&mut SqliteArguments<'_>) -> Result<(), sqlx::error::BoxDynError>,
+) -> Result<(), DbError> {
+    f(args).map_err(|e| DbError::Query(sqlx::Error::Encode(e)))
+}
+
+fn bind_id(args: &mut SqliteArguments<'_>, id: &UserId) -> Result<(), DbError> {
+    add_all(args, |a| match id {
+        UserId::Int(i) => a.add(*i),
+        UserId::Text(s) => a.add(s.clone()),
+    })
+}
+
+/// Due: never checked, URL changed since the last check, or its time has
+/// come — and not leased by a worker right now.
 fn due_query(n: &ProfileNames, with_cursor: bool) -> String {
-    let cursor = if with_cursor {
-        format!("p.{} > ? AND ", n.id)
-    } else {
-        String::new()
-    };
+    let cursor = if with_cursor { "p.id > ? AND " } else { "" };
     format!(
-        "SELECT p.{id} AS id, p.{avatar} AS avatar, s.source_url, s.status, s.mirror_url, s.object_key, s.sha256, \
-         s.attempts, s.reauth_required \
-         FROM {table} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = CAST(p.{id} AS TEXT) \
-         WHERE {cursor}p.{avatar} IS NOT NULL AND TRIM(p.{avatar}) <> '' \
-         AND (s.user_id IS NULL OR s.source_url <> p.{avatar} OR s.next_check_at <= ?) \
-         ORDER BY p.{id} LIMIT ?",
-        id = n.id,
-        avatar = n.avatar,
-        table = n.table,
+        "SELECT p.id AS id, p.avatar AS avatar, s.user_id IS NOT NULL AS has_state \
+         FROM {source} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = CAST(p.id AS TEXT) \
+         WHERE {cursor}p.avatar IS NOT NULL AND TRIM(p.avatar) <> '' \
+         AND (s.user_id IS NULL OR s.source_url <> p.avatar OR s.next_check_at <= ?) \
+         AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ?) \
+         ORDER BY p.id LIMIT ?",
+        source = n.source(),
     )
 }
 
-fn due_from_row(row: &SqliteRow) -> Result<DueAvatar, DbError> {
+fn candidate_from_row(row: &SqliteRow) -> Result<Candidate, DbError> {
     let user_id = match row.try_get::<i64, _>("id") {
         Ok(i) => UserId::Int(i),
         Err(_) => UserId::Text(row.try_get::<String, _>("id")?),
@@ -185,92 +294,60 @@ fn due_from_row(row: &SqliteRow) -> Result<DueAvatar, DbError> {
         Ok(s) => s,
         Err(_) => String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>("avatar")?).into_owned(),
     };
-    let previous = match row.try_get::<Option<String>, _>("source_url")? {
-        None => None,
-        Some(source_url) => Some(Previous {
-            source_url,
-            status: parse_status(&row.try_get::<String, _>("status")?)?,
-            mirror_url: row.try_get("mirror_url")?,
-            object_key: row.try_get("object_key")?,
-            sha256: row.try_get("sha256")?,
-            attempts: row.try_get("attempts")?,
-            reauth_required: row.try_get("reauth_required")?,
-        }),
-    };
-    Ok(DueAvatar {
+    Ok(Candidate {
         user_id,
         avatar_url,
-        previous,
+        has_state: row.try_get("has_state")?,
     })
 }
 
-fn parse_status(s: &str) -> Result<Status, DbError> {
-    s.parse()
-        .map_err(|e| DbError::Data(format!("{STATE_TABLE}.status: {e}")))
-}
-
-fn record_from_row(row: &SqliteRow) -> Result<AvatarRecord, DbError> {
-    Ok(AvatarRecord {
-        user_id: UserId::Text(row.try_get("user_id")?),
-        source_url: row.try_get("source_url")?,
-        status: parse_status(&row.try_get::<String, _>("status")?)?,
-        reason: row.try_get("reason")?,
-        reason_detail: row.try_get("reason_detail")?,
-        mirror_url: row.try_get("mirror_url")?,
-        object_key: row.try_get("object_key")?,
-        sha256: row.try_get("sha256")?,
-        size_bytes: row.try_get("size_bytes")?,
-        width: row.try_get("width")?,
-        height: row.try_get("height")?,
-        format: row.try_get("format")?,
-        reauth_required: row.try_get("reauth_required")?,
-        attempts: row.try_get("attempts")?,
-        checked_at: row.try_get("checked_at")?,
-        next_check_at: row.try_get("next_check_at")?,
-    })
-}
-
-const STATE_COLUMNS: &str = "user_id, source_url, status, reason, reason_detail, mirror_url, object_key, sha256, \
-     size_bytes, width, height, format, reauth_required, attempts, checked_at, next_check_at";
+super::row_readers!(SqliteRow);
 
 /// One multi-row upsert: a replayed batch overwrites rows with the same values.
-fn upsert_state(records: &[AvatarRecord]) -> QueryBuilder<'_, sqlx::Sqlite> {
-    let mut q = QueryBuilder::new(format!("INSERT INTO {STATE_TABLE} ({STATE_COLUMNS}) "));
-    q.push_values(records, |mut b, r| {
-        b.push_bind(r.user_id.to_string())
-            .push_bind(&r.source_url)
-            .push_bind(r.status.as_str())
-            .push_bind(&r.reason)
-            .push_bind(&r.reason_detail)
-            .push_bind(&r.mirror_url)
-            .push_bind(&r.object_key)
-            .push_bind(&r.sha256)
-            .push_bind(r.size_bytes)
-            .push_bind(r.width)
-            .push_bind(r.height)
-            .push_bind(&r.format)
-            .push_bind(r.reauth_required)
-            .push_bind(r.attempts)
-            .push_bind(r.checked_at)
-            .push_bind(r.next_check_at);
-    });
-    q.push(" ON CONFLICT (user_id) DO UPDATE SET ");
-    let updates: Vec<String> = STATE_COLUMNS
-        .split(", ")
-        .skip(1)
+fn upsert_state<'a>(
+    records: &[&'a AvatarRecord],
+) -> Result<(String, SqliteArguments<'a>), DbError> {
+    let updates: Vec<String> = STATE_COLUMNS[1..]
+        .iter()
         .map(|c| format!("{c} = excluded.{c}"))
         .collect();
-    q.push(updates.join(", "));
-    q
+    let sql = format!(
+        "INSERT INTO {STATE_TABLE} ({}) VALUES {} ON CONFLICT (user_id) DO UPDATE SET {}",
+        STATE_COLUMNS.join(", "),
+        question_marks(records.len(), STATE_COLUMNS.len()),
+        updates.join(", ")
+    );
+    let mut args = SqliteArguments::default();
+    for r in records {
+        add_all(&mut args, |a| {
+            a.add(r.user_id.to_string())?;
+            a.add(r.source_url.clone())?;
+            a.add(r.status.as_str())?;
+            a.add(r.reason.clone())?;
+            a.add(r.reason_detail.clone())?;
+            a.add(r.mirror_url.clone())?;
+            a.add(r.object_key.clone())?;
+            a.add(r.sha256.clone())?;
+            a.add(r.size_bytes)?;
+            a.add(r.width)?;
+            a.add(r.height)?;
+            a.add(r.format.clone())?;
+            a.add(r.reauth_required)?;
+            a.add(r.attempts)?;
+            a.add(r.checked_at)?;
+            a.add(r.next_check_at)
+        })?;
+    }
+    Ok((sql, args))
 }
 
 /// One `UPDATE ... FROM (VALUES ...)` for the configured write-back columns.
 fn write_back<'a>(
     n: &ProfileNames,
-    records: &'a [AvatarRecord],
-) -> Option<QueryBuilder<'a, sqlx::Sqlite>> {
+    records: &[&'a AvatarRecord],
+) -> Result<Option<(String, SqliteArguments<'a>)>, DbError> {
     if n.mirror_url.is_none() && n.reauth.is_none() {
-        return None;
+        return Ok(None);
     }
     let mut sets = Vec::new();
     if let Some(col) = &n.mirror_url {
@@ -279,18 +356,20 @@ fn write_back<'a>(
     if let Some(col) = &n.reauth {
         sets.push(format!("{col} = v.column3"));
     }
-    let mut q = QueryBuilder::new(format!(
-        "UPDATE {} AS p SET {} FROM (",
-        n.table,
-        sets.join(", ")
-    ));
-    q.push_values(records, |mut b, r| {
-        match &r.user_id {
-            UserId::Int(i) => b.push_bind(*i),
-            UserId::Text(s) => b.push_bind(s.as_str()),
-        };
-        b.push_bind(&r.mirror_url).push_bind(r.reauth_required);
-    });
-    q.push(format!(") AS v WHERE p.{} = v.column1", n.id));
-    Some(q)
+    let sql = format!(
+        "UPDATE {table} AS p SET {sets} FROM (VALUES {values}) AS v WHERE p.{id} = v.column1",
+        table = n.table,
+        sets = sets.join(", "),
+        values = question_marks(records.len(), 3),
+        id = n.id,
+    );
+    let mut args = SqliteArguments::default();
+    for r in records {
+        bind_id(&mut args, &r.user_id)?;
+        add_all(&mut args, |a| {
+            a.add(r.mirror_url.clone())?;
+            a.add(r.reauth_required)
+        })?;
+    }
+    Ok(Some((sql, args)))
 }

@@ -3,14 +3,16 @@ use std::sync::Once;
 
 use avatar_warden::config::Settings;
 use avatar_warden::db::{AvatarRecord, UserId};
-use avatar_warden::demo::{self, Origin, OriginOptions};
-use avatar_warden::pipeline::{self, Deps, ScanOptions, ScanReport};
+use avatar_warden::demo::{Origin, OriginOptions, SAMPLE_USERS};
+use avatar_warden::pipeline::{self, Deps, ScanReport};
+use sqlx::any::AnyPoolOptions;
 use tokio_util::sync::CancellationToken;
 
 /// Logs print only with TEST_LOG=1.
 pub fn init_logs() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
+        sqlx::any::install_default_drivers();
         if std::env::var_os("TEST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
@@ -20,38 +22,171 @@ pub fn init_logs() {
     });
 }
 
+/// The profile databases the suite runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    fn env_var(self) -> Option<&'static str> {
+        match self {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some("AVATAR_WARDEN_TEST_POSTGRES_URL"),
+            Backend::MySql => Some("AVATAR_WARDEN_TEST_MYSQL_URL"),
+        }
+    }
+
+    /// SQL types for test tables.
+    pub fn text_key(self) -> &'static str {
+        match self {
+            Backend::MySql => "VARCHAR(64)",
+            _ => "TEXT",
+        }
+    }
+
+    pub fn boolean(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "INTEGER",
+            _ => "BOOLEAN",
+        }
+    }
+
+    pub fn false_literal(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "0",
+            _ => "FALSE",
+        }
+    }
+}
+
+/// The base URL of a server backend, or `None` (skip) when it is not configured.
+/// Under CI a missing service is a failure, never a skip.
+pub fn server_url(backend: Backend) -> Option<String> {
+    let var = backend.env_var()?;
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
+            panic!("{var} is not set: CI must run the {backend:?} tests (scripts/test sets it)")
+        }
+        _ => {
+            eprintln!("skipped: {var} is not set (scripts/test sets it)");
+            None
+        }
+    }
+}
+
+/// A database of its own for one test, dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    admin: Option<(String, String)>,
+}
+
+impl TestDb {
+    async fn create(backend: Backend, dir: &std::path::Path) -> Option<TestDb> {
+        let name = format!("aw_test_{:016x}", rand::random::<u64>());
+        match backend {
+            Backend::Sqlite => Some(TestDb {
+                url: format!("sqlite://{}?mode=rwc", dir.join("profiles.db").display()),
+                admin: None,
+            }),
+            Backend::Postgres | Backend::MySql => {
+                let base = server_url(backend)?;
+                let admin = AnyPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&base)
+                    .await
+                    .unwrap();
+                sqlx::query(&format!("CREATE DATABASE {name}"))
+                    .execute(&admin)
+                    .await
+                    .unwrap();
+                admin.close().await;
+                let (prefix, _) = base.rsplit_once('/').expect("URL with a database path");
+                Some(TestDb {
+                    url: format!("{prefix}/{name}"),
+                    admin: Some((base, name)),
+                })
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((base, name)) = self.admin.take() else {
+            return;
+        };
+        // Drop runs outside async: a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(admin) = AnyPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&base)
+                    .await
+                {
+                    let force = if base.starts_with("postgres") {
+                        " WITH (FORCE)"
+                    } else {
+                        ""
+                    };
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}{force}"))
+                        .execute(&admin)
+                        .await;
+                    admin.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
 pub struct TestApp {
-    pub dir: tempfile::TempDir,
+    pub backend: Backend,
     pub origin: Origin,
     pub db_url: String,
     /// The overrides that make up this app's configuration, usable as the
     /// environment of the real binary too.
     pub env: Vec<(String, String)>,
+    _db: TestDb,
+    pub dir: tempfile::TempDir,
 }
 
 impl TestApp {
-    /// A profile table of the demo's sample users, write-back columns configured.
+    /// SQLite with the demo's sample users.
     pub async fn spawn() -> TestApp {
-        let app = Self::empty().await;
-        demo::seed_profiles(&app.db_url, &app.origin).await.unwrap();
-        app
+        Self::spawn_on(Backend::Sqlite).await.unwrap()
     }
 
-    /// Database, origin and settings, but no profile table yet.
+    /// The sample users on `backend`; `None` when that backend is not available here.
+    pub async fn spawn_on(backend: Backend) -> Option<TestApp> {
+        let app = Self::empty_on(backend, OriginOptions::default()).await?;
+        app.seed_sample_users().await;
+        Some(app)
+    }
+
+    /// SQLite, origin and settings, but no profile table yet.
     pub async fn empty() -> TestApp {
         Self::with_origin(OriginOptions::default()).await
     }
 
     pub async fn with_origin(options: OriginOptions) -> TestApp {
+        Self::empty_on(Backend::Sqlite, options).await.unwrap()
+    }
+
+    pub async fn empty_on(backend: Backend, options: OriginOptions) -> Option<TestApp> {
         init_logs();
         let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::create(backend, dir.path()).await?;
         let origin = Origin::spawn(options).await.unwrap();
-        let db_url = format!(
-            "sqlite://{}?mode=rwc",
-            dir.path().join("profiles.db").display()
-        );
         let env = vec![
-            ("AVATAR_WARDEN__PROFILE__URL".into(), db_url.clone()),
+            ("AVATAR_WARDEN__PROFILE__URL".into(), db.url.clone()),
             (
                 "AVATAR_WARDEN__PROFILE__MIRROR_URL_COLUMN".into(),
                 "avatar_mirror_url".into(),
@@ -69,12 +204,39 @@ impl TestApp {
                 "true".into(),
             ),
         ];
-        TestApp {
-            dir,
+        Some(TestApp {
+            backend,
             origin,
-            db_url,
+            db_url: db.url.clone(),
             env,
+            _db: db,
+            dir,
+        })
+    }
+
+    /// The demo's sample users in a `users` table of this backend's dialect.
+    pub async fn seed_sample_users(&self) {
+        let b = self.backend;
+        let mut stmts = vec![format!(
+            "CREATE TABLE users (id BIGINT PRIMARY KEY, nickname {text} NOT NULL, avatar_url TEXT, \
+             avatar_mirror_url TEXT, avatar_reauth_required {boolean} NOT NULL DEFAULT {f})",
+            text = b.text_key(),
+            boolean = b.boolean(),
+            f = b.false_literal(),
+        )];
+        for u in SAMPLE_USERS {
+            stmts.push(format!(
+                "INSERT INTO users (id, nickname, avatar_url) VALUES ({}, {}, {})",
+                u.id,
+                sql_string(u.nickname),
+                u.avatar_url(&self.origin)
+                    .as_deref()
+                    .map(sql_string)
+                    .unwrap_or("NULL".into())
+            ));
         }
+        self.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
     }
 
     pub fn set(&mut self, key: &str, value: &str) {
@@ -102,42 +264,62 @@ impl TestApp {
     }
 
     pub async fn scan_with(&self, deps: &Deps) -> ScanReport {
-        let s = self.settings();
-        let opts = ScanOptions {
-            batch_size: s.scan.batch_size,
-            concurrency: s.fetch.concurrency,
-            shutdown: CancellationToken::new(),
-        };
+        let opts = avatar_warden::cli::scan_options(&self.settings(), CancellationToken::new());
         pipeline::scan_once(deps, &opts).await.unwrap()
     }
 
-    /// Runs SQL against the profile database (to create custom tables, change URLs...).
+    async fn pool(&self) -> sqlx::AnyPool {
+        AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.db_url)
+            .await
+            .unwrap()
+    }
+
+    /// Runs SQL against the profile database (to create tables, change URLs...).
     pub async fn sql(&self, statements: &[&str]) {
-        let pool = sqlx::SqlitePool::connect(&self.db_url).await.unwrap();
+        let pool = self.pool().await;
         for s in statements {
-            sqlx::query(s).execute(&pool).await.unwrap();
+            sqlx::query(s)
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
         }
         pool.close().await;
     }
 
+    /// One text value (or NULL) from a query.
+    pub async fn text(&self, sql: &str) -> Option<String> {
+        let pool = self.pool().await;
+        let row = sqlx::query(sql).fetch_one(&pool).await.unwrap();
+        pool.close().await;
+        use sqlx::Row;
+        // MySQL hands long text to the Any driver as BLOB.
+        row.try_get::<Option<String>, _>(0).unwrap_or_else(|_| {
+            let bytes: Option<Vec<u8>> = row.try_get(0).unwrap();
+            bytes.map(|b| String::from_utf8(b).unwrap())
+        })
+    }
+
     /// The users table's write-back columns for one id.
     pub async fn profile(&self, id: i64) -> (Option<String>, bool) {
-        let pool = sqlx::SqlitePool::connect(&self.db_url).await.unwrap();
-        let row: (Option<String>, bool) = sqlx::query_as(
-            "SELECT avatar_mirror_url, avatar_reauth_required FROM users WHERE id = ?",
-        )
-        .bind(id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        pool.close().await;
-        row
+        let mirror = self
+            .text(&format!(
+                "SELECT avatar_mirror_url FROM users WHERE id = {id}"
+            ))
+            .await;
+        let flag = self
+            .text(&format!(
+                "SELECT CASE WHEN avatar_reauth_required THEN 'yes' ELSE 'no' END FROM users WHERE id = {id}"
+            ))
+            .await;
+        (mirror, flag.as_deref() == Some("yes"))
     }
 
     /// Every recorded state row.
     pub async fn states(&self) -> Vec<AvatarRecord> {
         let db = self.settings().profile.connect().await.unwrap();
-        db.export_page(None, 10_000).await.unwrap()
+        db.export_page(None, 100_000).await.unwrap()
     }
 
     pub async fn state(&self, user_id: &str) -> AvatarRecord {
@@ -149,7 +331,31 @@ impl TestApp {
     }
 }
 
+/// A SQL string literal (test data only).
+pub fn sql_string(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// Runs each named `async fn(Backend)` once per backend, as its own test.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::Postgres).await })*
+        }
+        mod mysql {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name($crate::helpers::Backend::MySql).await })*
+        }
+    };
 }

@@ -1,12 +1,14 @@
 use avatar_warden::classify::Status;
-use avatar_warden::db::{AvatarRecord, UserId};
+use avatar_warden::db::{AvatarRecord, Claim, UserId};
 use avatar_warden::demo::SAMPLE_USERS;
+use avatar_warden::pipeline;
 
-use crate::helpers::{TestApp, sha256_hex};
+use crate::helpers::{Backend, TestApp, sha256_hex, sql_string};
 
-#[tokio::test]
-async fn every_sample_user_gets_the_verdict_the_demo_promises() {
-    let app = TestApp::spawn().await;
+async fn every_sample_user_gets_the_verdict_the_demo_promises(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     let report = app.scan().await;
     let states = app.states().await;
     for user in SAMPLE_USERS {
@@ -38,9 +40,10 @@ async fn every_sample_user_gets_the_verdict_the_demo_promises() {
     assert_eq!(report.count(Status::Failing), 1);
 }
 
-#[tokio::test]
-async fn expired_wechat_avatar_flags_user_for_reauth_and_is_never_mirrored() {
-    let app = TestApp::spawn().await;
+async fn expired_wechat_avatar_flags_user_for_reauth_and_is_never_mirrored(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     let gao = app.state("7").await;
     assert_eq!(gao.status, Status::Expired);
@@ -58,9 +61,10 @@ async fn expired_wechat_avatar_flags_user_for_reauth_and_is_never_mirrored() {
     );
 }
 
-#[tokio::test]
-async fn valid_avatar_is_mirrored_byte_for_byte_and_written_back() {
-    let app = TestApp::spawn().await;
+async fn valid_avatar_is_mirrored_byte_for_byte_and_written_back(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     let alice = app.state("1").await;
     assert_eq!(alice.status, Status::Mirrored);
@@ -82,9 +86,10 @@ async fn valid_avatar_is_mirrored_byte_for_byte_and_written_back() {
     assert_eq!(alice.mirror_url.as_deref(), Some(mirror.as_str()));
 }
 
-#[tokio::test]
-async fn transient_errors_never_flag_the_user() {
-    let app = TestApp::spawn().await;
+async fn transient_errors_never_flag_the_user(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     let jun = app.state("10").await;
     assert_eq!(
@@ -100,9 +105,10 @@ async fn transient_errors_never_flag_the_user() {
     assert_eq!(app.profile(10).await, (None, false));
 }
 
-#[tokio::test]
-async fn invalid_bytes_flag_the_user_with_a_specific_reason() {
-    let app = TestApp::spawn().await;
+async fn invalid_bytes_flag_the_user_with_a_specific_reason(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     for (id, reason) in [
         ("11", "not_an_image"),
@@ -120,9 +126,10 @@ async fn invalid_bytes_flag_the_user_with_a_specific_reason() {
     assert_eq!(app.state("11").await.reason_detail.as_deref(), Some("html"));
 }
 
-#[tokio::test]
-async fn identical_bytes_are_stored_once() {
-    let app = TestApp::spawn().await;
+async fn identical_bytes_are_stored_once(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     let report = app.scan().await;
     let dan = app.state("4").await;
     let erin = app.state("5").await;
@@ -133,9 +140,10 @@ async fn identical_bytes_are_stored_once() {
     assert_eq!(files.len(), 5, "{files:?}");
 }
 
-#[tokio::test]
-async fn a_second_scan_right_after_fetches_nothing_already_settled() {
-    let app = TestApp::spawn().await;
+async fn a_second_scan_right_after_fetches_nothing_already_settled(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     let first = app.scan().await;
     let hits = app.origin.total_hits();
     assert_eq!(first.processed, 13);
@@ -152,9 +160,10 @@ async fn a_second_scan_right_after_fetches_nothing_already_settled() {
     );
 }
 
-#[tokio::test]
-async fn a_changed_avatar_url_is_due_at_once_and_clears_the_flag_when_it_mirrors() {
-    let app = TestApp::spawn().await;
+async fn a_changed_avatar_url_is_due_at_once_and_clears_the_flag_when_it_mirrors(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     assert!(app.state("7").await.reauth_required);
     let new_url = app.origin.url("/avatar/png/gao-new");
@@ -209,14 +218,31 @@ async fn a_body_over_max_bytes_is_too_large() {
     );
 }
 
-#[tokio::test]
-async fn string_ids_and_a_custom_table_are_supported() {
-    let mut app = TestApp::empty().await;
+async fn string_ids_a_custom_table_and_a_filter_are_supported(backend: Backend) {
+    let Some(mut app) = TestApp::empty_on(backend, Default::default()).await else {
+        return;
+    };
     let ok = app.origin.url("/avatar/jpeg/u-a");
     let gone = app.origin.url("/status/410/u-b");
+    let deleted = app.origin.url("/avatar/jpeg/u-e");
+    let (key, boolean, f) = (
+        backend.text_key(),
+        backend.boolean(),
+        backend.false_literal(),
+    );
     app.sql(&[
-        "CREATE TABLE members (uid TEXT PRIMARY KEY, face TEXT, face_mirror TEXT, must_relogin INTEGER DEFAULT 0)",
-        &format!("INSERT INTO members VALUES ('u-a', '{ok}', NULL, 0), ('u-b', '{gone}', NULL, 0), ('u-c', '', NULL, 0), ('u-d', NULL, NULL, 0)"),
+        &format!(
+            "CREATE TABLE members (uid {key} PRIMARY KEY, face TEXT, face_mirror TEXT, \
+             must_relogin {boolean} NOT NULL DEFAULT {f}, status {key}, deleted_at BIGINT)"
+        ),
+        &format!(
+            "INSERT INTO members (uid, face, status, deleted_at) VALUES \
+             ('u-a', {}, 'active', NULL), ('u-b', {}, 'active', NULL), ('u-c', '', 'active', NULL), \
+             ('u-d', NULL, 'active', NULL), ('u-e', {}, 'active', 1700000000)",
+            sql_string(&ok),
+            sql_string(&gone),
+            sql_string(&deleted)
+        ),
     ])
     .await;
     app.set("PROFILE__TABLE", "members");
@@ -224,32 +250,53 @@ async fn string_ids_and_a_custom_table_are_supported() {
     app.set("PROFILE__AVATAR_COLUMN", "face");
     app.set("PROFILE__MIRROR_URL_COLUMN", "face_mirror");
     app.set("PROFILE__REAUTH_COLUMN", "must_relogin");
+    // `status` also names a column of the worker's state table: the filter must still mean the profile's.
+    app.set(
+        "PROFILE__FILTER",
+        "deleted_at IS NULL AND status = 'active'",
+    );
     app.set("SCAN__BATCH_SIZE", "1"); // exercise keyset paging over text ids
     let report = app.scan().await;
-    assert_eq!(report.processed, 2, "empty and NULL avatars are skipped");
+    assert_eq!(
+        report.processed, 2,
+        "empty, NULL and filtered-out avatars are skipped: {report:?}"
+    );
     assert_eq!(app.state("u-a").await.status, Status::Mirrored);
     let b = app.state("u-b").await;
     assert_eq!((b.status, b.reason.as_str()), (Status::Expired, "gone"));
-    let pool = sqlx::SqlitePool::connect(&app.db_url).await.unwrap();
-    let rows: Vec<(String, Option<String>, bool)> =
-        sqlx::query_as("SELECT uid, face_mirror, must_relogin FROM members ORDER BY uid")
-            .fetch_all(&pool)
-            .await
-            .unwrap();
-    assert!(rows[0].1.is_some() && !rows[0].2);
-    assert!(rows[1].1.is_none() && rows[1].2);
     assert_eq!(
-        (rows[2].1.as_deref(), rows[2].2),
-        (None, false),
+        app.origin.hits("/avatar/jpeg/u-e"),
+        0,
+        "the filter excludes deleted users"
+    );
+    let mirror = |uid: &str| format!("SELECT face_mirror FROM members WHERE uid = '{uid}'");
+    let flag = |uid: &str| {
+        format!(
+            "SELECT CASE WHEN must_relogin THEN 'yes' ELSE 'no' END FROM members WHERE uid = '{uid}'"
+        )
+    };
+    assert!(app.text(&mirror("u-a")).await.is_some());
+    assert_eq!(app.text(&flag("u-a")).await.as_deref(), Some("no"));
+    assert_eq!(app.text(&mirror("u-b")).await, None);
+    assert_eq!(app.text(&flag("u-b")).await.as_deref(), Some("yes"));
+    assert_eq!(
+        app.text(&flag("u-c")).await.as_deref(),
+        Some("no"),
         "rows without avatar are untouched"
     );
 }
 
-#[tokio::test]
-async fn replaying_a_batch_succeeds_and_changes_nothing() {
-    let app = TestApp::spawn().await;
+async fn replaying_a_batch_succeeds_and_changes_nothing(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
     app.scan().await;
     let before = app.states().await;
+    // The worker still holds the lease, as right after a commit whose acknowledgement was lost.
+    app.sql(&[
+        "UPDATE avatar_warden_avatars SET lease_token = 'replay', lease_expires_at = 9999999999",
+    ])
+    .await;
     let db = app.settings().profile.connect().await.unwrap();
     let records: Vec<AvatarRecord> = before
         .iter()
@@ -258,11 +305,191 @@ async fn replaying_a_batch_succeeds_and_changes_nothing() {
             ..r.clone()
         })
         .collect();
-    db.record_batch(&records).await.unwrap();
-    db.record_batch(&records).await.unwrap();
+    for _ in 0..2 {
+        let recorded = db.record_batch(&records, "replay").await.unwrap();
+        assert_eq!((recorded.written, recorded.discarded), (records.len(), 0));
+    }
     assert_eq!(app.states().await, before);
     assert_eq!(app.profile(7).await, (None, true));
 }
+
+async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    let db = app.settings().profile.connect().await.unwrap();
+    db.migrate().await.unwrap();
+    let now = pipeline::unix_now();
+    let claim = |token: &'static str| Claim {
+        after: None,
+        now,
+        limit: 100,
+        token,
+        lease_until: now + 600,
+        shard: None,
+    };
+    let page = db.claim_page(&claim("worker-a")).await.unwrap();
+    assert_eq!(page.claimed.len(), 13);
+    // While A holds the leases, B finds nothing to claim.
+    assert!(
+        db.claim_page(&claim("worker-b"))
+            .await
+            .unwrap()
+            .claimed
+            .is_empty()
+    );
+    // A's lease expired and C took the avatars over.
+    app.sql(&["UPDATE avatar_warden_avatars SET lease_token = 'worker-c'"])
+        .await;
+    let records: Vec<AvatarRecord> = page
+        .claimed
+        .iter()
+        .map(|d| {
+            pipeline::build_record(
+                d,
+                avatar_warden::classify::Verdict::new(Status::Expired, "not_found"),
+                None,
+                0,
+                now,
+                &app.settings().recheck,
+                &mut rand::rng(),
+            )
+        })
+        .collect();
+    let recorded = db.record_batch(&records, "worker-a").await.unwrap();
+    assert_eq!((recorded.written, recorded.discarded), (0, 13));
+    assert!(
+        app.states()
+            .await
+            .iter()
+            .all(|r| r.status == Status::Pending)
+    );
+    assert_eq!(
+        app.profile(7).await,
+        (None, false),
+        "no write-back from a lost lease"
+    );
+}
+
+async fn concurrent_scanners_share_the_work_without_fetching_twice(backend: Backend) {
+    const USERS: usize = 1500;
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_millis(2),
+        ..Default::default()
+    };
+    for workers in [2usize, 4] {
+        let Some(mut app) = TestApp::empty_on(backend, origin.clone()).await else {
+            return;
+        };
+        let mut stmts = vec![format!(
+            "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
+             avatar_reauth_required {} NOT NULL DEFAULT {})",
+            backend.boolean(),
+            backend.false_literal()
+        )];
+        for chunk in (1..=USERS).collect::<Vec<_>>().chunks(500) {
+            let values: Vec<String> = chunk
+                .iter()
+                .map(|i| {
+                    let path = if i % 10 == 0 {
+                        format!("/status/404/u{i}")
+                    } else {
+                        format!("/avatar/jpeg/u{}", i % 700)
+                    };
+                    format!("({i}, {})", sql_string(&app.origin.url(&path)))
+                })
+                .collect();
+            stmts.push(format!(
+                "INSERT INTO users (id, avatar_url) VALUES {}",
+                values.join(", ")
+            ));
+        }
+        app.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
+        app.set("SCAN__BATCH_SIZE", "50");
+        app.set("FETCH__CONCURRENCY", "8");
+        app.set("PROFILE__MAX_CONNECTIONS", "4");
+        let mut scans = Vec::new();
+        for _ in 0..workers {
+            let deps = app.deps().await; // each worker: its own pool, writer and memory
+            let opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+            scans.push(tokio::spawn(async move {
+                pipeline::scan_once(&deps, &opts).await.unwrap()
+            }));
+        }
+        let mut processed = 0;
+        for s in scans {
+            let report = s.await.unwrap();
+            assert_eq!(report.lease_lost, 0);
+            processed += report.processed;
+        }
+        assert_eq!(
+            processed as usize, USERS,
+            "{workers} workers: every avatar exactly once"
+        );
+        let distinct_paths = app.origin.total_hits();
+        // Each user's URL was fetched once; users sharing a URL each fetched it once too.
+        let mut per_url = std::collections::HashMap::<String, u64>::new();
+        for i in 1..=USERS {
+            let path = if i % 10 == 0 {
+                format!("/status/404/u{i}")
+            } else {
+                format!("/avatar/jpeg/u{}", i % 700)
+            };
+            *per_url.entry(path).or_default() += 1;
+        }
+        for (path, users) in &per_url {
+            assert_eq!(
+                app.origin.hits(path),
+                *users,
+                "{workers} workers: {path} fetched once per user"
+            );
+        }
+        assert_eq!(distinct_paths as usize, USERS);
+        let states = app.states().await;
+        assert_eq!(states.len(), USERS);
+        assert_eq!(
+            states
+                .iter()
+                .filter(|r| r.status == Status::Mirrored)
+                .count(),
+            USERS - USERS / 10
+        );
+        assert_eq!(
+            states
+                .iter()
+                .filter(|r| r.status == Status::Expired)
+                .count(),
+            USERS / 10
+        );
+        // Same final state as one scanner: one object per distinct picture.
+        let pictures = per_url.keys().filter(|p| p.starts_with("/avatar/")).count();
+        assert_eq!(walk(&app.mirror_root()).len(), pictures);
+        let leased = app
+            .text("SELECT CASE WHEN COUNT(*) = 0 THEN 'none' ELSE 'some' END FROM avatar_warden_avatars WHERE lease_token IS NOT NULL")
+            .await;
+        assert_eq!(
+            leased.as_deref(),
+            Some("none"),
+            "every lease is released at the end"
+        );
+    }
+}
+
+crate::on_every_backend!(
+    every_sample_user_gets_the_verdict_the_demo_promises,
+    expired_wechat_avatar_flags_user_for_reauth_and_is_never_mirrored,
+    valid_avatar_is_mirrored_byte_for_byte_and_written_back,
+    transient_errors_never_flag_the_user,
+    invalid_bytes_flag_the_user_with_a_specific_reason,
+    identical_bytes_are_stored_once,
+    a_second_scan_right_after_fetches_nothing_already_settled,
+    a_changed_avatar_url_is_due_at_once_and_clears_the_flag_when_it_mirrors,
+    string_ids_a_custom_table_and_a_filter_are_supported,
+    replaying_a_batch_succeeds_and_changes_nothing,
+    a_result_whose_lease_was_taken_over_is_discarded,
+    concurrent_scanners_share_the_work_without_fetching_twice,
+);
 
 #[tokio::test]
 async fn unknown_profile_columns_fail_at_start_with_the_column_named() {
@@ -289,4 +516,36 @@ pub fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+#[tokio::test]
+async fn a_slow_origin_and_a_closed_port_are_failing_not_flagged() {
+    let slow = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    let mut app = TestApp::with_origin(slow).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    }; // dropped: nothing listens there now
+    let slow_url = app.origin.url("/avatar/jpeg/slow");
+    app.sql(&[
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, avatar_reauth_required INTEGER DEFAULT 0)",
+        &format!("INSERT INTO users (id, avatar_url) VALUES (1, '{slow_url}'), (2, 'http://{closed}/a.jpg')"),
+    ])
+    .await;
+    app.set("FETCH__TIMEOUT_SECS", "1");
+    let started = std::time::Instant::now();
+    let report = app.scan().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "one total deadline per request"
+    );
+    assert_eq!(report.count(Status::Failing), 2, "{report:?}");
+    let slow = app.state("1").await;
+    assert_eq!(slow.reason, "timeout");
+    let refused = app.state("2").await;
+    assert_eq!(refused.reason, "connect_error");
+    assert!(!slow.reauth_required && !refused.reauth_required);
 }

@@ -1,0 +1,27 @@
+-- The worker's own state: one row per user with an avatar URL.
+-- Times are unix seconds (portable across SQLite, PostgreSQL and MySQL).
+CREATE TABLE IF NOT EXISTS avatar_warden_avatars (
+    user_id          TEXT PRIMARY KEY,
+    source_url       TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    reason           TEXT NOT NULL,
+    reason_detail    TEXT,
+    mirror_url       TEXT,
+    object_key       TEXT,
+    sha256           TEXT,
+    size_bytes       BIGINT,
+    width            BIGINT,
+    height           BIGINT,
+    format           TEXT,
+    reauth_required  BOOLEAN NOT NULL DEFAULT FALSE,
+    attempts         BIGINT NOT NULL DEFAULT 0,
+    checked_at       BIGINT NOT NULL,
+    next_check_at    BIGINT,
+    -- Held by the worker checking this avatar right now (see `claim`).
+    lease_token      TEXT,
+    lease_expires_at BIGINT
+);
+
+CREATE INDEX IF NOT EXISTS avatar_warden_avatars_status ON avatar_warden_avatars (status);
+CREATE INDEX IF NOT EXISTS avatar_warden_avatars_next_check ON avatar_warden_avatars (next_check_at);
+CREATE INDEX IF NOT EXISTS avatar_warden_avatars_lease ON avatar_warden_avatars (lease_token);

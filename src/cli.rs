@@ -231,6 +231,7 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
     db.migrate()
         .await
         .context("migrating the worker's tables")?;
+    db.check_profile().await?;
     let fetcher = settings.fetch.client()?;
     let store = settings
         .storage

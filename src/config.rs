@@ -242,6 +242,7 @@ impl Settings {
             return bad("scan.batch_size must be at least 1");
         }
         if self.scan.lease_secs < self.fetch.timeout_secs.saturating_mul(2) {
+            // A lease shorter than a slow fetch would be taken over while the fetch still runs.
             return bad("scan.lease_secs must be at least twice fetch.timeout_secs");
         }
         if self.fetch.concurrency == 0 {

@@ -284,8 +284,10 @@ impl ProfileNames {
     /// The profile table reduced to `id` and `avatar` (and the filter), as a
     /// derived table: the filter's column names cannot collide with ours.
     fn source(&self) -> String {
+        // Qualified names: SQLite reads an unknown "double-quoted" name as a
+        // string literal, which would turn a typo into a URL for every row.
         format!(
-            "(SELECT {id} AS id, {avatar} AS avatar FROM {table}{filter})",
+            "(SELECT t.{id} AS id, t.{avatar} AS avatar FROM {table} AS t{filter})",
             id = self.id,
             avatar = self.avatar,
             table = self.table,

@@ -83,7 +83,7 @@ impl MySql {
             ("profile.reauth_column", &self.names.reauth),
         ] {
             if let Some(col) = col {
-                let sql = format!("SELECT {col} FROM {} LIMIT 0", self.names.table);
+                let sql = format!("SELECT t.{col} FROM {} AS t LIMIT 0", self.names.table);
                 (&self.pool).prepare(&sql).await.map_err(|e| {
                     DbError::Config(format!("{what} does not match the table: {e}"))
                 })?;

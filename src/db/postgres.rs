@@ -89,7 +89,7 @@ impl Postgres {
         let id_is_int = matches!(id_type.as_str(), "INT2" | "INT4" | "INT8");
         let reauth_is_bool = match &self.names.reauth {
             Some(col) => {
-                let sql = format!("SELECT {col} FROM {} LIMIT 0", self.names.table);
+                let sql = format!("SELECT t.{col} FROM {} AS t LIMIT 0", self.names.table);
                 let stmt = (&self.pool).prepare(&sql).await.map_err(|e| {
                     DbError::Config(format!(
                         "profile.reauth_column does not match the table: {e}"
@@ -100,7 +100,7 @@ impl Postgres {
             None => true,
         };
         if let Some(col) = &self.names.mirror_url {
-            let sql = format!("SELECT {col} FROM {} LIMIT 0", self.names.table);
+            let sql = format!("SELECT t.{col} FROM {} AS t LIMIT 0", self.names.table);
             (&self.pool).prepare(&sql).await.map_err(|e| {
                 DbError::Config(format!(
                     "profile.mirror_url_column does not match the table: {e}"

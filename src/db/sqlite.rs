@@ -54,6 +54,17 @@ impl Sqlite {
                 "the profile table does not match the configuration: {e}"
             ))
         })?;
+        for (what, col) in [
+            ("profile.mirror_url_column", &self.names.mirror_url),
+            ("profile.reauth_column", &self.names.reauth),
+        ] {
+            if let Some(col) = col {
+                let sql = format!("SELECT t.{col} FROM {} AS t LIMIT 0", self.names.table);
+                sqlx::query(&sql).fetch_all(&self.pool).await.map_err(|e| {
+                    DbError::Config(format!("{what} does not match the table: {e}"))
+                })?;
+            }
+        }
         Ok(())
     }
 

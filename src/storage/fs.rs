@@ -15,10 +15,16 @@ pub struct FsStore {
     base_url: String,
 }
 
+/// Partial writes live here until renamed into place.
+const TMP_DIR: &str = ".tmp";
+/// A temp file this old was left by a killed writer: remove it.
+const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl FsStore {
     pub async fn open(settings: &FsSettings) -> Result<Self, StoreError> {
-        tokio::fs::create_dir_all(&settings.root).await?;
+        tokio::fs::create_dir_all(settings.root.join(TMP_DIR)).await?;
         let root = tokio::fs::canonicalize(&settings.root).await?;
+        remove_stale_temp_files(&root.join(TMP_DIR)).await;
         let base_url = match &settings.public_base_url {
             Some(base) => base.clone(),
             None => url::Url::from_directory_path(&root)
@@ -79,5 +85,23 @@ impl ObjectStore for FsStore {
 
     fn prefix(&self) -> &str {
         ""
+    }
+}
+
+async fn remove_stale_temp_files(dir: &Path) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let stale = entry
+            .metadata()
+            .await
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TMP);
+        if stale {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
     }
 }

@@ -1,9 +1,12 @@
-//! The S3 backend against a real S3-protocol server (s3s + s3s-fs) served
-//! over loopback HTTP in the test process, driven by the real aws-sdk-s3 client.
+//! The S3 backend against real S3-protocol servers, driven by the real
+//! aws-sdk-s3 client over loopback HTTP: s3s (+ s3s-fs) served in the test
+//! process, and Garage, a production S3-compatible store, when scripts/test
+//! started one.
 
 use avatar_warden::classify::Status;
 use avatar_warden::config::{S3Settings, StorageSettings};
-use avatar_warden::storage::{CACHE_CONTROL, S3Store};
+use avatar_warden::media::ImageFormat;
+use avatar_warden::storage::{CACHE_CONTROL, ImageWriter, S3Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
@@ -15,19 +18,81 @@ const ACCESS_KEY: &str = "AKIAWARDENTEST";
 const SECRET_KEY: &str = "warden-test-secret-key";
 const BUCKET: &str = "avatars";
 
-pub struct S3Server {
+/// Where a test's objects go: a server and a key prefix of the test's own.
+pub struct S3Target {
     pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub prefix: String,
+    _server: Option<InProcessS3>,
+}
+
+pub struct InProcessS3 {
     _root: tempfile::TempDir,
     stop: CancellationToken,
 }
 
-impl Drop for S3Server {
+impl Drop for InProcessS3 {
     fn drop(&mut self) {
         self.stop.cancel();
     }
 }
 
-pub async fn spawn_s3() -> S3Server {
+#[derive(Debug, Clone, Copy)]
+pub enum Server {
+    InProcess,
+    Garage,
+}
+
+impl S3Target {
+    /// `None` (skip) when Garage is not running here; under CI that is a failure.
+    pub async fn start(server: Server) -> Option<S3Target> {
+        let prefix = format!("t{:012x}/", rand::random::<u64>() >> 16);
+        match server {
+            Server::InProcess => Some(spawn_in_process(prefix).await),
+            Server::Garage => {
+                let var =
+                    |name: &str| std::env::var(format!("AVATAR_WARDEN_TEST_GARAGE_{name}")).ok();
+                let Some(endpoint) = var("ENDPOINT") else {
+                    if std::env::var("CI").is_ok_and(|v| v == "true") {
+                        panic!(
+                            "AVATAR_WARDEN_TEST_GARAGE_ENDPOINT is not set: CI must run the Garage tests"
+                        );
+                    }
+                    eprintln!(
+                        "skipped: Garage is not running (scripts/test starts it when `garage` is installed)"
+                    );
+                    return None;
+                };
+                Some(S3Target {
+                    endpoint,
+                    region: "garage".into(),
+                    bucket: var("BUCKET").expect("AVATAR_WARDEN_TEST_GARAGE_BUCKET"),
+                    access_key: var("KEY_ID").expect("AVATAR_WARDEN_TEST_GARAGE_KEY_ID"),
+                    secret_key: var("SECRET").expect("AVATAR_WARDEN_TEST_GARAGE_SECRET"),
+                    prefix,
+                    _server: None,
+                })
+            }
+        }
+    }
+
+    pub fn configure(&self, app: &mut TestApp) {
+        app.set("STORAGE__KIND", "s3");
+        app.set("STORAGE__BUCKET", &self.bucket);
+        app.set("STORAGE__ENDPOINT", &self.endpoint);
+        app.set("STORAGE__REGION", &self.region);
+        app.set("STORAGE__FORCE_PATH_STYLE", "true");
+        app.set("STORAGE__PREFIX", &self.prefix);
+        app.set("STORAGE__PUBLIC_BASE_URL", "https://cdn.example.com/");
+        app.set("STORAGE__ACCESS_KEY_ID", &self.access_key);
+        app.set("STORAGE__SECRET_ACCESS_KEY", &self.secret_key);
+    }
+}
+
+async fn spawn_in_process(prefix: String) -> S3Target {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir(root.path().join(BUCKET)).unwrap(); // s3s-fs: a bucket is a directory
     let fs = s3s_fs::FileSystem::new(root.path()).unwrap();
@@ -52,23 +117,15 @@ pub async fn spawn_s3() -> S3Server {
             });
         }
     });
-    S3Server {
+    S3Target {
         endpoint,
-        _root: root,
-        stop,
+        region: "us-east-1".into(),
+        bucket: BUCKET.into(),
+        access_key: ACCESS_KEY.into(),
+        secret_key: SECRET_KEY.into(),
+        prefix,
+        _server: Some(InProcessS3 { _root: root, stop }),
     }
-}
-
-fn configure(app: &mut TestApp, s3: &S3Server) {
-    app.set("STORAGE__KIND", "s3");
-    app.set("STORAGE__BUCKET", BUCKET);
-    app.set("STORAGE__ENDPOINT", &s3.endpoint);
-    app.set("STORAGE__REGION", "us-east-1");
-    app.set("STORAGE__FORCE_PATH_STYLE", "true");
-    app.set("STORAGE__PREFIX", "prod/");
-    app.set("STORAGE__PUBLIC_BASE_URL", "https://cdn.example.com/");
-    app.set("STORAGE__ACCESS_KEY_ID", ACCESS_KEY);
-    app.set("STORAGE__SECRET_ACCESS_KEY", SECRET_KEY);
 }
 
 fn s3_settings(app: &TestApp) -> S3Settings {
@@ -78,11 +135,12 @@ fn s3_settings(app: &TestApp) -> S3Settings {
     }
 }
 
-#[tokio::test]
-async fn mirrors_round_trip_through_a_real_s3_server() {
-    let s3 = spawn_s3().await;
+async fn mirrors_round_trip_through_a_real_s3_server(server: Server) {
+    let Some(s3) = S3Target::start(server).await else {
+        return;
+    };
     let mut app = TestApp::spawn().await;
-    configure(&mut app, &s3);
+    s3.configure(&mut app);
     let report = app.scan().await;
     assert_eq!(report.count(Status::Mirrored), 6, "{report:?}");
     assert_eq!(
@@ -90,11 +148,11 @@ async fn mirrors_round_trip_through_a_real_s3_server() {
         (5, 1)
     );
 
-    let client = S3Store::open(&s3_settings(&app)).await.unwrap();
-    let client = client.client();
+    let store = S3Store::open(&s3_settings(&app)).await.unwrap();
+    let client = store.client();
     let alice = app.state("1").await;
     let sha = alice.sha256.clone().unwrap();
-    let key = format!("prod/avatars/{}/{sha}.jpg", &sha[..2]);
+    let key = format!("{}avatars/{}/{sha}.jpg", s3.prefix, &sha[..2]);
     assert_eq!(
         alice.mirror_url.as_deref(),
         Some(format!("https://cdn.example.com/{key}").as_str())
@@ -102,7 +160,7 @@ async fn mirrors_round_trip_through_a_real_s3_server() {
 
     let object = client
         .get_object()
-        .bucket(BUCKET)
+        .bucket(&s3.bucket)
         .key(&key)
         .send()
         .await
@@ -119,8 +177,8 @@ async fn mirrors_round_trip_through_a_real_s3_server() {
 
     let listed = client
         .list_objects_v2()
-        .bucket(BUCKET)
-        .prefix("prod/avatars/")
+        .bucket(&s3.bucket)
+        .prefix(format!("{}avatars/", s3.prefix))
         .send()
         .await
         .unwrap();
@@ -131,11 +189,12 @@ async fn mirrors_round_trip_through_a_real_s3_server() {
     );
 }
 
-#[tokio::test]
-async fn an_object_already_in_the_bucket_is_not_uploaded_again() {
-    let s3 = spawn_s3().await;
+async fn an_object_already_in_the_bucket_is_not_uploaded_again(server: Server) {
+    let Some(s3) = S3Target::start(server).await else {
+        return;
+    };
     let mut app = TestApp::spawn().await;
-    configure(&mut app, &s3);
+    s3.configure(&mut app);
     app.scan().await;
     // A second worker with a fresh process state (no in-memory knowledge) over the same bucket.
     app.sql(&["DELETE FROM avatar_warden_avatars"]).await;
@@ -145,11 +204,50 @@ async fn an_object_already_in_the_bucket_is_not_uploaded_again() {
     assert_eq!(report.objects_deduplicated, 6);
 }
 
-#[tokio::test]
-async fn wrong_credentials_fail_at_start_with_a_clear_error() {
-    let s3 = spawn_s3().await;
+/// Conditional puts (`If-None-Match: *`) are not honoured everywhere (Garage
+/// ignores them), so dedupe must not depend on them: whatever the server does
+/// with a conditional put, the writer stores each picture once.
+async fn dedupe_does_not_depend_on_conditional_puts(server: Server) {
+    let Some(s3) = S3Target::start(server).await else {
+        return;
+    };
     let mut app = TestApp::spawn().await;
-    configure(&mut app, &s3);
+    s3.configure(&mut app);
+    let store = std::sync::Arc::new(S3Store::open(&s3_settings(&app)).await.unwrap());
+    let client = store.client().clone();
+    let probe = format!("{}probe", s3.prefix);
+    let put = |body: &'static [u8]| {
+        client
+            .put_object()
+            .bucket(&s3.bucket)
+            .key(&probe)
+            .if_none_match("*")
+            .body(body.to_vec().into())
+            .send()
+    };
+    put(b"first").await.unwrap();
+    let honoured = put(b"second").await.is_err();
+    eprintln!("{server:?} honours If-None-Match on PutObject: {honoured}");
+
+    let bytes = app.origin.image_bytes("jpeg", "conditional").unwrap();
+    let sha = sha256_hex(&bytes);
+    for round in 0..2 {
+        // A fresh writer each time: no in-memory knowledge of what is stored.
+        let writer = ImageWriter::new(store.clone());
+        let stored = writer
+            .store_image(&sha, ImageFormat::Jpeg, bytes.clone())
+            .await
+            .unwrap();
+        assert_eq!(stored.deduplicated, round == 1, "round {round}");
+    }
+}
+
+async fn wrong_credentials_fail_at_start_with_a_clear_error(server: Server) {
+    let Some(s3) = S3Target::start(server).await else {
+        return;
+    };
+    let mut app = TestApp::spawn().await;
+    s3.configure(&mut app);
     app.set("STORAGE__SECRET_ACCESS_KEY", "not-the-secret");
     let err = match app.settings().storage.open().await {
         Ok(_) => panic!("must refuse"),
@@ -158,3 +256,23 @@ async fn wrong_credentials_fail_at_start_with_a_clear_error() {
     assert!(!err.is_retryable(), "{err}");
     assert!(err.to_string().contains("403"), "{err}");
 }
+
+macro_rules! on_every_s3_server {
+    ($($name:ident),* $(,)?) => {
+        mod in_process {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Server::InProcess).await })*
+        }
+        mod garage {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::Server::Garage).await })*
+        }
+    };
+}
+
+on_every_s3_server!(
+    mirrors_round_trip_through_a_real_s3_server,
+    an_object_already_in_the_bucket_is_not_uploaded_again,
+    dedupe_does_not_depend_on_conditional_puts,
+    wrong_credentials_fail_at_start_with_a_clear_error,
+);

@@ -489,6 +489,7 @@ crate::on_every_backend!(
     replaying_a_batch_succeeds_and_changes_nothing,
     a_result_whose_lease_was_taken_over_is_discarded,
     concurrent_scanners_share_the_work_without_fetching_twice,
+    a_scanner_killed_mid_run_loses_and_duplicates_nothing,
 );
 
 #[tokio::test]
@@ -502,9 +503,34 @@ async fn unknown_profile_columns_fail_at_start_with_the_column_named() {
     assert!(err.contains("profile.avatar_column"), "{err}");
 }
 
+#[tokio::test]
+async fn a_misspelled_avatar_column_fails_at_start_instead_of_flagging_everyone() {
+    // SQLite would read an unknown "quoted" column name as a string literal.
+    let mut app = TestApp::spawn().await;
+    app.set("PROFILE__AVATAR_COLUMN", "avatar_urll");
+    let err = match avatar_warden::cli::build_deps(&app.settings()).await {
+        Ok(_) => panic!("must refuse"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("avatar_urll"), "{err}");
+}
+
+#[tokio::test]
+async fn a_misspelled_write_back_column_fails_before_any_fetch() {
+    let mut app = TestApp::spawn().await;
+    app.set("PROFILE__MIRROR_URL_COLUMN", "avatar_mirorr_url");
+    let err = match avatar_warden::cli::build_deps(&app.settings()).await {
+        Ok(_) => panic!("must refuse"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("profile.mirror_url_column"), "{err}");
+    assert_eq!(app.origin.total_hits(), 0);
+}
+
+/// The stored objects under a mirror root (partial writes in `.tmp` are not objects).
 pub fn walk(root: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
+    let mut stack = vec![root.join("avatars")];
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(&d).unwrap() {
             let e = e.unwrap();
@@ -548,4 +574,166 @@ async fn a_slow_origin_and_a_closed_port_are_failing_not_flagged() {
     let refused = app.state("2").await;
     assert_eq!(refused.reason, "connect_error");
     assert!(!slow.reauth_required && !refused.reauth_required);
+}
+
+/// A profile table of `n` users, `distinct` pictures shared round-robin.
+async fn seed_users(app: &TestApp, n: usize, distinct: usize) {
+    let b = app.backend;
+    let mut stmts = vec![format!(
+        "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
+         avatar_reauth_required {} NOT NULL DEFAULT {})",
+        b.boolean(),
+        b.false_literal()
+    )];
+    for chunk in (1..=n).collect::<Vec<_>>().chunks(500) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|i| {
+                format!(
+                    "({i}, {})",
+                    sql_string(&app.origin.url(&format!("/avatar/jpeg/p{}", i % distinct)))
+                )
+            })
+            .collect();
+        stmts.push(format!(
+            "INSERT INTO users (id, avatar_url) VALUES {}",
+            values.join(", ")
+        ));
+    }
+    app.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+}
+
+async fn a_scanner_killed_mid_run_loses_and_duplicates_nothing(backend: Backend) {
+    const USERS: usize = 300;
+    const PICTURES: usize = 120;
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_millis(25),
+        ..Default::default()
+    };
+    let Some(mut app) = TestApp::empty_on(backend, origin).await else {
+        return;
+    };
+    seed_users(&app, USERS, PICTURES).await;
+    app.set("SCAN__BATCH_SIZE", "10");
+    app.set("FETCH__CONCURRENCY", "4");
+    app.set("FETCH__TIMEOUT_SECS", "1");
+    app.set("SCAN__LEASE_SECS", "2");
+    let bin = env!("CARGO_BIN_EXE_avatar-warden");
+    let migrated = std::process::Command::new(bin)
+        .arg("migrate")
+        .envs(app.env.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(migrated.status.success());
+    let mut child = std::process::Command::new(bin)
+        .arg("scan")
+        .envs(app.env.iter().cloned())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some batches are written and more are in flight.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scanner wrote nothing in time"
+        );
+        let written = app
+            .text("SELECT CASE WHEN COUNT(*) >= 40 THEN 'yes' ELSE 'no' END FROM avatar_warden_avatars WHERE status = 'mirrored'")
+            .await;
+        if written.as_deref() == Some("yes") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-KILL", &child.id().to_string()])
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+    let unfinished = app
+        .text("SELECT CASE WHEN COUNT(*) < 300 THEN 'yes' ELSE 'no' END FROM avatar_warden_avatars WHERE status = 'mirrored'")
+        .await;
+    assert_eq!(
+        unfinished.as_deref(),
+        Some("yes"),
+        "the kill must land mid-run"
+    );
+
+    // Its leases expire; a restarted scanner picks everything up.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let report = app.scan().await;
+    assert!(report.processed > 0);
+    let states = app.states().await;
+    assert_eq!(states.len(), USERS, "one state row per user");
+    assert!(
+        states.iter().all(|r| r.status == Status::Mirrored),
+        "nothing lost"
+    );
+    let objects = walk(&app.mirror_root());
+    assert_eq!(
+        objects.len(),
+        PICTURES,
+        "one object per picture: {objects:?}"
+    );
+}
+
+#[tokio::test]
+async fn static_shards_split_the_work_without_overlap() {
+    let mut app = TestApp::empty().await;
+    seed_users(&app, 100, 100).await;
+    app.set("SCAN__BATCH_SIZE", "7");
+    let deps = app.deps().await;
+    let mut total = 0;
+    for i in 0..3 {
+        let mut opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        opts.shard = Some(format!("{i}/3").parse().unwrap());
+        let report = pipeline::scan_once(&deps, &opts).await.unwrap();
+        let expected = (1..=100).filter(|id| id % 3 == i).count() as u64;
+        assert_eq!(report.processed, expected, "shard {i}/3");
+        total += report.processed;
+    }
+    assert_eq!(total, 100);
+    assert_eq!(
+        app.origin.total_hits(),
+        100,
+        "no avatar fetched by two shards"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_table_in_another_postgres_schema() {
+    let Some(mut app) = TestApp::empty_on(Backend::Postgres, Default::default()).await else {
+        return;
+    };
+    let url = app.origin.url("/avatar/png/schema-user");
+    app.sql(&[
+        "CREATE SCHEMA app",
+        "CREATE TABLE app.users (user_id VARCHAR(40) PRIMARY KEY, headimgurl VARCHAR(512), mirror VARCHAR(512), needs_login SMALLINT NOT NULL DEFAULT 0)",
+        &format!("INSERT INTO app.users VALUES ('wx_1', {}, NULL, 0), ('wx_2', 'https://', NULL, 0)", sql_string(&url)),
+    ])
+    .await;
+    app.set("PROFILE__TABLE", "app.users");
+    app.set("PROFILE__ID_COLUMN", "user_id");
+    app.set("PROFILE__AVATAR_COLUMN", "headimgurl");
+    app.set("PROFILE__MIRROR_URL_COLUMN", "mirror");
+    app.set("PROFILE__REAUTH_COLUMN", "needs_login");
+    let report = app.scan().await;
+    assert_eq!(report.count(Status::Mirrored), 1);
+    assert_eq!(report.count(Status::Invalid), 1);
+    assert!(
+        app.text("SELECT mirror FROM app.users WHERE user_id = 'wx_1'")
+            .await
+            .unwrap()
+            .ends_with(".png")
+    );
+    // A SMALLINT flag column gets 1/0, not a boolean.
+    assert_eq!(
+        app.text("SELECT CAST(needs_login AS TEXT) FROM app.users WHERE user_id = 'wx_2'")
+            .await
+            .as_deref(),
+        Some("1")
+    );
 }

@@ -11,11 +11,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::check::Checker;
 use crate::classify::Status;
 use crate::config::{FsSettings, LogFormat, Settings, StorageSettings};
 use crate::db::{AvatarRecord, Database, Shard};
 use crate::metrics::Metrics;
-use crate::pipeline::{self, Deps, ScanOptions, ScanReport};
+use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
 use crate::storage::ImageWriter;
 use crate::{demo, schedule, serve};
 
@@ -232,7 +233,7 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
         .await
         .context("migrating the worker's tables")?;
     db.check_profile().await?;
-    let fetcher = settings.fetch.client()?;
+    let checker = Checker::new(settings)?;
     let store = settings
         .storage
         .open()
@@ -240,17 +241,18 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
         .context("opening the object store")?;
     Ok(Deps {
         db: Arc::new(db),
-        fetcher,
+        checker,
         images: ImageWriter::new(store),
-        media: settings.media.clone(),
-        recheck: settings.recheck.clone(),
+        policy: Policy::from_settings(settings),
         metrics: Metrics::new(),
     })
 }
 
 async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8> {
-    let fetcher = settings.fetch.client()?;
-    let exam = pipeline::examine(&fetcher, &settings.media, url).await;
+    let checker = Checker::new(settings)?;
+    let exam = checker
+        .examine(url, pipeline::unix_now(), &checker.host_limiter())
+        .await;
     let v = &exam.verdict;
     let image = exam.image.as_ref().map(|(info, body)| {
         json!({
@@ -267,8 +269,12 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
             "status": v.status.as_str(),
             "reason": v.code,
             "detail": v.detail,
+            "decided_by": exam.decided_by,
+            "provider": exam.provider,
+            "requests": exam.requests,
             "http_status": exam.http_status.map(|s| s.as_u16()),
-            "final_url": exam.final_url.as_ref().map(|u| u.as_str()),
+            "fetched_url": exam.fetched_url.as_ref().map(|u| u.as_str()),
+            "signature_expires_at": exam.expires_at.and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|d| d.to_rfc3339()),
             "headers": exam.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "image": image,
         });
@@ -278,13 +284,17 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
         println!("verdict:    {}", v.status);
         println!("reason:     {}", v.code);
         if let Some(d) = &v.detail {
-            println!("decided by: {d}");
+            println!("detail:     {d}");
+        }
+        println!("decided by: {}", exam.decided_by);
+        if let Some(p) = &exam.provider {
+            println!("provider:   {p}");
         }
         if let Some(s) = exam.http_status {
-            println!("http:       {s}");
+            println!("http:       {s} ({} request(s))", exam.requests);
         }
-        if let Some(u) = exam.final_url.as_ref().filter(|u| u.as_str() != url) {
-            println!("final url:  {u}");
+        if let Some(u) = exam.fetched_url.as_ref().filter(|u| u.as_str() != url) {
+            println!("fetched:    {u}");
         }
         for (name, value) in &exam.headers {
             println!("header:     {name}: {value}");

@@ -47,6 +47,46 @@ pub struct Settings {
     pub schedule: ScheduleSettings,
     pub metrics: MetricsSettings,
     pub log: LogSettings,
+    pub retry: RetrySettings,
+    pub expiry: ExpirySettings,
+    pub reauth: ReauthSettings,
+    pub providers: ProvidersSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySettings {
+    pub in_run: u32,
+    pub backoff_ms: u64,
+    pub retry_after_cap_secs: u64,
+    pub max_attempts: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpirySettings {
+    pub confirmations: i64,
+    pub min_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenMirrorExists {
+    Flag,
+    Keep,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReauthSettings {
+    pub when_mirror_exists: WhenMirrorExists,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProvidersSettings {
+    #[serde(deserialize_with = "empty_is_none")]
+    pub file: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -93,6 +133,8 @@ pub struct FetchSettings {
     pub allow_private_networks: bool,
     #[serde(deserialize_with = "empty_is_none")]
     pub user_agent: Option<String>,
+    pub per_host_concurrency: usize,
+    pub per_host_min_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -247,6 +289,12 @@ impl Settings {
         }
         if self.fetch.concurrency == 0 {
             return bad("fetch.concurrency must be at least 1");
+        }
+        if self.expiry.confirmations < 1 {
+            return bad("expiry.confirmations must be at least 1");
+        }
+        if self.fetch.per_host_concurrency == 0 {
+            return bad("fetch.per_host_concurrency must be at least 1");
         }
         if self.fetch.max_bytes == 0 {
             return bad("fetch.max_bytes must be at least 1");

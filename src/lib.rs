@@ -4,6 +4,7 @@
 //! classify → validate → store → record. Each stage is a module; `pipeline`
 //! runs one scan end to end and `schedule` repeats it.
 
+pub mod check;
 pub mod classify;
 pub mod cli;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod fetch;
 pub mod media;
 pub mod metrics;
 pub mod pipeline;
+pub mod providers;
 pub mod schedule;
 pub mod serve;
 pub mod storage;

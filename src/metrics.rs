@@ -237,6 +237,7 @@ mod tests {
             format: None,
             reauth_required: status.requires_reauth(),
             attempts: 0,
+            expiry_signals: 0,
             checked_at: 0,
             next_check_at: None,
         }

@@ -7,18 +7,16 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use rand::Rng;
-use reqwest::StatusCode;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use url::Url;
 
-use crate::classify::{self, HeadDecision, Status, Verdict};
-use crate::config::{MediaSettings, RecheckSettings};
+use crate::check::{Checker, HostLimiter};
+use crate::classify::{Status, Verdict};
+use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
     AvatarRecord, Claim, Database, DbError, DueAvatar, Shard, UserId, new_lease_token,
 };
-use crate::fetch::{Body, Fetcher};
-use crate::media::{self, ImageInfo};
+use crate::media::ImageInfo;
 use crate::metrics::Metrics;
 use crate::storage::{ImageWriter, StoredObject};
 
@@ -26,11 +24,30 @@ use crate::storage::{ImageWriter, StoredObject};
 #[derive(Clone)]
 pub struct Deps {
     pub db: Arc<Database>,
-    pub fetcher: Fetcher,
+    pub checker: Checker,
     pub images: ImageWriter,
-    pub media: MediaSettings,
-    pub recheck: RecheckSettings,
+    pub policy: Policy,
     pub metrics: Metrics,
+}
+
+/// The rules that turn a verdict into what is recorded.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub recheck: RecheckSettings,
+    pub expiry: ExpirySettings,
+    pub when_mirror_exists: WhenMirrorExists,
+    pub max_attempts: i64,
+}
+
+impl Policy {
+    pub fn from_settings(s: &Settings) -> Self {
+        Policy {
+            recheck: s.recheck.clone(),
+            expiry: s.expiry.clone(),
+            when_mirror_exists: s.reauth.when_mirror_exists,
+            max_attempts: s.retry.max_attempts.max(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -119,92 +136,12 @@ impl ScanError {
     }
 }
 
-/// What one look at a URL found, before anything is stored.
-#[derive(Debug, Clone)]
-pub struct Examination {
-    pub verdict: Verdict,
-    pub http_status: Option<StatusCode>,
-    pub final_url: Option<Url>,
-    /// The response headers a verdict can hinge on, for `check`.
-    pub headers: Vec<(String, String)>,
-    /// A valid picture, ready to store.
-    pub image: Option<(ImageInfo, Body)>,
-}
-
-impl Examination {
-    fn verdict_only(verdict: Verdict) -> Self {
-        Examination {
-            verdict,
-            http_status: None,
-            final_url: None,
-            headers: Vec::new(),
-            image: None,
-        }
-    }
-}
-
-/// Headers `check` shows: the ones rules read, and the ones people ask about.
-const RELEVANT_HEADERS: &[&str] = &[
-    "content-type",
-    "content-length",
-    "x-errno",
-    "x-info",
-    "etag",
-    "last-modified",
-];
-
-/// Fetch, classify and validate one URL. Never stores, never errors: every
-/// outcome is a verdict.
-pub async fn examine(
-    fetcher: &Fetcher,
-    media_settings: &MediaSettings,
-    raw_url: &str,
-) -> Examination {
-    let url = match classify::parse_avatar_url(raw_url) {
-        Ok(u) => u,
-        Err(v) => return Examination::verdict_only(v),
-    };
-    let response = match fetcher.get(&url).await {
-        Ok(r) => r,
-        Err(e) => return Examination::verdict_only(e.verdict()),
-    };
-    let http_status = Some(response.status());
-    let final_url = Some(response.url().clone());
-    let headers: Vec<(String, String)> = RELEVANT_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let v = response.headers().get(*name)?;
-            Some((
-                name.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            ))
-        })
-        .collect();
-    let with = |verdict: Verdict, image| Examination {
-        verdict,
-        http_status,
-        final_url: final_url.clone(),
-        headers: headers.clone(),
-        image,
-    };
-    if let HeadDecision::Final(v) = classify::classify_head(response.status(), response.headers()) {
-        return with(v, None);
-    }
-    let body = match fetcher.read_body(response).await {
-        Ok(b) => b,
-        Err(e) => return with(e.verdict(), None),
-    };
-    match media::validate(&body.bytes, media_settings) {
-        Ok(info) => with(Verdict::mirrored(), Some((info, body))),
-        Err(e) => with(e.verdict(), None),
-    }
-}
-
 /// Checks one avatar end to end and returns what to record.
-async fn check_avatar(deps: &Deps, due: DueAvatar) -> (AvatarRecord, Option<StoredObject>, u64) {
+async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Checked {
     let started = Instant::now();
     let _in_flight = deps.metrics.in_flight_guard();
-    let exam = examine(&deps.fetcher, &deps.media, &due.avatar_url).await;
+    let now = unix_now();
+    let exam = deps.checker.examine(&due.avatar_url, now, hosts).await;
     let mut verdict = exam.verdict;
     let mut mirror = None;
     let mut size = 0;
@@ -226,41 +163,56 @@ async fn check_avatar(deps: &Deps, due: DueAvatar) -> (AvatarRecord, Option<Stor
     let record = build_record(
         &due,
         verdict,
+        exam.expires_at,
         mirror.as_ref(),
         size,
-        unix_now(),
-        &deps.recheck,
+        now,
+        &deps.policy,
         &mut rng,
     );
     tracing::debug!(
         user_id = %record.user_id,
         status = %record.status,
         reason = %record.reason,
+        provider = exam.provider.as_deref().unwrap_or("-"),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "avatar checked"
     );
     (record, mirror.map(|(_, _, s)| s), size)
 }
 
+/// A newly stored picture: what it is, its sha256, where it went.
+pub type Mirror = (ImageInfo, String, StoredObject);
+
+/// Re-check a URL whose signature expires this long before it does.
+const EXPIRY_MARGIN_SECS: i64 = 60;
+
 /// Turns a verdict into the row to record: what carries over from the last
 /// check, when to look again, and whether the user must re-authorize.
+#[allow(clippy::too_many_arguments)]
 pub fn build_record(
     due: &DueAvatar,
     verdict: Verdict,
-    mirror: Option<&(ImageInfo, String, StoredObject)>,
+    expires_at: Option<i64>,
+    mirror: Option<&Mirror>,
     size: u64,
     now: i64,
-    recheck: &RecheckSettings,
+    policy: &Policy,
     rng: &mut impl Rng,
 ) -> AvatarRecord {
     let prev = due.previous.as_ref();
     let same_url = prev.is_some_and(|p| p.source_url == due.avatar_url);
+    let signals_before = if same_url {
+        prev.map_or(0, |p| p.expiry_signals)
+    } else {
+        0
+    };
     let mut record = AvatarRecord {
         user_id: due.user_id.clone(),
         source_url: due.avatar_url.clone(),
         status: verdict.status,
         reason: verdict.code.to_string(),
-        reason_detail: verdict.detail,
+        reason_detail: verdict.detail.clone(),
         // The last good mirror stays visible until a new one replaces it.
         mirror_url: prev.and_then(|p| p.mirror_url.clone()),
         object_key: prev.and_then(|p| p.object_key.clone()),
@@ -271,24 +223,60 @@ pub fn build_record(
         format: None,
         reauth_required: prev.is_some_and(|p| p.reauth_required),
         attempts: 0,
+        expiry_signals: signals_before,
         checked_at: now,
         next_check_at: None,
     };
+    if let Some((info, sha, stored)) = mirror {
+        record.mirror_url = Some(stored.url.clone());
+        record.object_key = Some(stored.key.clone());
+        record.sha256 = Some(sha.clone());
+        record.size_bytes = Some(size as i64);
+        record.width = Some(i64::from(info.width));
+        record.height = Some(i64::from(info.height));
+        record.format = Some(info.format.name().to_string());
+    }
     match verdict.status {
         Status::Mirrored => {
-            if let Some((info, sha, stored)) = mirror {
-                record.mirror_url = Some(stored.url.clone());
-                record.object_key = Some(stored.key.clone());
-                record.sha256 = Some(sha.clone());
-                record.size_bytes = Some(size as i64);
-                record.width = Some(i64::from(info.width));
-                record.height = Some(i64::from(info.height));
-                record.format = Some(info.format.name().to_string());
-            }
             record.reauth_required = false;
-            record.next_check_at = Some(now + jitter(recheck.mirrored_secs, 0.1, rng));
+            // A URL that has said "gone" before is dying: look again soon.
+            let wait = if signals_before > 0 {
+                policy.expiry.min_interval_secs as i64
+            } else {
+                jitter(policy.recheck.mirrored_secs, 0.1, rng)
+            };
+            record.next_check_at = Some(now + wait);
         }
-        Status::Expired | Status::Invalid => record.reauth_required = true,
+        Status::Expired => {
+            let is_signal = verdict.code != "deprecated_host";
+            if is_signal {
+                record.expiry_signals += 1;
+            }
+            if is_signal && record.expiry_signals < policy.expiry.confirmations {
+                record.status = Status::Failing;
+                record.reason = "expiry_unconfirmed".into();
+                record.reason_detail = Some(format!(
+                    "{} of {} expiry signals; last: {}{}",
+                    record.expiry_signals,
+                    policy.expiry.confirmations,
+                    verdict.code,
+                    verdict
+                        .detail
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ));
+                record.next_check_at = Some(before_expiry(
+                    now + policy.expiry.min_interval_secs as i64,
+                    expires_at,
+                    now,
+                ));
+            } else {
+                let keep_quiet = record.mirror_url.is_some()
+                    && policy.when_mirror_exists == WhenMirrorExists::Keep;
+                record.reauth_required = !keep_quiet;
+            }
+        }
+        Status::Invalid => record.reauth_required = true,
         Status::Failing => {
             let before = if same_url && prev.is_some_and(|p| p.status == Status::Failing) {
                 prev.map_or(0, |p| p.attempts)
@@ -296,12 +284,34 @@ pub fn build_record(
                 0
             };
             record.attempts = before + 1;
-            let backoff = backoff_secs(record.attempts, recheck);
-            record.next_check_at = Some(now + jitter(backoff, 0.2, rng));
+            if record.attempts >= policy.max_attempts {
+                record.reason = "gave_up".into();
+                record.reason_detail = Some(format!(
+                    "{} failing checks in a row; last: {}{}",
+                    record.attempts,
+                    verdict.code,
+                    verdict
+                        .detail
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ));
+            } else {
+                let backoff = backoff_secs(record.attempts, &policy.recheck);
+                let next = now + jitter(backoff, 0.2, rng);
+                record.next_check_at = Some(before_expiry(next, expires_at, now));
+            }
         }
         Status::Blocked | Status::Pending => {}
     }
     record
+}
+
+/// A signed URL must be tried again before its signature runs out.
+fn before_expiry(next: i64, expires_at: Option<i64>, now: i64) -> i64 {
+    match expires_at {
+        Some(t) if t > now => next.min((t - EXPIRY_MARGIN_SECS).max(now + 1)),
+        _ => next,
+    }
 }
 
 /// `initial * 2^(attempts-1)`, capped.
@@ -345,6 +355,7 @@ pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, Sc
 /// How long a partly filled batch may wait before it is written anyway.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// One checked avatar: its record, the object stored for it, bytes fetched.
 type Checked = (AvatarRecord, Option<StoredObject>, u64);
 
 async fn scan_with_lease(
@@ -392,11 +403,13 @@ async fn scan_with_lease(
     let (tx, rx) = tokio::sync::mpsc::channel::<Checked>(batch * 2);
     let writer = tokio::spawn(write_results(deps.clone(), rx, batch, token.to_string()));
 
+    let hosts = deps.checker.host_limiter();
+    let hosts = &hosts;
     let shutdown = opts.shutdown.clone();
     let results = pages
         .try_flatten()
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(|due| async move { Ok::<_, ScanError>(check_avatar(deps, due).await) })
+        .map_ok(|due| async move { Ok::<_, ScanError>(check_avatar(deps, due, hosts).await) })
         .try_buffer_unordered(opts.concurrency.max(1));
     futures::pin_mut!(results);
     let mut failure = None;
@@ -468,30 +481,41 @@ mod tests {
     use crate::media::ImageFormat;
     use rand::SeedableRng;
 
-    fn recheck() -> RecheckSettings {
-        RecheckSettings {
-            mirrored_secs: 1000,
-            failing_initial_secs: 60,
-            failing_max_secs: 86_400,
+    fn policy() -> Policy {
+        Policy {
+            recheck: RecheckSettings {
+                mirrored_secs: 1000,
+                failing_initial_secs: 60,
+                failing_max_secs: 86_400,
+            },
+            expiry: ExpirySettings {
+                confirmations: 1,
+                min_interval_secs: 600,
+            },
+            when_mirror_exists: WhenMirrorExists::Flag,
+            max_attempts: 10,
         }
     }
+
+    const URL: &str = "https://thirdwx.qlogo.cn/mmopen/a/132";
 
     fn due(prev: Option<Previous>) -> DueAvatar {
         DueAvatar {
             user_id: UserId::Int(7),
-            avatar_url: "https://thirdwx.qlogo.cn/mmopen/a/132".into(),
+            avatar_url: URL.into(),
             previous: prev,
         }
     }
 
     fn prev(status: Status, attempts: i64) -> Previous {
         Previous {
-            source_url: "https://thirdwx.qlogo.cn/mmopen/a/132".into(),
+            source_url: URL.into(),
             status,
             mirror_url: Some("https://cdn/avatars/ab/ab.jpg".into()),
             object_key: Some("avatars/ab/ab.jpg".into()),
             sha256: Some("ab".into()),
             attempts,
+            expiry_signals: 0,
             reauth_required: false,
         }
     }
@@ -500,30 +524,11 @@ mod tests {
         rand::rngs::StdRng::seed_from_u64(1)
     }
 
-    #[test]
-    fn expired_avatar_flags_user_and_keeps_the_last_mirror() {
-        let v = Verdict::new(Status::Expired, "provider_notexist");
-        let r = build_record(
-            &due(Some(prev(Status::Mirrored, 0))),
-            v,
-            None,
-            0,
-            100,
-            &recheck(),
-            &mut rng(),
-        );
-        assert!(r.reauth_required);
-        assert_eq!(
-            r.mirror_url.as_deref(),
-            Some("https://cdn/avatars/ab/ab.jpg")
-        );
-        assert_eq!(r.next_check_at, None, "expired avatars wait for a new URL");
+    fn record(d: &DueAvatar, v: Verdict, p: &Policy) -> AvatarRecord {
+        build_record(d, v, None, None, 0, 100, p, &mut rng())
     }
 
-    #[test]
-    fn mirrored_avatar_clears_the_flag_and_schedules_a_jittered_recheck() {
-        let mut p = prev(Status::Expired, 0);
-        p.reauth_required = true;
+    fn mirror() -> Mirror {
         let info = ImageInfo {
             format: ImageFormat::Jpeg,
             width: 132,
@@ -534,14 +539,49 @@ mod tests {
             url: "https://cdn/avatars/cd/cd.jpg".into(),
             deduplicated: false,
         };
-        let m = (info, "cd".to_string(), stored);
+        (info, "cd".to_string(), stored)
+    }
+
+    fn expired() -> Verdict {
+        Verdict::new(Status::Expired, "provider_notexist").with_detail("X-ErrNo: -6101")
+    }
+
+    #[test]
+    fn expired_avatar_flags_user_and_keeps_the_last_mirror() {
+        let r = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &policy());
+        assert!(r.reauth_required);
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/ab/ab.jpg")
+        );
+        assert_eq!(r.next_check_at, None, "expired avatars wait for a new URL");
+        assert_eq!(r.expiry_signals, 1);
+    }
+
+    #[test]
+    fn an_existing_mirror_can_keep_the_user_unflagged_by_policy() {
+        let mut p = policy();
+        p.when_mirror_exists = WhenMirrorExists::Keep;
+        let r = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &p);
+        assert_eq!((r.status, r.reauth_required), (Status::Expired, false));
+        // Without a mirror there is nothing to show: flag.
+        let r = record(&due(None), expired(), &p);
+        assert!(r.reauth_required);
+    }
+
+    #[test]
+    fn mirrored_avatar_clears_the_flag_and_schedules_a_jittered_recheck() {
+        let mut p = prev(Status::Expired, 0);
+        p.reauth_required = true;
+        let m = mirror();
         let r = build_record(
             &due(Some(p)),
             Verdict::mirrored(),
+            None,
             Some(&m),
             5000,
             100,
-            &recheck(),
+            &policy(),
             &mut rng(),
         );
         assert!(!r.reauth_required);
@@ -558,29 +598,112 @@ mod tests {
     }
 
     #[test]
-    fn failing_avatars_back_off_and_never_flag() {
-        let v = Verdict::new(Status::Failing, "server_error");
-        let r = build_record(
-            &due(Some(prev(Status::Failing, 3))),
-            v.clone(),
+    fn expiry_needs_the_configured_confirmations_and_counts_signals_across_valid_answers() {
+        let mut p = policy();
+        p.expiry.confirmations = 2;
+        // First signal: not yet expired, not flagged, re-checked after min_interval.
+        let first = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &p);
+        assert_eq!(
+            (first.status, first.reason.as_str()),
+            (Status::Failing, "expiry_unconfirmed")
+        );
+        assert!(!first.reauth_required);
+        assert_eq!(first.next_check_at, Some(100 + 600));
+        assert_eq!(first.expiry_signals, 1);
+        // A valid answer in between (a node that has not caught up): mirrored, signal kept, looked at again soon.
+        let mut after = prev(Status::Failing, 0);
+        after.expiry_signals = first.expiry_signals;
+        let m = mirror();
+        let valid = build_record(
+            &due(Some(after.clone())),
+            Verdict::mirrored(),
             None,
-            0,
-            0,
-            &recheck(),
+            Some(&m),
+            1,
+            100,
+            &p,
             &mut rng(),
         );
+        assert_eq!((valid.status, valid.expiry_signals), (Status::Mirrored, 1));
+        assert_eq!(valid.next_check_at, Some(100 + 600));
+        // Second signal: confirmed.
+        after.status = Status::Mirrored;
+        after.expiry_signals = valid.expiry_signals;
+        let second = record(&due(Some(after)), expired(), &p);
+        assert_eq!((second.status, second.expiry_signals), (Status::Expired, 2));
+        assert!(second.reauth_required);
+        // A new URL starts counting from zero.
+        let mut changed = prev(Status::Failing, 0);
+        changed.source_url = "https://thirdwx.qlogo.cn/old/132".into();
+        changed.expiry_signals = 1;
+        let r = record(&due(Some(changed)), expired(), &p);
+        assert_eq!((r.status, r.expiry_signals), (Status::Failing, 1));
+    }
+
+    #[test]
+    fn failing_avatars_back_off_never_flag_and_give_up_after_max_attempts() {
+        let v = Verdict::new(Status::Failing, "server_error");
+        let r = record(&due(Some(prev(Status::Failing, 3))), v.clone(), &policy());
         assert_eq!(r.attempts, 4);
         assert!(!r.reauth_required);
-        let next = r.next_check_at.unwrap();
+        let next = r.next_check_at.unwrap() - 100;
         assert!((384..=576).contains(&next), "60*2^3=480 +-20%: {next}");
-        // A first failure starts the count again.
-        let r = build_record(&due(None), v, None, 0, 0, &recheck(), &mut rng());
-        assert_eq!(r.attempts, 1);
+        let r = record(&due(None), v.clone(), &policy());
+        assert_eq!(r.attempts, 1, "a first failure starts the count");
+        let r = record(&due(Some(prev(Status::Failing, 9))), v, &policy());
+        assert_eq!(
+            (r.status, r.reason.as_str(), r.next_check_at),
+            (Status::Failing, "gave_up", None)
+        );
+        assert!(!r.reauth_required, "giving up is never the user's fault");
+        assert!(r.reason_detail.unwrap().contains("server_error"));
+    }
+
+    #[test]
+    fn a_signed_url_is_retried_before_its_signature_runs_out() {
+        let v = Verdict::new(Status::Failing, "timeout");
+        // The 6th failure in a row would wait 60 * 2^5 s: the signature runs out sooner.
+        let r = build_record(
+            &due(Some(prev(Status::Failing, 5))),
+            v,
+            Some(100 + 400),
+            None,
+            0,
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!(r.next_check_at, Some(100 + 400 - EXPIRY_MARGIN_SECS));
+    }
+
+    #[test]
+    fn a_deprecated_host_keeps_its_new_mirror_and_flags_the_user() {
+        let v = Verdict::new(Status::Expired, "deprecated_host");
+        let m = mirror();
+        let r = build_record(
+            &due(None),
+            v,
+            None,
+            Some(&m),
+            10,
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!((r.status, r.reauth_required), (Status::Expired, true));
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/cd/cd.jpg")
+        );
+        assert_eq!(
+            r.expiry_signals, 0,
+            "a retiring host is not a flapping signal"
+        );
     }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
-        let rc = recheck();
+        let rc = policy().recheck;
         assert_eq!(backoff_secs(1, &rc), 60);
         assert_eq!(backoff_secs(2, &rc), 120);
         assert_eq!(backoff_secs(30, &rc), 86_400);

@@ -16,6 +16,7 @@ CREATE TABLE IF NOT EXISTS avatar_warden_avatars (
     format           VARCHAR(16),
     reauth_required  BOOLEAN NOT NULL DEFAULT FALSE,
     attempts         BIGINT NOT NULL DEFAULT 0,
+    expiry_signals   BIGINT NOT NULL DEFAULT 0,
     checked_at       BIGINT NOT NULL,
     next_check_at    BIGINT,
     lease_token      CHAR(32),

@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS avatar_warden_avatars (
     format           TEXT,
     reauth_required  BOOLEAN NOT NULL DEFAULT FALSE,
     attempts         BIGINT NOT NULL DEFAULT 0,
+    -- Provider expiry signals seen for this URL (see expiry.confirmations).
+    expiry_signals   BIGINT NOT NULL DEFAULT 0,
     checked_at       BIGINT NOT NULL,
     next_check_at    BIGINT,
     -- Held by the worker checking this avatar right now (see `claim`).

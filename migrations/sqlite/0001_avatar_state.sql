@@ -15,6 +15,8 @@ CREATE TABLE IF NOT EXISTS avatar_warden_avatars (
     format          TEXT,
     reauth_required INTEGER NOT NULL DEFAULT 0,
     attempts        INTEGER NOT NULL DEFAULT 0,
+    -- Provider expiry signals seen for this URL (see expiry.confirmations).
+    expiry_signals  INTEGER NOT NULL DEFAULT 0,
     checked_at      INTEGER NOT NULL,
     next_check_at   INTEGER,
     -- Held by the worker checking this avatar right now (see `claim`).

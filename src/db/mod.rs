@@ -92,6 +92,7 @@ pub struct Previous {
     pub object_key: Option<String>,
     pub sha256: Option<String>,
     pub attempts: i64,
+    pub expiry_signals: i64,
     pub reauth_required: bool,
 }
 
@@ -122,6 +123,8 @@ pub struct AvatarRecord {
     pub reauth_required: bool,
     /// Consecutive failing checks of this URL.
     pub attempts: i64,
+    /// Provider expiry signals seen for this URL.
+    pub expiry_signals: i64,
     pub checked_at: i64,
     /// `None`: not until the URL changes.
     pub next_check_at: Option<i64>,
@@ -301,7 +304,7 @@ impl ProfileNames {
 }
 
 /// The columns of the state table, in the order batches bind them.
-const STATE_COLUMNS: [&str; 16] = [
+const STATE_COLUMNS: [&str; 17] = [
     "user_id",
     "source_url",
     "status",
@@ -316,12 +319,13 @@ const STATE_COLUMNS: [&str; 16] = [
     "format",
     "reauth_required",
     "attempts",
+    "expiry_signals",
     "checked_at",
     "next_check_at",
 ];
 
 /// Columns read back into `Previous` when claiming.
-const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, attempts, reauth_required, next_check_at, lease_expires_at";
+const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
 
 /// Row decoders shared by every backend (the row type differs, the columns do not).
 macro_rules! row_readers {
@@ -355,6 +359,7 @@ macro_rules! row_readers {
                     object_key: opt_text(row, "object_key")?,
                     sha256: opt_text(row, "sha256")?,
                     attempts: row.try_get("attempts")?,
+                    expiry_signals: row.try_get("expiry_signals")?,
                     reauth_required: row.try_get("reauth_required")?,
                 },
                 next_check_at: row.try_get("next_check_at")?,
@@ -379,6 +384,7 @@ macro_rules! row_readers {
                 format: opt_text(row, "format")?,
                 reauth_required: row.try_get("reauth_required")?,
                 attempts: row.try_get("attempts")?,
+                expiry_signals: row.try_get("expiry_signals")?,
                 checked_at: row.try_get("checked_at")?,
                 next_check_at: row.try_get("next_check_at")?,
             })
@@ -545,6 +551,7 @@ mod tests {
                 object_key: None,
                 sha256: None,
                 attempts: 0,
+                expiry_signals: 0,
                 reauth_required: false,
             },
             next_check_at: next,

@@ -18,9 +18,9 @@ use crate::config::ProfileSettings;
 
 /// The batch upsert never changes: built once.
 static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    const TYPES: [&str; 16] = [
+    const TYPES: [&str; 17] = [
         "text", "text", "text", "text", "text", "text", "text", "text", "int8", "int8", "int8",
-        "text", "bool", "int8", "int8", "int8",
+        "text", "bool", "int8", "int8", "int8", "int8",
     ];
     let arrays: Vec<String> = TYPES
         .iter()
@@ -341,6 +341,7 @@ impl Postgres {
                     .collect::<Vec<_>>(),
             )
             .bind(num(|r| Some(r.attempts)))
+            .bind(num(|r| Some(r.expiry_signals)))
             .bind(num(|r| Some(r.checked_at)))
             .bind(num(|r| r.next_check_at))
     }

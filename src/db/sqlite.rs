@@ -345,6 +345,7 @@ fn upsert_state<'a>(
             a.add(r.format.clone())?;
             a.add(r.reauth_required)?;
             a.add(r.attempts)?;
+            a.add(r.expiry_signals)?;
             a.add(r.checked_at)?;
             a.add(r.next_check_at)
         })?;

@@ -58,8 +58,9 @@ impl ObjectStore for FsStore {
         }
         // Write aside and rename: readers never see half an object, and two
         // writers of the same key both end with the same complete file.
-        let tmp = path.with_extension(format!(
-            "tmp-{}-{}",
+        let tmp = self.root.join(TMP_DIR).join(format!(
+            "{}-{}-{:016x}",
+            key.replace('/', "_"),
             std::process::id(),
             rand::random::<u64>()
         ));

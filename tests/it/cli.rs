@@ -39,12 +39,13 @@ async fn check_names_the_header_that_decided_an_expired_wechat_avatar() {
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
     assert!(text.contains("verdict:    expired"), "{text}");
-    assert!(text.contains("decided by: X-ErrNo: -6101"), "{text}");
+    assert!(text.contains("detail:     X-ErrNo: -6101"), "{text}");
+    assert!(text.contains("decided by: header rule X-ErrNo"), "{text}");
     assert!(
         text.contains("header:     x-info: notexist:-6101"),
         "{text}"
     );
-    assert!(text.contains("http:       200 OK"), "{text}");
+    assert!(text.contains("http:       200 OK (1 request(s))"), "{text}");
 
     let out = run(
         &app,

@@ -349,9 +349,10 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
                 d,
                 avatar_warden::classify::Verdict::new(Status::Expired, "not_found"),
                 None,
+                None,
                 0,
                 now,
-                &app.settings().recheck,
+                &avatar_warden::pipeline::Policy::from_settings(&app.settings()),
                 &mut rand::rng(),
             )
         })
@@ -562,6 +563,7 @@ async fn a_slow_origin_and_a_closed_port_are_failing_not_flagged() {
     ])
     .await;
     app.set("FETCH__TIMEOUT_SECS", "1");
+    app.set("RETRY__IN_RUN", "0");
     let started = std::time::Instant::now();
     let report = app.scan().await;
     assert!(

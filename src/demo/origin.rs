@@ -121,12 +121,12 @@ impl Origin {
 async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     state.total.fetch_add(1, Ordering::Relaxed);
-    *state
-        .hits
-        .lock()
-        .expect("hits lock")
-        .entry(path.clone())
-        .or_default() += 1;
+    let hit = {
+        let mut hits = state.hits.lock().expect("hits lock");
+        let n = hits.entry(path.clone()).or_default();
+        *n += 1;
+        *n
+    };
     if !state.options.latency.is_zero() {
         tokio::time::sleep(state.options.latency).await;
     }
@@ -141,13 +141,76 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             ),
         },
         // WeChat's CDN: 200, a gray PNG, and the only real signal in two headers.
-        ["wechat", "expired", _] => {
-            let mut r = respond(StatusCode::OK, "image/png", state.placeholder.clone());
-            r.headers_mut()
-                .insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
-            r.headers_mut()
-                .insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
-            r
+        ["wechat", "expired", _] => wechat_expired(state),
+        // A dying WeChat URL seen through different CDN nodes: the picture on
+        // odd requests, the expired placeholder on even ones.
+        ["flap", name] => {
+            if hit % 2 == 1 {
+                respond(
+                    StatusCode::OK,
+                    "image/jpeg",
+                    image_for(state, "jpeg", name).unwrap_or_default(),
+                )
+            } else {
+                wechat_expired(state)
+            }
+        }
+        // The placeholder picture without the headers that would give it away.
+        ["placeholder", _] => respond(StatusCode::OK, "image/png", state.placeholder.clone()),
+        // `n` answers of 429 with Retry-After: 1, then the picture.
+        ["ratelimit", n, name] => {
+            if hit <= n.parse::<u64>().unwrap_or(0) {
+                let mut r = respond(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "text/plain",
+                    Bytes::from_static(b"slow down"),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "image/jpeg",
+                    image_for(state, "jpeg", name).unwrap_or_default(),
+                )
+            }
+        }
+        // WeChat-style size segment: /0 is the largest (256 px here); names
+        // starting with "nobig" have no /0.
+        ["sized", name, size] => match (*size, name.starts_with("nobig")) {
+            ("0", true) => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()),
+            (size, _) => {
+                let side = if size == "0" {
+                    256
+                } else {
+                    size.parse().unwrap_or(132).clamp(1, 1024)
+                };
+                let bytes = render_avatar(name, side, image::ImageFormat::Jpeg);
+                respond(StatusCode::OK, "image/jpeg", Bytes::from(bytes))
+            }
+        },
+        // A signed URL: 403 once `x-expires` (unix seconds) has passed.
+        ["signed", name] => {
+            let expires = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("x-expires=")))
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(0);
+            if expires <= chrono::Utc::now().timestamp() {
+                respond(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    Bytes::from_static(b"signature expired"),
+                )
+            } else {
+                respond(
+                    StatusCode::OK,
+                    "image/jpeg",
+                    image_for(state, "jpeg", name).unwrap_or_default(),
+                )
+            }
         }
         ["status", code, _] => {
             let status = code
@@ -184,6 +247,15 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             Bytes::from_static(b"not found"),
         ),
     }
+}
+
+fn wechat_expired(state: &State) -> Response<Body> {
+    let mut r = respond(StatusCode::OK, "image/png", state.placeholder.clone());
+    r.headers_mut()
+        .insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
+    r.headers_mut()
+        .insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
+    r
 }
 
 fn respond(status: StatusCode, content_type: &'static str, body: Bytes) -> Response<Body> {

@@ -239,6 +239,40 @@ impl TestApp {
             .await;
     }
 
+    /// A `users` table holding exactly these (id, avatar URL) rows.
+    pub async fn users(&self, rows: &[(i64, String)]) {
+        let b = self.backend;
+        let values: Vec<String> = rows
+            .iter()
+            .map(|(id, url)| format!("({id}, {})", sql_string(url)))
+            .collect();
+        self.sql(&[
+            &format!(
+                "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
+                 avatar_reauth_required {} NOT NULL DEFAULT {})",
+                b.boolean(),
+                b.false_literal()
+            ),
+            &format!("INSERT INTO users (id, avatar_url) VALUES {}", values.join(", ")),
+        ])
+        .await;
+    }
+
+    /// Provider rules of the test's own (e.g. for the origin's host), used by the app.
+    pub fn provider_rules(&mut self, toml: &str) {
+        let path = self.dir.path().join("providers.toml");
+        std::fs::write(&path, toml).unwrap();
+        self.set("PROVIDERS__FILE", path.to_str().unwrap());
+    }
+
+    /// Makes every scheduled re-check due now ("time passes").
+    pub async fn time_passes(&self) {
+        self.sql(&[
+            "UPDATE avatar_warden_avatars SET next_check_at = 0 WHERE next_check_at IS NOT NULL",
+        ])
+        .await;
+    }
+
     pub fn set(&mut self, key: &str, value: &str) {
         let key = format!("AVATAR_WARDEN__{key}");
         self.env.retain(|(k, _)| *k != key);

@@ -4,5 +4,6 @@
 
 mod cli;
 mod helpers;
+mod rules;
 mod s3;
 mod scan;

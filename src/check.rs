@@ -191,6 +191,12 @@ impl Checker {
         HostLimiter::new(&self.fetch_settings)
     }
 
+    /// The provider rule name a URL falls under, if any.
+    pub fn provider_of(&self, raw_url: &str) -> Option<String> {
+        let url = Url::parse(raw_url.trim()).ok()?;
+        self.providers.find(&url).map(|r| r.name.clone())
+    }
+
     pub fn providers(&self) -> &Providers {
         &self.providers
     }

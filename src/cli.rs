@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::check::Checker;
 use crate::classify::Status;
 use crate::config::{FsSettings, LogFormat, Settings, StorageSettings};
-use crate::db::{AvatarRecord, Database, Shard};
+use crate::db::{AvatarRecord, Database, Selection, Shard};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
 use crate::storage::ImageWriter;
@@ -58,6 +58,24 @@ pub enum Command {
         /// Only ids of shard I of N (e.g. `--shard 0/4`), for indexed Jobs.
         #[arg(long, value_name = "I/N")]
         shard: Option<Shard>,
+        /// Fetch and classify, but store and write nothing; report what would change.
+        #[arg(long)]
+        dry_run: bool,
+        /// Stop after this many avatars.
+        #[arg(long, value_name = "N")]
+        limit: Option<u64>,
+        /// Only this user id (repeatable).
+        #[arg(long = "user", value_name = "ID")]
+        users: Vec<String>,
+        /// Only avatars of this provider rule (wechat, qq, douyin, ...).
+        #[arg(long, value_name = "NAME")]
+        provider: Option<String>,
+        /// Check now even if the next check is not due yet.
+        #[arg(long)]
+        force: bool,
+        /// Only avatars whose recorded status is this (repeatable; pending = never checked).
+        #[arg(long = "only", value_name = "STATUS", value_parser = parse_status_arg)]
+        only: Vec<Status>,
     },
     /// Scan on the cron schedule and serve /metrics until SIGTERM or Ctrl-C.
     Run,
@@ -134,11 +152,37 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(EXIT_OK)
         }
-        Command::Scan { json, shard } => {
+        Command::Scan {
+            json,
+            shard,
+            dry_run,
+            limit,
+            users,
+            provider,
+            force,
+            only,
+        } => {
             let deps = build_deps(&settings).await?;
+            if let Some(name) = &provider
+                && !deps.checker.providers().names().any(|n| n == name)
+            {
+                let known: Vec<&str> = deps.checker.providers().names().collect();
+                bail!(
+                    "unknown provider {name:?}; the rules know: {}",
+                    known.join(", ")
+                );
+            }
             let shutdown = schedule::shutdown_on_signals();
             let mut opts = scan_options(&settings, shutdown);
             opts.shard = shard;
+            opts.limit = limit;
+            opts.provider = provider;
+            opts.selection = Selection {
+                force,
+                only,
+                users,
+                dry_run,
+            };
             let report = pipeline::scan_once(&deps, &opts).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
@@ -217,6 +261,9 @@ pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOpt
         concurrency: settings.fetch.concurrency,
         lease_secs: settings.scan.lease_secs,
         shard: None,
+        selection: Selection::default(),
+        limit: None,
+        provider: None,
         shutdown,
     }
 }
@@ -358,7 +405,14 @@ pub fn export_object(r: &AvatarRecord) -> serde_json::Value {
     })
 }
 
+fn parse_status_arg(s: &str) -> Result<Status, String> {
+    s.parse()
+}
+
 fn print_report(report: &ScanReport) {
+    if report.dry_run {
+        println!("DRY RUN: nothing was stored or written");
+    }
     println!(
         "scanned {} avatars in {:.2}s{}",
         report.processed,
@@ -373,6 +427,19 @@ fn print_report(report: &ScanReport) {
         let n = report.count(status);
         if n > 0 {
             println!("  {:<10} {:>8}", status.as_str(), n);
+        }
+    }
+    if !report.changes.is_empty() {
+        println!(
+            "{}:",
+            if report.dry_run {
+                "would change"
+            } else {
+                "changes"
+            }
+        );
+        for (change, n) in &report.changes {
+            println!("  {change:<40} {n:>8}");
         }
     }
     if !report.by_reason.is_empty() {

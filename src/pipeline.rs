@@ -14,7 +14,8 @@ use crate::check::{Checker, HostLimiter};
 use crate::classify::{Status, Verdict};
 use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
-    AvatarRecord, Claim, Database, DbError, DueAvatar, Shard, UserId, new_lease_token,
+    AvatarRecord, Claim, Database, DbError, DueAvatar, Selection, Shard, UrlFilter, UserId,
+    new_lease_token,
 };
 use crate::media::ImageInfo;
 use crate::metrics::Metrics;
@@ -58,6 +59,12 @@ pub struct ScanOptions {
     pub lease_secs: u64,
     /// Static sharding: only ids of this shard.
     pub shard: Option<Shard>,
+    /// Backfill controls: force, only statuses, users, dry run.
+    pub selection: Selection,
+    /// Stop after this many avatars.
+    pub limit: Option<u64>,
+    /// Only avatars of this provider (a rule name from the provider rules).
+    pub provider: Option<String>,
     /// Cancelled: stop reading new avatars, finish and record those in flight.
     pub shutdown: CancellationToken,
 }
@@ -80,6 +87,10 @@ pub struct ScanReport {
     pub flagged: Vec<FlaggedUser>,
     pub duration_secs: f64,
     pub interrupted: bool,
+    /// Nothing was stored or written (`scan --dry-run`).
+    pub dry_run: bool,
+    /// `old → new` status changes this scan made (or would make).
+    pub changes: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -94,7 +105,15 @@ impl ScanReport {
         self.by_status.get(status.as_str()).copied().unwrap_or(0)
     }
 
-    fn add(&mut self, record: &AvatarRecord, stored: Option<&StoredObject>, bytes: u64) {
+    fn add(&mut self, c: &Checked) {
+        let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
+        let before = c.previous.map_or("new", |s| s.as_str());
+        if before != record.status.as_str() {
+            *self
+                .changes
+                .entry(format!("{before} -> {}", record.status))
+                .or_default() += 1;
+        }
         self.processed += 1;
         *self.by_status.entry(record.status.to_string()).or_default() += 1;
         *self
@@ -137,7 +156,7 @@ impl ScanError {
 }
 
 /// Checks one avatar end to end and returns what to record.
-async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Checked {
+async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run: bool) -> Checked {
     let started = Instant::now();
     let _in_flight = deps.metrics.in_flight_guard();
     let now = unix_now();
@@ -145,7 +164,7 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Check
     let mut verdict = exam.verdict;
     let mut mirror = None;
     let mut size = 0;
-    if let Some((info, body)) = exam.image {
+    if let Some((info, body)) = exam.image.filter(|_| !dry_run) {
         size = body.bytes.len() as u64;
         match deps
             .images
@@ -178,7 +197,12 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Check
         elapsed_ms = started.elapsed().as_millis() as u64,
         "avatar checked"
     );
-    (record, mirror.map(|(_, _, s)| s), size)
+    Checked {
+        previous: due.previous.as_ref().map(|p| p.status),
+        record,
+        stored: mirror.map(|(_, _, s)| s),
+        size,
+    }
 }
 
 /// A newly stored picture: what it is, its sha256, where it went.
@@ -355,8 +379,25 @@ pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, Sc
 /// How long a partly filled batch may wait before it is written anyway.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
+/// `scan --provider NAME`: only URLs that rule matches.
+struct ProviderFilter {
+    checker: Checker,
+    name: String,
+}
+
+impl UrlFilter for ProviderFilter {
+    fn keep(&self, url: &str) -> bool {
+        self.checker.provider_of(url).as_deref() == Some(self.name.as_str())
+    }
+}
+
 /// One checked avatar: its record, the object stored for it, bytes fetched.
-type Checked = (AvatarRecord, Option<StoredObject>, u64);
+struct Checked {
+    record: AvatarRecord,
+    stored: Option<StoredObject>,
+    size: u64,
+    previous: Option<Status>,
+}
 
 async fn scan_with_lease(
     deps: &Deps,
@@ -365,6 +406,14 @@ async fn scan_with_lease(
 ) -> Result<ScanReport, ScanError> {
     let batch = opts.batch_size.max(1);
     let (lease_secs, shard) = (opts.lease_secs as i64, opts.shard);
+    let selection = Arc::new(opts.selection.clone());
+    let dry_run = opts.selection.dry_run;
+    let keep_url = opts.provider.clone().map(|name| {
+        Arc::new(ProviderFilter {
+            checker: deps.checker.clone(),
+            name,
+        })
+    });
     // Keyset pages, claimed lazily as the workers need them: memory is bounded
     // by one page plus what is in flight, whatever the table size. Each claim
     // runs as its own task so its transaction finishes even while this stream
@@ -374,6 +423,8 @@ async fn scan_with_lease(
     let pages = stream::try_unfold(Some(None::<UserId>), move |state| {
         let db = db.clone();
         let token = claim_token.clone();
+        let selection = selection.clone();
+        let keep_url = keep_url.clone();
         async move {
             let Some(after) = state else {
                 return Ok::<_, ScanError>(None);
@@ -387,6 +438,8 @@ async fn scan_with_lease(
                     token: &token,
                     lease_until: now + lease_secs,
                     shard,
+                    selection: &selection,
+                    keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
                 })
                 .await
             })
@@ -401,15 +454,25 @@ async fn scan_with_lease(
     // The writer drains results in batches on its own task, so checking
     // never pauses while a batch is written.
     let (tx, rx) = tokio::sync::mpsc::channel::<Checked>(batch * 2);
-    let writer = tokio::spawn(write_results(deps.clone(), rx, batch, token.to_string()));
+    let writer = tokio::spawn(write_results(
+        deps.clone(),
+        rx,
+        batch,
+        token.to_string(),
+        dry_run,
+    ));
 
     let hosts = deps.checker.host_limiter();
     let hosts = &hosts;
     let shutdown = opts.shutdown.clone();
+    let limit = opts.limit.map_or(usize::MAX, |l| l as usize);
     let results = pages
         .try_flatten()
+        .take(limit)
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(|due| async move { Ok::<_, ScanError>(check_avatar(deps, due, hosts).await) })
+        .map_ok(
+            |due| async move { Ok::<_, ScanError>(check_avatar(deps, due, hosts, dry_run).await) },
+        )
         .try_buffer_unordered(opts.concurrency.max(1));
     futures::pin_mut!(results);
     let mut failure = None;
@@ -440,8 +503,12 @@ async fn write_results(
     mut rx: tokio::sync::mpsc::Receiver<Checked>,
     batch: usize,
     token: String,
+    dry_run: bool,
 ) -> Result<ScanReport, ScanError> {
-    let mut report = ScanReport::default();
+    let mut report = ScanReport {
+        dry_run,
+        ..ScanReport::default()
+    };
     let mut buf: Vec<Checked> = Vec::with_capacity(batch);
     let mut open = true;
     while open || !buf.is_empty() {
@@ -461,14 +528,17 @@ async fn write_results(
         if buf.is_empty() {
             continue;
         }
-        let records: Vec<AvatarRecord> = buf.iter().map(|(r, _, _)| r.clone()).collect();
-        let write_started = Instant::now();
-        let recorded = deps.db.record_batch(&records, &token).await?;
-        deps.metrics.observe_db_batch(write_started.elapsed());
-        report.lease_lost += recorded.discarded as u64;
-        for (record, stored, size) in buf.drain(..) {
-            report.add(&record, stored.as_ref(), size);
-            deps.metrics.record_outcome(&record, stored.as_ref(), size);
+        if !dry_run {
+            let records: Vec<AvatarRecord> = buf.iter().map(|c| c.record.clone()).collect();
+            let write_started = Instant::now();
+            let recorded = deps.db.record_batch(&records, &token).await?;
+            deps.metrics.observe_db_batch(write_started.elapsed());
+            report.lease_lost += recorded.discarded as u64;
+        }
+        for c in buf.drain(..) {
+            report.add(&c);
+            deps.metrics
+                .record_outcome(&c.record, c.stored.as_ref(), c.size);
         }
     }
     Ok(report)

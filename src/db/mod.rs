@@ -131,7 +131,7 @@ pub struct AvatarRecord {
 }
 
 /// What to claim: the next page after `after`, leased to `token` until `lease_until`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Claim<'a> {
     pub after: Option<&'a UserId>,
     pub now: i64,
@@ -139,6 +139,102 @@ pub struct Claim<'a> {
     pub token: &'a str,
     pub lease_until: i64,
     pub shard: Option<Shard>,
+    pub selection: &'a Selection,
+    /// Only avatar URLs this accepts (e.g. `--provider`).
+    pub keep_url: Option<&'a dyn UrlFilter>,
+}
+
+/// Decides which avatar URLs a scan takes.
+pub trait UrlFilter: Send + Sync {
+    fn keep(&self, url: &str) -> bool;
+}
+
+impl Claim<'_> {
+    /// Drops candidates outside this worker's shard or the URL filter.
+    fn narrow(&self, candidates: &mut Vec<Candidate>) {
+        if let Some(shard) = self.shard {
+            candidates.retain(|c| shard.owns(&c.user_id));
+        }
+        if let Some(keep) = self.keep_url {
+            candidates.retain(|c| keep.keep(&c.avatar_url));
+        }
+    }
+}
+
+/// Which avatars a scan takes beyond "everything due" (the backfill controls).
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Ignore `next_check_at`: everything matching is due now.
+    pub force: bool,
+    /// Only avatars whose recorded status is one of these (`pending` = never checked).
+    pub only: Vec<Status>,
+    /// Only these user ids.
+    pub users: Vec<String>,
+    /// Read and report, but claim nothing: no pending rows, no leases.
+    pub dry_run: bool,
+}
+
+/// How a backend spells literals in the selection's SQL.
+#[derive(Debug, Clone, Copy)]
+enum Dialect<'a> {
+    Sqlite,
+    Postgres { id_type: &'a str },
+    MySql,
+}
+
+impl Selection {
+    /// SQL added to the due query: a term OR-ed into the due condition, and
+    /// conditions AND-ed after it. Values are literals from an enum or escaped
+    /// text, so the statement needs no extra parameters.
+    fn sql(&self, d: Dialect<'_>) -> (String, String) {
+        let due_or = if self.force {
+            " OR 1 = 1".to_string()
+        } else {
+            String::new()
+        };
+        let mut and = String::new();
+        if !self.only.is_empty() {
+            let known: Vec<String> = self
+                .only
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect();
+            let never_checked = if self.only.contains(&Status::Pending) {
+                " OR s.user_id IS NULL"
+            } else {
+                ""
+            };
+            and.push_str(&format!(
+                " AND (s.status IN ({}){never_checked})",
+                known.join(", ")
+            ));
+        }
+        if !self.users.is_empty() {
+            let ids: Vec<String> = self
+                .users
+                .iter()
+                .map(|u| {
+                    let text = match d {
+                        // MySQL also treats backslashes as escapes in literals.
+                        Dialect::MySql => {
+                            format!("'{}'", u.replace('\\', "\\\\").replace('\'', "''"))
+                        }
+                        _ => format!("'{}'", u.replace('\'', "''")),
+                    };
+                    match d {
+                        // Typed, so the id index is used.
+                        Dialect::Postgres { id_type } => format!("CAST({text} AS {id_type})"),
+                        _ => match u.parse::<i64>() {
+                            Ok(i) => i.to_string(),
+                            Err(_) => text,
+                        },
+                    }
+                })
+                .collect();
+            and.push_str(&format!(" AND p.id IN ({})", ids.join(", ")));
+        }
+        (due_or, and)
+    }
 }
 
 /// Static sharding for indexed Jobs: this worker takes ids whose shard is `index` of `count`.
@@ -210,21 +306,42 @@ struct Locked {
 
 /// Re-checked under the row lock: another worker may have taken or finished it
 /// since the page was read.
-fn claimable(now: i64, url: &str, locked: &Locked) -> bool {
+fn claimable(now: i64, url: &str, locked: &Locked, force: bool) -> bool {
     let lease_free = locked.lease_expires_at.is_none_or(|t| t <= now);
-    let due = locked.previous.source_url != url || locked.next_check_at.is_some_and(|t| t <= now);
+    let due = force
+        || locked.previous.source_url != url
+        || locked.next_check_at.is_some_and(|t| t <= now);
     lease_free && due
 }
 
+/// A dry run claims nothing: candidates with what the state table says of them.
+fn unclaimed(candidates: Vec<Candidate>, locked: Vec<Locked>) -> Vec<DueAvatar> {
+    let mut by_id: std::collections::HashMap<String, Locked> =
+        locked.into_iter().map(|l| (l.user_id.clone(), l)).collect();
+    candidates
+        .into_iter()
+        .map(|c| DueAvatar {
+            previous: by_id.remove(&c.user_id.to_string()).map(|l| l.previous),
+            user_id: c.user_id,
+            avatar_url: c.avatar_url,
+        })
+        .collect()
+}
+
 /// Pairs candidates with their locked rows and keeps the claimable ones.
-fn select_claims(now: i64, candidates: Vec<Candidate>, locked: Vec<Locked>) -> Vec<DueAvatar> {
+fn select_claims(
+    now: i64,
+    candidates: Vec<Candidate>,
+    locked: Vec<Locked>,
+    force: bool,
+) -> Vec<DueAvatar> {
     let mut by_id: std::collections::HashMap<String, Locked> =
         locked.into_iter().map(|l| (l.user_id.clone(), l)).collect();
     candidates
         .into_iter()
         .filter_map(|c| {
             let l = by_id.remove(&c.user_id.to_string())?;
-            let due = claimable(now, &c.avatar_url, &l);
+            let due = claimable(now, &c.avatar_url, &l, force);
             due.then_some(DueAvatar {
                 user_id: c.user_id,
                 avatar_url: c.avatar_url,
@@ -562,29 +679,50 @@ mod tests {
     #[test]
     fn a_row_is_claimable_only_when_due_and_not_leased() {
         let now = 1000;
+        let c =
+            |url: &str, next, lease, force| claimable(now, url, &locked("u", next, lease), force);
+        assert!(c("u", Some(999), None, false), "due by time");
+        assert!(c("new", None, None, false), "url changed");
+        assert!(!c("u", Some(2000), None, false), "not due yet");
         assert!(
-            claimable(now, "u", &locked("u", Some(999), None)),
-            "due by time"
+            c("u", Some(2000), None, true),
+            "--force ignores next_check_at"
+        );
+        assert!(!c("u", None, None, false), "settled until the url changes");
+        assert!(
+            !c("u", Some(999), Some(1500), true),
+            "leased by another worker, even with --force"
         );
         assert!(
-            claimable(now, "new", &locked("u", None, None)),
-            "url changed"
-        );
-        assert!(
-            !claimable(now, "u", &locked("u", Some(2000), None)),
-            "not due yet"
-        );
-        assert!(
-            !claimable(now, "u", &locked("u", None, None)),
-            "settled until the url changes"
-        );
-        assert!(
-            !claimable(now, "u", &locked("u", Some(999), Some(1500))),
-            "leased by another worker"
-        );
-        assert!(
-            claimable(now, "u", &locked("u", Some(999), Some(1000))),
+            c("u", Some(999), Some(1000), false),
             "an expired lease is free"
+        );
+    }
+
+    #[test]
+    fn selection_sql_uses_only_escaped_literals() {
+        let sel = Selection {
+            force: true,
+            only: vec![Status::Failing, Status::Pending],
+            users: vec!["42".into(), "o'brien\\x".into()],
+            dry_run: false,
+        };
+        let (due_or, and) = sel.sql(Dialect::Sqlite);
+        assert_eq!(due_or, " OR 1 = 1");
+        assert_eq!(
+            and,
+            " AND (s.status IN ('failing', 'pending') OR s.user_id IS NULL) AND p.id IN (42, 'o''brien\\x')"
+        );
+        let (_, and) = sel.sql(Dialect::MySql);
+        assert!(and.ends_with("p.id IN (42, 'o''brien\\\\x')"), "{and}");
+        let (_, and) = sel.sql(Dialect::Postgres { id_type: "INT8" });
+        assert!(
+            and.ends_with("p.id IN (CAST('42' AS INT8), CAST('o''brien\\x' AS INT8))"),
+            "{and}"
+        );
+        assert_eq!(
+            Selection::default().sql(Dialect::Sqlite),
+            (String::new(), String::new())
         );
     }
 

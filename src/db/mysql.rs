@@ -11,8 +11,9 @@ use sqlx::{Arguments, Column, Executor, Row, Statement, TypeInfo};
 
 use super::migrate::{self, MIGRATIONS_TABLE};
 use super::{
-    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, LOCK_COLUMNS, ProfileNames, Recorded,
-    STATE_COLUMNS, STATE_TABLE, StatusCounts, UserId, question_marks, select_claims,
+    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, Dialect, LOCK_COLUMNS, Locked,
+    ProfileNames, Recorded, STATE_COLUMNS, STATE_TABLE, Selection, StatusCounts, UserId,
+    question_marks, select_claims, unclaimed,
 };
 use crate::config::ProfileSettings;
 
@@ -138,15 +139,16 @@ impl MySql {
         result
     }
 
-    fn due_query(&self, with_cursor: bool) -> String {
+    fn due_query(&self, with_cursor: bool, selection: &Selection) -> String {
         let cursor = if with_cursor { "p.id > ? AND " } else { "" };
+        let (due_or, and) = selection.sql(Dialect::MySql);
         format!(
             "SELECT CAST(p.id AS CHAR) AS id, CAST(p.avatar AS CHAR) AS avatar, \
              CAST(s.user_id IS NOT NULL AS SIGNED) AS has_state \
              FROM {source} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = CAST(p.id AS CHAR) \
              WHERE {cursor}p.avatar IS NOT NULL AND TRIM(p.avatar) <> '' \
-             AND (s.user_id IS NULL OR s.source_url <> p.avatar OR s.next_check_at <= ?) \
-             AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ?) \
+             AND (s.user_id IS NULL OR s.source_url <> p.avatar OR s.next_check_at <= ?{due_or}) \
+             AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ?){and} \
              ORDER BY p.id LIMIT ?",
             source = self.names.source(),
         )
@@ -160,7 +162,7 @@ impl MySql {
     }
 
     pub async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let sql = self.due_query(c.after.is_some());
+        let sql = self.due_query(c.after.is_some(), c.selection);
         let mut q = sqlx::query(&sql);
         match c.after {
             Some(UserId::Int(i)) => q = q.bind(*i),
@@ -182,12 +184,19 @@ impl MySql {
             });
         }
         let cursor = candidates.last().map(|c| c.user_id.clone());
-        if let Some(shard) = c.shard {
-            candidates.retain(|cand| shard.owns(&cand.user_id));
-        }
+        c.narrow(&mut candidates);
         if candidates.is_empty() {
             return Ok(ClaimedPage {
                 claimed: Vec::new(),
+                cursor,
+            });
+        }
+        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
+        if c.selection.dry_run {
+            let mut conn = self.pool.acquire().await?;
+            let locked = lock_rows(&mut conn, &ids, "").await?;
+            return Ok(ClaimedPage {
+                claimed: unclaimed(candidates, locked),
                 cursor,
             });
         }
@@ -212,22 +221,9 @@ impl MySql {
             }
             sqlx::query_with(&sql, args).execute(&mut *tx).await?;
         }
-        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
-        let mut locked = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({}) FOR UPDATE SKIP LOCKED",
-                vec!["?"; chunk.len()].join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                locked.push(locked_from_row(&row)?);
-            }
-        }
-        let claimed = select_claims(c.now, candidates, locked);
+        // Rows another worker is claiming right now are skipped, not waited for.
+        let locked = lock_rows(&mut tx, &ids, " FOR UPDATE SKIP LOCKED").await?;
+        let claimed = select_claims(c.now, candidates, locked, c.selection.force);
         for chunk in claimed.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE {STATE_TABLE} SET lease_token = ?, lease_expires_at = ? WHERE user_id IN ({})",
@@ -328,6 +324,28 @@ impl MySql {
             due_now,
         })
     }
+}
+
+async fn lock_rows(
+    conn: &mut sqlx::MySqlConnection,
+    ids: &[String],
+    lock: &str,
+) -> Result<Vec<Locked>, DbError> {
+    let mut locked = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({}){lock}",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            locked.push(locked_from_row(&row)?);
+        }
+    }
+    Ok(locked)
 }
 
 super::row_readers!(MySqlRow);

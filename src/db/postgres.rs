@@ -11,8 +11,9 @@ use sqlx::{Column, Executor, Row, Statement, TypeInfo};
 
 use super::migrate::{self, MIGRATIONS_TABLE};
 use super::{
-    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, LOCK_COLUMNS, ProfileNames, Recorded,
-    STATE_COLUMNS, STATE_TABLE, StatusCounts, UserId, select_claims,
+    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, Dialect, LOCK_COLUMNS, Locked,
+    ProfileNames, Recorded, STATE_COLUMNS, STATE_TABLE, Selection, StatusCounts, UserId,
+    select_claims, unclaimed,
 };
 use crate::config::ProfileSettings;
 
@@ -162,7 +163,10 @@ impl Postgres {
         Ok(applied)
     }
 
-    fn due_query(&self, with_cursor: bool) -> String {
+    fn due_query(&self, with_cursor: bool, selection: &Selection) -> String {
+        let (due_or, and) = selection.sql(Dialect::Postgres {
+            id_type: &self.id_type,
+        });
         // Parameters: [$1 cursor], now, now, limit.
         let (cursor, base) = if with_cursor {
             (format!("p.id > CAST($1 AS {}) AND ", self.id_type), 2)
@@ -173,8 +177,8 @@ impl Postgres {
             "SELECT CAST(p.id AS TEXT) AS id, CAST(p.avatar AS TEXT) AS avatar, s.user_id IS NOT NULL AS has_state \
              FROM {source} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = CAST(p.id AS TEXT) \
              WHERE {cursor}p.avatar IS NOT NULL AND TRIM(CAST(p.avatar AS TEXT)) <> '' \
-             AND (s.user_id IS NULL OR s.source_url <> CAST(p.avatar AS TEXT) OR s.next_check_at <= ${n1}) \
-             AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ${n2}) \
+             AND (s.user_id IS NULL OR s.source_url <> CAST(p.avatar AS TEXT) OR s.next_check_at <= ${n1}{due_or}) \
+             AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ${n2}){and} \
              ORDER BY p.id LIMIT ${n3}",
             source = self.names.source(),
             n1 = base,
@@ -191,7 +195,7 @@ impl Postgres {
     }
 
     pub async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let sql = self.due_query(c.after.is_some());
+        let sql = self.due_query(c.after.is_some(), c.selection);
         let mut q = sqlx::query(&sql);
         if let Some(after) = c.after {
             q = q.bind(after.to_string());
@@ -211,12 +215,19 @@ impl Postgres {
             });
         }
         let cursor = candidates.last().map(|c| c.user_id.clone());
-        if let Some(shard) = c.shard {
-            candidates.retain(|cand| shard.owns(&cand.user_id));
-        }
+        c.narrow(&mut candidates);
         if candidates.is_empty() {
             return Ok(ClaimedPage {
                 claimed: Vec::new(),
+                cursor,
+            });
+        }
+        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
+        if c.selection.dry_run {
+            let mut conn = self.pool.acquire().await?;
+            let locked = lock_rows(&mut conn, &ids, "").await?;
+            return Ok(ClaimedPage {
+                claimed: unclaimed(candidates, locked),
                 cursor,
             });
         }
@@ -238,18 +249,9 @@ impl Postgres {
             .execute(&mut *tx)
             .await?;
         }
-        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
-        let rows = sqlx::query(&format!(
-            "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id = ANY($1) FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let locked = rows
-            .iter()
-            .map(locked_from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        let claimed = select_claims(c.now, candidates, locked);
+        // Rows another worker is claiming right now are skipped, not waited for.
+        let locked = lock_rows(&mut tx, &ids, " FOR UPDATE SKIP LOCKED").await?;
+        let claimed = select_claims(c.now, candidates, locked, c.selection.force);
         let claimed_ids: Vec<String> = claimed.iter().map(|d| d.user_id.to_string()).collect();
         if !claimed_ids.is_empty() {
             sqlx::query(&format!(
@@ -416,6 +418,20 @@ impl Postgres {
             due_now,
         })
     }
+}
+
+async fn lock_rows(
+    conn: &mut sqlx::PgConnection,
+    ids: &[String],
+    lock: &str,
+) -> Result<Vec<Locked>, DbError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id = ANY($1){lock}"
+    ))
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(locked_from_row).collect()
 }
 
 super::row_readers!(PgRow);

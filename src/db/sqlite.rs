@@ -12,8 +12,9 @@ use sqlx::{Arguments, Row};
 
 use super::migrate::{self, MIGRATIONS_TABLE};
 use super::{
-    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, LOCK_COLUMNS, ProfileNames, Recorded,
-    STATE_COLUMNS, STATE_TABLE, StatusCounts, UserId, question_marks, select_claims,
+    AvatarRecord, Candidate, Claim, ClaimedPage, DbError, Dialect, LOCK_COLUMNS, Locked,
+    ProfileNames, Recorded, STATE_COLUMNS, STATE_TABLE, Selection, StatusCounts, UserId,
+    question_marks, select_claims, unclaimed,
 };
 use crate::config::ProfileSettings;
 
@@ -108,7 +109,7 @@ impl Sqlite {
     }
 
     pub async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let sql = due_query(&self.names, c.after.is_some());
+        let sql = due_query(&self.names, c.after.is_some(), c.selection);
         let mut args = SqliteArguments::default();
         if let Some(after) = c.after {
             bind_id(&mut args, after)?;
@@ -122,12 +123,19 @@ impl Sqlite {
             .map(candidate_from_row)
             .collect::<Result<Vec<_>, _>>()?;
         let cursor = candidates.last().map(|c| c.user_id.clone());
-        if let Some(shard) = c.shard {
-            candidates.retain(|cand| shard.owns(&cand.user_id));
-        }
+        c.narrow(&mut candidates);
         if candidates.is_empty() {
             return Ok(ClaimedPage {
                 claimed: Vec::new(),
+                cursor,
+            });
+        }
+        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
+        if c.selection.dry_run {
+            let mut conn = self.pool.acquire().await?;
+            let locked = lock_rows(&mut conn, &ids).await?;
+            return Ok(ClaimedPage {
+                claimed: unclaimed(candidates, locked),
                 cursor,
             });
         }
@@ -153,22 +161,8 @@ impl Sqlite {
             }
             sqlx::query_with(&sql, args).execute(&mut *tx).await?;
         }
-        let ids: Vec<String> = candidates.iter().map(|c| c.user_id.to_string()).collect();
-        let mut locked = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
-            );
-            let mut q = sqlx::query(&sql);
-            for id in chunk {
-                q = q.bind(id);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                locked.push(locked_from_row(&row)?);
-            }
-        }
-        let claimed = select_claims(c.now, candidates, locked);
+        let locked = lock_rows(&mut tx, &ids).await?;
+        let claimed = select_claims(c.now, candidates, locked, c.selection.force);
         for chunk in claimed.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE {STATE_TABLE} SET lease_token = ?, lease_expires_at = ? WHERE user_id IN ({})",
@@ -282,14 +276,37 @@ fn bind_id(args: &mut SqliteArguments<'_>, id: &UserId) -> Result<(), DbError> {
 
 /// Due: never checked, URL changed since the last check, or its time has
 /// come — and not leased by a worker right now.
-fn due_query(n: &ProfileNames, with_cursor: bool) -> String {
+/// The state rows of `ids` (SQLite has one writer: the transaction is the lock).
+async fn lock_rows(
+    conn: &mut sqlx::SqliteConnection,
+    ids: &[String],
+) -> Result<Vec<Locked>, DbError> {
+    let mut locked = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({})",
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut q = sqlx::query(&sql);
+        for id in chunk {
+            q = q.bind(id);
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            locked.push(locked_from_row(&row)?);
+        }
+    }
+    Ok(locked)
+}
+
+fn due_query(n: &ProfileNames, with_cursor: bool, selection: &Selection) -> String {
     let cursor = if with_cursor { "p.id > ? AND " } else { "" };
+    let (due_or, and) = selection.sql(Dialect::Sqlite);
     format!(
         "SELECT p.id AS id, p.avatar AS avatar, s.user_id IS NOT NULL AS has_state \
          FROM {source} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = CAST(p.id AS TEXT) \
          WHERE {cursor}p.avatar IS NOT NULL AND TRIM(p.avatar) <> '' \
-         AND (s.user_id IS NULL OR s.source_url <> p.avatar OR s.next_check_at <= ?) \
-         AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ?) \
+         AND (s.user_id IS NULL OR s.source_url <> p.avatar OR s.next_check_at <= ?{due_or}) \
+         AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= ?){and} \
          ORDER BY p.id LIMIT ?",
         source = n.source(),
     )

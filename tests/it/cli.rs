@@ -245,3 +245,29 @@ async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
     };
     assert_eq!(code, Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_dry_run_reports_what_would_change_and_bad_filters_are_refused() {
+    let app = TestApp::spawn().await;
+    let out = run(&app, &["scan", "--dry-run"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("DRY RUN: nothing was stored or written"),
+        "{text}"
+    );
+    assert!(text.contains("would change:"), "{text}");
+    assert!(text.contains("new -> expired"), "{text}");
+    let out = run(&app, &["export"]);
+    assert_eq!(stdout(&out), "", "a dry run leaves no state");
+
+    let out = run(&app, &["scan", "--provider", "wechatt"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("unknown provider \"wechatt\""),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(&app, &["scan", "--only", "dead"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects an unknown status");
+    assert!(stderr(&out).contains("unknown status"), "{}", stderr(&out));
+}

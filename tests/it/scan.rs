@@ -320,6 +320,7 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
     let db = app.settings().profile.connect().await.unwrap();
     db.migrate().await.unwrap();
     let now = pipeline::unix_now();
+    let selection = avatar_warden::db::Selection::default();
     let claim = |token: &'static str| Claim {
         after: None,
         now,
@@ -327,6 +328,8 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
         token,
         lease_until: now + 600,
         shard: None,
+        selection: &selection,
+        keep_url: None,
     };
     let page = db.claim_page(&claim("worker-a")).await.unwrap();
     assert_eq!(page.claimed.len(), 13);
@@ -491,6 +494,7 @@ crate::on_every_backend!(
     a_result_whose_lease_was_taken_over_is_discarded,
     concurrent_scanners_share_the_work_without_fetching_twice,
     a_scanner_killed_mid_run_loses_and_duplicates_nothing,
+    backfill_controls_select_what_a_scan_takes,
 );
 
 #[tokio::test]
@@ -738,4 +742,90 @@ async fn a_profile_table_in_another_postgres_schema() {
             .as_deref(),
         Some("1")
     );
+}
+
+async fn backfill_controls_select_what_a_scan_takes(backend: Backend) {
+    use avatar_warden::db::Selection;
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    let deps = app.deps().await;
+    let run = |selection: Selection, limit: Option<u64>, provider: Option<&str>| {
+        let mut opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        opts.selection = selection;
+        opts.limit = limit;
+        opts.provider = provider.map(str::to_string);
+        let deps = deps.clone();
+        async move { pipeline::scan_once(&deps, &opts).await.unwrap() }
+    };
+
+    // --dry-run: checks, but writes nothing and stores nothing.
+    let dry = run(
+        Selection {
+            dry_run: true,
+            ..Default::default()
+        },
+        None,
+        None,
+    )
+    .await;
+    assert_eq!((dry.processed, dry.dry_run), (13, true));
+    assert_eq!(
+        dry.changes.get("new -> mirrored"),
+        Some(&6),
+        "{:?}",
+        dry.changes
+    );
+    assert!(app.states().await.is_empty(), "a dry run writes no state");
+    assert!(
+        !app.mirror_root().join("avatars").exists(),
+        "and stores no object"
+    );
+
+    // --user: only those ids (integers and strings alike).
+    let one = run(
+        Selection {
+            users: vec!["7".into(), "9".into()],
+            ..Default::default()
+        },
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(one.processed, 2);
+    assert_eq!(app.states().await.len(), 2);
+
+    // --limit: stop after N.
+    let some = run(Selection::default(), Some(4), None).await;
+    assert_eq!(some.processed, 4);
+
+    // The rest, then nothing is due...
+    let rest = run(Selection::default(), None, None).await;
+    assert_eq!(rest.processed, 13 - 2 - 4);
+    assert_eq!(run(Selection::default(), None, None).await.processed, 0);
+    // ...but --force with --only re-checks exactly the expired ones now.
+    let hits = app.origin.total_hits();
+    let forced = run(
+        Selection {
+            force: true,
+            only: vec![Status::Expired],
+            ..Default::default()
+        },
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(forced.processed, 3, "{forced:?}");
+    assert_eq!(app.origin.total_hits() - hits, 3);
+    // --provider: no sample URL is a known provider's, so nothing is taken.
+    let wechat = run(
+        Selection {
+            force: true,
+            ..Default::default()
+        },
+        None,
+        Some("wechat"),
+    )
+    .await;
+    assert_eq!(wechat.processed, 0);
 }

@@ -271,3 +271,21 @@ async fn scan_dry_run_reports_what_would_change_and_bad_filters_are_refused() {
     assert_eq!(out.status.code(), Some(2), "clap rejects an unknown status");
     assert!(stderr(&out).contains("unknown status"), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_the_provider_rule_that_decided() {
+    let mut app = TestApp::empty().await;
+    app.provider_rules(
+        "[[provider]]\nname = \"test-cdn\"\nhosts = [\"127.0.0.1\"]\ndefault_avatar_paths = [\"/avatar/jpeg/default\"]\n",
+    );
+    let out = run(&app, &["check", &app.origin.url("/avatar/jpeg/default")]);
+    let text = stdout(&out);
+    assert!(text.contains("verdict:    invalid"), "{text}");
+    assert!(text.contains("reason:     default_avatar"), "{text}");
+    assert!(
+        text.contains("decided by: provider test-cdn: default_avatar_paths"),
+        "{text}"
+    );
+    assert!(text.contains("provider:   test-cdn"), "{text}");
+    assert_eq!(app.origin.total_hits(), 0);
+}

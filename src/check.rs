@@ -385,6 +385,13 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
+    fn two_per_host() -> FetchSettings {
+        let mut settings = Settings::from_layers(None, Vec::new()).unwrap().fetch;
+        settings.per_host_concurrency = 2;
+        settings.per_host_min_interval_ms = 0;
+        settings
+    }
+
     #[test]
     fn retry_after_in_seconds_and_as_a_date() {
         let mut h = HeaderMap::new();
@@ -403,18 +410,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_429_slows_the_host_down_and_only_that_host() {
-        let settings = FetchSettings {
-            timeout_secs: 1,
-            connect_timeout_secs: 1,
-            max_bytes: 1,
-            concurrency: 1,
-            max_redirects: 0,
-            allow_private_networks: false,
-            user_agent: None,
-            per_host_concurrency: 2,
-            per_host_min_interval_ms: 0,
-        };
-        let hosts = HostLimiter::new(&settings);
+        let hosts = HostLimiter::new(&two_per_host());
         assert_eq!(hosts.interval("a"), Duration::ZERO);
         hosts.slow_down("a");
         assert_eq!(hosts.interval("a"), Duration::from_secs(1));
@@ -429,18 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_host_concurrency_is_capped() {
-        let settings = FetchSettings {
-            timeout_secs: 1,
-            connect_timeout_secs: 1,
-            max_bytes: 1,
-            concurrency: 1,
-            max_redirects: 0,
-            allow_private_networks: false,
-            user_agent: None,
-            per_host_concurrency: 2,
-            per_host_min_interval_ms: 0,
-        };
-        let hosts = HostLimiter::new(&settings);
+        let hosts = HostLimiter::new(&two_per_host());
         let a = hosts.acquire("h").await;
         let _b = hosts.acquire("h").await;
         let third = tokio::time::timeout(Duration::from_millis(50), hosts.acquire("h")).await;

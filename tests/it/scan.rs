@@ -509,27 +509,27 @@ async fn unknown_profile_columns_fail_at_start_with_the_column_named() {
 }
 
 #[tokio::test]
-async fn a_misspelled_avatar_column_fails_at_start_instead_of_flagging_everyone() {
-    // SQLite would read an unknown "quoted" column name as a string literal.
-    let mut app = TestApp::spawn().await;
-    app.set("PROFILE__AVATAR_COLUMN", "avatar_urll");
-    let err = match avatar_warden::cli::build_deps(&app.settings()).await {
-        Ok(_) => panic!("must refuse"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(err.contains("avatar_urll"), "{err}");
-}
-
-#[tokio::test]
-async fn a_misspelled_write_back_column_fails_before_any_fetch() {
-    let mut app = TestApp::spawn().await;
-    app.set("PROFILE__MIRROR_URL_COLUMN", "avatar_mirorr_url");
-    let err = match avatar_warden::cli::build_deps(&app.settings()).await {
-        Ok(_) => panic!("must refuse"),
-        Err(e) => format!("{e:#}"),
-    };
-    assert!(err.contains("profile.mirror_url_column"), "{err}");
-    assert_eq!(app.origin.total_hits(), 0);
+async fn a_misspelled_column_fails_at_start_before_any_fetch() {
+    // SQLite would even read an unknown "quoted" column name as a string
+    // literal and turn every avatar into junk: refuse before that can happen.
+    for (key, typo, named) in [
+        ("PROFILE__AVATAR_COLUMN", "avatar_urll", "avatar_urll"),
+        (
+            "PROFILE__MIRROR_URL_COLUMN",
+            "avatar_mirorr_url",
+            "profile.mirror_url_column",
+        ),
+        ("PROFILE__REAUTH_COLUMN", "reauth", "profile.reauth_column"),
+    ] {
+        let mut app = TestApp::spawn().await;
+        app.set(key, typo);
+        let err = match avatar_warden::cli::build_deps(&app.settings()).await {
+            Ok(_) => panic!("{key}={typo} must be refused"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains(named), "{err}");
+        assert_eq!(app.origin.total_hits(), 0);
+    }
 }
 
 /// The stored objects under a mirror root (partial writes in `.tmp` are not objects).

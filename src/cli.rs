@@ -94,6 +94,8 @@ pub enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Print the effective configuration (all layers applied), secrets redacted.
+    Config,
     /// Show how many avatars are in each status.
     Status {
         #[arg(long)]
@@ -138,6 +140,12 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Config = cli.command {
+        let file = Settings::file_layer(cli.config.as_deref());
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        print!("{}", Settings::redacted_toml(file.as_deref(), env)?);
+        return Ok(EXIT_OK);
+    }
     let settings = Settings::load(cli.config.as_deref()).context("loading configuration")?;
     let quiet = !matches!(cli.command, Command::Run | Command::Scan { .. });
     init_logging(settings.log.format, if quiet { "warn" } else { "info" });
@@ -239,6 +247,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
+        Command::Config => unreachable!("handled before logging starts"),
     }
 }
 
@@ -506,6 +515,7 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
     });
     // The simulated origin lives on 127.0.0.1, which the guard refuses by default.
     settings.fetch.allow_private_networks = true;
+    settings.fetch.allowed_ports.clear(); // and on an OS-chosen port
 
     println!("avatar-warden demo");
     println!("  simulated origin: http://{}", origin.addr());
@@ -526,7 +536,7 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
         println!();
         println!("The simulated origin keeps running; in another terminal try:");
         println!(
-            "  AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS=true cargo run --release -- check {expired_url}"
+            "  AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS=true AVATAR_WARDEN__FETCH__ALLOWED_PORTS='[]' cargo run --release -- check {expired_url}"
         );
         println!("Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;

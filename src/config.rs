@@ -135,6 +135,11 @@ pub struct FetchSettings {
     pub user_agent: Option<String>,
     pub per_host_concurrency: usize,
     pub per_host_min_interval_ms: u64,
+    pub allowed_ports: Vec<u16>,
+    pub allowed_hosts: Vec<String>,
+    pub denied_hosts: Vec<String>,
+    #[serde(deserialize_with = "empty_is_none")]
+    pub proxy: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -151,6 +156,7 @@ pub struct MediaSettings {
     pub max_width: u32,
     pub max_height: u32,
     pub max_pixels: u64,
+    pub max_frames: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -230,12 +236,16 @@ fn empty_secret_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret
 impl Settings {
     /// Loads the layers from the real process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_layers(Self::file_layer(file).as_deref(), std::env::vars())
+    }
+
+    /// The file layer: `--config FILE`, else `config/$AVATAR_WARDEN_ENV.toml`.
+    pub fn file_layer(file: Option<&Path>) -> Option<PathBuf> {
         let env_file = std::env::var("AVATAR_WARDEN_ENV")
             .ok()
             .filter(|e| !e.is_empty())
             .map(|e| PathBuf::from(format!("config/{e}.toml")));
-        let file = file.map(Path::to_path_buf).or(env_file);
-        Self::from_layers(file.as_deref(), std::env::vars())
+        file.map(Path::to_path_buf).or(env_file)
     }
 
     /// The pure core of `load`, so tests can pass their own environment.
@@ -243,6 +253,43 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let table = Self::merged(file, env)?;
+        let settings: Settings = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The effective configuration as TOML with every secret redacted, for
+    /// `avatar-warden config`. Fails exactly when loading would.
+    pub fn redacted_toml(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)> + Clone,
+    ) -> Result<String, ConfigError> {
+        Self::from_layers(file, env.clone())?;
+        let mut table = Self::merged(file, env)?;
+        if let Some(Value::Table(profile)) = table.get_mut("profile")
+            && let Some(Value::String(url)) = profile.get_mut("url")
+        {
+            *url = redact_url(url);
+        }
+        if let Some(Value::Table(storage)) = table.get_mut("storage") {
+            for key in ["access_key_id", "secret_access_key"] {
+                if let Some(Value::String(v)) = storage.get_mut(key)
+                    && !v.is_empty()
+                {
+                    *v = REDACTED.into();
+                }
+            }
+        }
+        toml::to_string_pretty(&table).map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+
+    fn merged(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Table, ConfigError> {
         let mut table: Table =
             DEFAULT_TOML
                 .parse()
@@ -271,11 +318,7 @@ impl Settings {
         for (var, raw) in vars {
             apply_env(&mut table, &var, &raw)?;
         }
-        let settings: Settings = Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
-        settings.validate()?;
-        Ok(settings)
+        Ok(table)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -305,6 +348,40 @@ impl Settings {
             return bad("storage.bucket is required when storage.kind = \"s3\"");
         }
         Ok(())
+    }
+}
+
+pub const REDACTED: &str = "REDACTED";
+
+/// A database URL with its password (and any `password=` parameter) replaced.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some(REDACTED));
+            }
+            let pairs: Vec<(String, String)> = u
+                .query_pairs()
+                .map(|(k, v)| {
+                    let secret =
+                        k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
+                    (
+                        k.into_owned(),
+                        if secret {
+                            REDACTED.to_string()
+                        } else {
+                            v.into_owned()
+                        },
+                    )
+                })
+                .collect();
+            if !pairs.is_empty() {
+                u.query_pairs_mut().clear().extend_pairs(pairs);
+            }
+            u.to_string()
+        }
+        // Not a URL we understand: show nothing of it.
+        Err(_) => REDACTED.to_string(),
     }
 }
 
@@ -488,6 +565,32 @@ mod tests {
             panic!("production stores in s3")
         };
         assert_eq!(s3.bucket, "avatars");
+    }
+
+    #[test]
+    fn the_effective_configuration_is_printed_with_secrets_redacted() {
+        let text = Settings::redacted_toml(
+            None,
+            env(&[
+                (
+                    "AVATAR_WARDEN__PROFILE__URL",
+                    "postgres://warden:hunter2@db:5432/app?sslmode=require&password=x2",
+                ),
+                ("AVATAR_WARDEN__STORAGE__SECRET_ACCESS_KEY", "s3cr3t-key"),
+                ("AVATAR_WARDEN__STORAGE__ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ]),
+        )
+        .unwrap();
+        for secret in ["hunter2", "x2", "s3cr3t-key", "AKIAEXAMPLE"] {
+            assert!(!text.contains(secret), "{secret} leaked:\n{text}");
+        }
+        assert!(
+            text.contains(
+                "postgres://warden:REDACTED@db:5432/app?sslmode=require&password=REDACTED"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("batch_size = 500"), "{text}");
     }
 
     #[test]

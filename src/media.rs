@@ -76,6 +76,10 @@ pub enum MediaError {
     DimensionsTooLarge { width: u32, height: u32 },
     #[error("image cannot be decoded: {0}")]
     Undecodable(String),
+    #[error("SVG is refused: it can carry scripts")]
+    Svg,
+    #[error("animation has {0} frames, over the limit")]
+    TooManyFrames(u32),
 }
 
 impl MediaError {
@@ -87,6 +91,8 @@ impl MediaError {
             MediaError::Malformed(_) => "malformed",
             MediaError::DimensionsTooLarge { .. } => "dimensions_too_large",
             MediaError::Undecodable(_) => "undecodable",
+            MediaError::Svg => "svg_not_allowed",
+            MediaError::TooManyFrames(_) => "too_many_frames",
         }
     }
 
@@ -103,7 +109,8 @@ impl MediaError {
             MediaError::DimensionsTooLarge { width, height } => {
                 v.with_detail(format!("{width}x{height}"))
             }
-            MediaError::Empty | MediaError::Truncated => v,
+            MediaError::TooManyFrames(n) => v.with_detail(format!("{n} frames")),
+            MediaError::Empty | MediaError::Truncated | MediaError::Svg => v,
         }
     }
 }
@@ -125,7 +132,10 @@ pub fn sniff(bytes: &[u8]) -> Result<ImageFormat, MediaError> {
     if bytes.len() >= 12 && &bytes[0..4] == b"RIFF" && &bytes[8..12] == b"WEBP" {
         return Ok(ImageFormat::Webp);
     }
-    Err(MediaError::NotAnImage(describe_non_image(bytes)))
+    match describe_non_image(bytes) {
+        "svg" => Err(MediaError::Svg),
+        other => Err(MediaError::NotAnImage(other)),
+    }
 }
 
 /// A short name for what came instead of an image, for the reason detail.
@@ -156,11 +166,15 @@ fn describe_non_image(bytes: &[u8]) -> &'static str {
 pub fn validate(bytes: &[u8], settings: &MediaSettings) -> Result<ImageInfo, MediaError> {
     let format = sniff(bytes)?;
     // Structure first: a truncated header must say "truncated", not "undecodable".
-    match format {
-        ImageFormat::Jpeg => walk_jpeg(bytes)?,
-        ImageFormat::Png => walk_png(bytes)?,
+    let frames = match format {
+        ImageFormat::Jpeg => walk_jpeg(bytes).map(|_| 1)?,
+        ImageFormat::Png => walk_png(bytes).map(|_| 1)?,
         ImageFormat::Gif => walk_gif(bytes)?,
         ImageFormat::Webp => walk_webp(bytes)?,
+    };
+    // Every frame is decoded by whoever shows an animation: cap them.
+    if frames > settings.max_frames {
+        return Err(MediaError::TooManyFrames(frames));
     }
     let limits = image_limits(settings);
     // Reading the header allocates no pixels: read the real size first so the
@@ -347,7 +361,7 @@ pub fn walk_png(b: &[u8]) -> Result<(), MediaError> {
 }
 
 /// GIF: header, screen descriptor, then image/extension blocks through the trailer.
-pub fn walk_gif(b: &[u8]) -> Result<(), MediaError> {
+pub fn walk_gif(b: &[u8]) -> Result<u32, MediaError> {
     let flags = *b.get(10).ok_or(MediaError::Truncated)?;
     let mut i = 13;
     if flags & 0x80 != 0 {
@@ -361,7 +375,7 @@ pub fn walk_gif(b: &[u8]) -> Result<(), MediaError> {
         match block {
             0x3B => {
                 return if frames > 0 {
-                    Ok(())
+                    Ok(frames)
                 } else {
                     Err(MediaError::Malformed("GIF has no image".into()))
                 };
@@ -402,7 +416,7 @@ fn skip_sub_blocks(b: &[u8], mut i: usize) -> Result<usize, MediaError> {
 }
 
 /// WebP: the RIFF size must cover the chunks, each chunk inside it.
-pub fn walk_webp(b: &[u8]) -> Result<(), MediaError> {
+pub fn walk_webp(b: &[u8]) -> Result<u32, MediaError> {
     let riff = le32(b, 4).ok_or(MediaError::Truncated)? as usize;
     let end = riff
         .checked_add(8)
@@ -412,6 +426,7 @@ pub fn walk_webp(b: &[u8]) -> Result<(), MediaError> {
     }
     let mut i = 12;
     let mut chunks = 0;
+    let mut frames = 0u32;
     while i < end {
         let size = le32(b, i + 4).ok_or(MediaError::Truncated)? as usize;
         let next = (i + 8)
@@ -420,13 +435,16 @@ pub fn walk_webp(b: &[u8]) -> Result<(), MediaError> {
         if next > end {
             return Err(MediaError::Truncated);
         }
+        if b.get(i..i + 4) == Some(b"ANMF") {
+            frames += 1;
+        }
         chunks += 1;
         i = next;
     }
     if chunks == 0 {
         return Err(MediaError::Malformed("WebP has no chunks".into()));
     }
-    Ok(())
+    Ok(frames.max(1))
 }
 
 #[cfg(test)]
@@ -439,6 +457,7 @@ pub(crate) mod tests {
             max_width: 4096,
             max_height: 4096,
             max_pixels: 16_777_216,
+            max_frames: 100,
         }
     }
 
@@ -505,8 +524,9 @@ pub(crate) mod tests {
         );
         assert_eq!(
             sniff(b"<svg xmlns='http://www.w3.org/2000/svg'/>"),
-            Err(MediaError::NotAnImage("svg"))
+            Err(MediaError::Svg)
         );
+        assert_eq!(MediaError::Svg.verdict().code, "svg_not_allowed");
         assert_eq!(
             sniff(b"{\"errcode\":40001}"),
             Err(MediaError::NotAnImage("json"))
@@ -515,6 +535,30 @@ pub(crate) mod tests {
         assert_eq!(
             sniff(&encode(image::ImageFormat::Png, 2, 2)),
             Ok(ImageFormat::Png)
+        );
+    }
+
+    #[test]
+    fn animations_over_the_frame_limit_are_refused() {
+        use image::codecs::gif::GifEncoder;
+        let mut out = Vec::new();
+        {
+            let mut enc = GifEncoder::new(&mut out);
+            for i in 0..5u8 {
+                let frame = image::RgbaImage::from_pixel(8, 8, image::Rgba([i * 40, 0, 0, 255]));
+                enc.encode_frame(image::Frame::new(frame)).unwrap();
+            }
+        }
+        assert_eq!(walk_gif(&out).unwrap(), 5);
+        let mut few = settings();
+        few.max_frames = 4;
+        assert_eq!(
+            validate(&out, &few).unwrap_err(),
+            MediaError::TooManyFrames(5)
+        );
+        assert_eq!(
+            validate(&out, &settings()).unwrap().format,
+            ImageFormat::Gif
         );
     }
 

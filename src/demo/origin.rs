@@ -234,6 +234,20 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             let full = image_for(state, "jpeg", name).unwrap_or_default();
             respond(StatusCode::OK, "image/jpeg", full.slice(..full.len() / 2))
         }
+        // 302 to any URL given as `?to=...` (for redirect-hop tests).
+        ["bounce"] => {
+            let to = req
+                .uri()
+                .query()
+                .and_then(|q| q.strip_prefix("to="))
+                .unwrap_or("/")
+                .to_string();
+            let mut r = respond(StatusCode::FOUND, "text/plain", Bytes::new());
+            if let Ok(v) = HeaderValue::from_str(&to) {
+                r.headers_mut().insert(header::LOCATION, v);
+            }
+            r
+        }
         ["redirect", rest @ ..] => {
             let mut r = respond(StatusCode::FOUND, "text/plain", Bytes::new());
             if let Ok(v) = HeaderValue::from_str(&format!("/{}", rest.join("/"))) {

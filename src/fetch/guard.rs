@@ -4,6 +4,47 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use url::Url;
+
+use crate::providers::host_matches;
+
+/// The operator's port and host rules, checked before the request and on every redirect hop.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UrlPolicy {
+    /// Empty: any port.
+    pub allowed_ports: Vec<u16>,
+    /// Empty: any host.
+    pub allowed_hosts: Vec<String>,
+    pub denied_hosts: Vec<String>,
+}
+
+impl UrlPolicy {
+    /// `Err` says why the URL is refused.
+    pub fn check(&self, url: &Url) -> Result<(), String> {
+        let port = url.port_or_known_default().unwrap_or(0);
+        if !self.allowed_ports.is_empty() && !self.allowed_ports.contains(&port) {
+            return Err(format!("port {port} is not in fetch.allowed_ports"));
+        }
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let matches = |patterns: &[String]| {
+            patterns
+                .iter()
+                .any(|p| host_matches(&p.to_ascii_lowercase(), &host))
+        };
+        if matches(&self.denied_hosts) {
+            return Err(format!("host {host} is in fetch.denied_hosts"));
+        }
+        if !self.allowed_hosts.is_empty() && !matches(&self.allowed_hosts) {
+            return Err(format!("host {host} is not in fetch.allowed_hosts"));
+        }
+        Ok(())
+    }
+}
+
 /// The class of a non-public address, named in the `blocked` reason.
 pub fn non_public_class(ip: IpAddr) -> Option<&'static str> {
     match ip {
@@ -116,6 +157,38 @@ mod tests {
         for (ip, want) in cases {
             assert_eq!(class(ip), Some(want), "{ip}");
         }
+    }
+
+    #[test]
+    fn ports_and_hosts_follow_the_operator_rules() {
+        let p = UrlPolicy {
+            allowed_ports: vec![80, 443],
+            allowed_hosts: vec!["*.qlogo.cn".into(), "*.qpic.cn".into()],
+            denied_hosts: vec!["evil.qlogo.cn".into()],
+        };
+        let check = |u: &str| p.check(&Url::parse(u).unwrap());
+        assert!(check("https://thirdwx.qlogo.cn/a/132").is_ok());
+        assert!(check("http://mmbiz.qpic.cn:80/a").is_ok());
+        assert!(
+            check("https://thirdwx.qlogo.cn:8443/a")
+                .unwrap_err()
+                .contains("port 8443")
+        );
+        assert!(
+            check("https://example.com/a.png")
+                .unwrap_err()
+                .contains("not in fetch.allowed_hosts")
+        );
+        assert!(
+            check("https://EVIL.qlogo.cn./a")
+                .unwrap_err()
+                .contains("denied_hosts")
+        );
+        assert!(
+            UrlPolicy::default()
+                .check(&Url::parse("http://x:1/").unwrap())
+                .is_ok()
+        );
     }
 
     #[test]

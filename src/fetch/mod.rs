@@ -25,6 +25,8 @@ pub const DEFAULT_USER_AGENT: &str = concat!("avatar-warden/", env!("CARGO_PKG_V
 pub enum FetchError {
     #[error("destination refused by the network guard: {0} address")]
     Blocked(&'static str),
+    #[error("destination refused: {0}")]
+    NotAllowed(String),
     #[error("timed out")]
     Timeout,
     #[error("cannot connect: {0}")]
@@ -60,6 +62,9 @@ impl FetchError {
         let (status, code) = match self {
             FetchError::Blocked(class) => {
                 return Verdict::new(Status::Blocked, "non_public_address").with_detail(*class);
+            }
+            FetchError::NotAllowed(why) => {
+                return Verdict::new(Status::Blocked, "not_allowed").with_detail(why.clone());
             }
             FetchError::Timeout => (Status::Failing, "timeout"),
             FetchError::Connect(_) => (Status::Failing, "connect_error"),
@@ -164,6 +169,7 @@ pub struct Fetcher {
     client: reqwest::Client,
     max_bytes: u64,
     allow_private: bool,
+    url_policy: guard::UrlPolicy,
 }
 
 impl FetchSettings {
@@ -171,6 +177,8 @@ impl FetchSettings {
     pub fn client(&self) -> Result<Fetcher, FetchError> {
         let max_redirects = self.max_redirects;
         let allow_private = self.allow_private_networks;
+        let url_policy = self.url_policy();
+        let hop_policy = url_policy.clone();
         let policy = redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > max_redirects {
                 return attempt.error(RedirectRefused(FetchError::TooManyRedirects(max_redirects)));
@@ -180,6 +188,9 @@ impl FetchSettings {
             }
             if !allow_private && let Some(class) = literal_host_class(attempt.url()) {
                 return attempt.error(RedirectRefused(FetchError::Blocked(class)));
+            }
+            if let Err(why) = hop_policy.check(attempt.url()) {
+                return attempt.error(RedirectRefused(FetchError::NotAllowed(why)));
             }
             attempt.follow()
         });
@@ -195,6 +206,11 @@ impl FetchSettings {
         if !allow_private {
             builder = builder.dns_resolver(Arc::new(GuardedResolver));
         }
+        if let Some(proxy) = &self.proxy {
+            let proxy = reqwest::Proxy::all(proxy.as_str())
+                .map_err(|e| FetchError::Other(format!("fetch.proxy: {e}")))?;
+            builder = builder.proxy(proxy);
+        }
         let client = builder
             .build()
             .map_err(|e| FetchError::Other(e.to_string()))?;
@@ -202,7 +218,16 @@ impl FetchSettings {
             client,
             max_bytes: self.max_bytes,
             allow_private,
+            url_policy,
         })
+    }
+
+    pub fn url_policy(&self) -> guard::UrlPolicy {
+        guard::UrlPolicy {
+            allowed_ports: self.allowed_ports.clone(),
+            allowed_hosts: self.allowed_hosts.clone(),
+            denied_hosts: self.denied_hosts.clone(),
+        }
     }
 }
 
@@ -219,6 +244,7 @@ impl Fetcher {
         {
             return Err(FetchError::Blocked(class));
         }
+        self.url_policy.check(url).map_err(FetchError::NotAllowed)?;
         self.client
             .get(url.clone())
             .send()

@@ -289,3 +289,29 @@ async fn check_names_the_provider_rule_that_decided() {
     assert!(text.contains("provider:   test-cdn"), "{text}");
     assert_eq!(app.origin.total_hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_prints_the_effective_settings_without_secrets() {
+    let mut app = TestApp::empty().await;
+    app.set("PROFILE__URL", "postgres://warden:hunter2@db.internal/app");
+    app.set("STORAGE__SECRET_ACCESS_KEY", "very-secret");
+    let out = run(&app, &["config"]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        text.contains("postgres://warden:REDACTED@db.internal/app"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2") && !text.contains("very-secret"),
+        "{text}"
+    );
+    // Nor in --help, nor in the error of a failing connection.
+    let help = stdout(&run(&app, &["--help"]));
+    assert!(!help.contains("hunter2"));
+    app.set("PROFILE__URL", "postgres://warden:hunter2@127.0.0.1:1/app");
+    app.set("PROFILE__CONNECT_TIMEOUT_SECS", "1");
+    let out = run(&app, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
+}

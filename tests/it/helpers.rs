@@ -203,6 +203,8 @@ impl TestApp {
                 "AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS".into(),
                 "true".into(),
             ),
+            // The simulated origin listens on an OS-chosen port.
+            ("AVATAR_WARDEN__FETCH__ALLOWED_PORTS".into(), "[]".into()),
         ];
         Some(TestApp {
             backend,

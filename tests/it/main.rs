@@ -3,6 +3,7 @@
 //! simulated origin on an OS-chosen port, a real object store.
 
 mod cli;
+mod guard;
 mod helpers;
 mod rules;
 mod s3;

@@ -290,6 +290,11 @@ mod tests {
         );
         let long = format!("https://example.com/{}", "a".repeat(MAX_URL_LEN));
         assert_eq!(code(&long), "url_too_long");
+        // IDN hosts are punycoded, percent-encoding is kept as sent.
+        let idn = parse_avatar_url("https://例え.jp/a%2Fb.png").unwrap();
+        assert_eq!(idn.host_str(), Some("xn--r8jz45g.jp"));
+        assert_eq!(idn.path(), "/a%2Fb.png");
+        assert_eq!(code("https://exa mple.com/a.png"), "unparsable_url");
         for bad in ["ftp://x/y", "/rel"] {
             assert_eq!(parse_avatar_url(bad).unwrap_err().status, Status::Invalid);
         }

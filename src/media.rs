@@ -538,6 +538,46 @@ pub(crate) mod tests {
         );
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Any bytes, with or without a real magic number in front: a verdict, never a panic.
+        #[test]
+        fn the_validator_never_panics(
+            magic in 0usize..5,
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+        ) {
+            let prefix: &[u8] = match magic {
+                0 => b"\xFF\xD8\xFF",
+                1 => b"\x89PNG\r\n\x1a\n",
+                2 => b"GIF89a",
+                3 => b"RIFF\x10\x00\x00\x00WEBP",
+                _ => b"",
+            };
+            let bytes = [prefix, &tail].concat();
+            let _ = validate(&bytes, &settings());
+            let mut decode = settings();
+            decode.verify = VerifyMode::Decode;
+            let _ = validate(&bytes, &decode);
+        }
+
+        /// A real picture with one byte changed and/or cut short: still a verdict.
+        #[test]
+        fn damaged_pictures_never_panic(
+            fmt in 0usize..4,
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+            byte in proptest::prelude::any::<u8>(),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let format = [image::ImageFormat::Jpeg, image::ImageFormat::Png, image::ImageFormat::Gif, image::ImageFormat::WebP][fmt];
+            let mut bytes = encode(format, 24, 16);
+            let i = at.index(bytes.len());
+            bytes[i] = byte;
+            let keep = cut.index(bytes.len() + 1);
+            let _ = validate(&bytes[..keep], &settings());
+        }
+    }
+
     #[test]
     fn animations_over_the_frame_limit_are_refused() {
         use image::codecs::gif::GifEncoder;

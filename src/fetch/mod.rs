@@ -349,6 +349,34 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// However an IPv4 address is spelled (dotted, one decimal number,
+        /// hex octets), the guard judges the address it means.
+        #[test]
+        fn every_spelling_of_an_ipv4_address_gets_the_same_judgement(ip in proptest::prelude::any::<u32>()) {
+            let addr = std::net::Ipv4Addr::from(ip);
+            let want = guard::non_public_class(IpAddr::V4(addr));
+            let o = addr.octets();
+            for spelling in [
+                format!("http://{addr}/a"),
+                format!("http://{ip}/a"),
+                format!("http://0x{:x}.0x{:x}.0x{:x}.0x{:x}/a", o[0], o[1], o[2], o[3]),
+                format!("http://[::ffff:{addr}]/a"),
+            ] {
+                let url = Url::parse(&spelling).unwrap();
+                proptest::prop_assert_eq!(literal_host_class(&url), want, "{}", spelling);
+            }
+        }
+
+        /// Whatever is stored in the avatar column, parsing gives a URL or a reason.
+        #[test]
+        fn any_avatar_string_parses_or_gets_a_reason(raw in ".{0,300}") {
+            if let Err(v) = crate::classify::parse_avatar_url(&raw) {
+                proptest::prop_assert_eq!(v.status, Status::Invalid);
+            }
+        }
+    }
+
     #[test]
     fn errors_know_whether_they_are_transient_and_their_verdict() {
         assert!(FetchError::Timeout.is_transient());

@@ -69,3 +69,61 @@ async fn the_default_port_rule_refuses_odd_ports() {
     assert_eq!(app.state("1").await.reason, "not_allowed");
     assert_eq!(app.origin.total_hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_get_a_specific_reason_and_never_stop_the_run() {
+    let app = TestApp::empty().await;
+    let good = app.origin.url("/avatar/jpeg/good");
+    let long = format!(
+        "{}?{}",
+        app.origin.url("/avatar/jpeg/long"),
+        "a".repeat(2100)
+    );
+    app.sql(&[
+        "CREATE TABLE users (id INTEGER PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, avatar_reauth_required INTEGER NOT NULL DEFAULT 0)",
+        &format!(
+            "INSERT INTO users (id, avatar_url) VALUES (1, NULL), (2, ''), (3, '   '), (4, '{long}'), \
+             (5, 'file:///etc/passwd'), (6, 'data:image/png;base64,iVBORw0KGgo='), (7, 'javascript:alert(1)'), \
+             (8, 'ftp://files.example.com/a.png'), (9, '/relative/a.png'), (10, 'http://exa mple.com/a.png'), \
+             (11, X'ff fe 00 68 74 74 70'), (12, '{good}'), (13, '  {good}  ')"
+        )
+        .replace("X'ff fe 00 68 74 74 70'", "X'fffe0068747470'"),
+    ])
+    .await;
+    let report = app.scan().await;
+    let reason = |id: &'static str| {
+        let states = app.states();
+        async move {
+            let s = states
+                .await
+                .into_iter()
+                .find(|r| r.user_id.to_string() == id);
+            s.map(|s| (s.status, s.reason))
+        }
+    };
+    for id in ["1", "2", "3"] {
+        assert_eq!(reason(id).await, None, "user {id} has no avatar: skipped");
+    }
+    let invalid = |r: &str| Some((Status::Invalid, r.to_string()));
+    assert_eq!(reason("4").await, invalid("url_too_long"));
+    for id in ["5", "6", "7", "8"] {
+        assert_eq!(reason(id).await, invalid("unsupported_scheme"), "user {id}");
+    }
+    assert_eq!(reason("9").await, invalid("unparsable_url"));
+    assert_eq!(reason("10").await, invalid("unparsable_url"));
+    assert_eq!(
+        reason("11").await,
+        invalid("unparsable_url"),
+        "binary junk is a row like any other"
+    );
+    assert_eq!(
+        reason("12").await,
+        Some((Status::Mirrored, "valid_image".into()))
+    );
+    assert_eq!(
+        reason("13").await,
+        Some((Status::Mirrored, "valid_image".into())),
+        "surrounding spaces are trimmed"
+    );
+    assert_eq!(report.processed, 10);
+}

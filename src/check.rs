@@ -339,13 +339,34 @@ impl Checker {
             return done(v, format!("provider {}: placeholder_sha256", r.name), None);
         }
         match media::validate(&body.bytes, &self.media) {
-            Ok(info) => done(
-                Verdict::mirrored(),
-                "image validation".into(),
-                Some((info, body)),
-            ),
+            Ok(info) => {
+                let body = if self.media.strip_metadata {
+                    strip(body, info.format)
+                } else {
+                    body
+                };
+                done(
+                    Verdict::mirrored(),
+                    "image validation".into(),
+                    Some((info, body)),
+                )
+            }
             Err(e) => done(e.verdict(), "image validation".into(), None),
         }
+    }
+}
+
+/// The picture without its metadata; the stored bytes' hash is the key.
+fn strip(body: Body, format: media::ImageFormat) -> Body {
+    match media::strip_metadata(&body.bytes, format) {
+        Some(clean) => {
+            use sha2::Digest;
+            Body {
+                sha256: hex::encode(sha2::Sha256::digest(&clean)),
+                bytes: clean.into(),
+            }
+        }
+        None => body,
     }
 }
 

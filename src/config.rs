@@ -157,6 +157,7 @@ pub struct MediaSettings {
     pub max_height: u32,
     pub max_pixels: u64,
     pub max_frames: u32,
+    pub strip_metadata: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

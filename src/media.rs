@@ -200,6 +200,81 @@ pub fn validate(bytes: &[u8], settings: &MediaSettings) -> Result<ImageInfo, Med
     })
 }
 
+/// Removes metadata — EXIF (GPS!), XMP, IPTC, comments, text chunks — without
+/// touching a pixel: segments and chunks are dropped, nothing is re-encoded.
+/// `None` when there was nothing to remove (or the format has no such metadata).
+pub fn strip_metadata(bytes: &[u8], format: ImageFormat) -> Option<Vec<u8>> {
+    let out = match format {
+        ImageFormat::Jpeg => strip_jpeg(bytes)?,
+        ImageFormat::Png => strip_png(bytes)?,
+        ImageFormat::Webp => strip_webp(bytes)?,
+        ImageFormat::Gif => return None,
+    };
+    (out.len() != bytes.len()).then_some(out)
+}
+
+fn strip_jpeg(b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(&b[..2]);
+    let mut i = 2;
+    while i + 4 <= b.len() && b[i] == 0xFF {
+        let marker = b[i + 1];
+        if marker == 0xDA {
+            break; // scan data and everything after it is copied as is
+        }
+        let len = be16(b, i + 2)?;
+        let end = (i + 2 + len).min(b.len());
+        // APP1 (Exif, XMP), APP13 (IPTC), COM: metadata. APP0/APP2 (ICC)/APP14 stay.
+        if !matches!(marker, 0xE1 | 0xED | 0xFE) {
+            out.extend_from_slice(&b[i..end]);
+        }
+        i = end;
+    }
+    out.extend_from_slice(&b[i.min(b.len())..]);
+    Some(out)
+}
+
+fn strip_png(b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(b.len());
+    out.extend_from_slice(&b[..8]);
+    let mut i = 8;
+    while i + 12 <= b.len() {
+        let len = be32(b, i)? as usize;
+        let end = (i + 12 + len).min(b.len());
+        let kind = &b[i + 4..i + 8];
+        if !matches!(kind, b"eXIf" | b"tEXt" | b"zTXt" | b"iTXt" | b"tIME") {
+            out.extend_from_slice(&b[i..end]);
+        }
+        i = end;
+    }
+    Some(out)
+}
+
+fn strip_webp(b: &[u8]) -> Option<Vec<u8>> {
+    let mut out = b[..12].to_vec();
+    let mut i = 12;
+    while i + 8 <= b.len() {
+        let size = le32(b, i + 4)? as usize;
+        let end = (i + 8 + size + (size & 1)).min(b.len());
+        match &b[i..i + 4] {
+            b"EXIF" | b"XMP " => {}
+            b"VP8X" => {
+                let start = out.len();
+                out.extend_from_slice(&b[i..end]);
+                // The header's flags must stop announcing what is gone.
+                if let Some(flags) = out.get_mut(start + 8) {
+                    *flags &= !(0x08 | 0x04);
+                }
+            }
+            _ => out.extend_from_slice(&b[i..end]),
+        }
+        i = end;
+    }
+    let riff = (out.len() - 8) as u32;
+    out[4..8].copy_from_slice(&riff.to_le_bytes());
+    Some(out)
+}
+
 fn image_limits(settings: &MediaSettings) -> image::Limits {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(settings.max_width);
@@ -458,7 +533,13 @@ pub(crate) mod tests {
             max_height: 4096,
             max_pixels: 16_777_216,
             max_frames: 100,
+            strip_metadata: false,
         }
+    }
+
+    /// A JPEG carrying an EXIF segment with a GPS position, as phones write them.
+    pub fn jpeg_with_gps() -> Vec<u8> {
+        crate::demo::origin::with_gps_exif(&encode(image::ImageFormat::Jpeg, 32, 24))
     }
 
     fn encode(format: image::ImageFormat, w: u32, h: u32) -> Vec<u8> {
@@ -576,6 +657,38 @@ pub(crate) mod tests {
             let keep = cut.index(bytes.len() + 1);
             let _ = validate(&bytes[..keep], &settings());
         }
+    }
+
+    #[test]
+    fn metadata_is_stripped_without_touching_the_picture() {
+        let jpeg = jpeg_with_gps();
+        assert!(validate(&jpeg, &settings()).is_ok());
+        let stripped = strip_metadata(&jpeg, ImageFormat::Jpeg).expect("EXIF removed");
+        assert!(!stripped.windows(11).any(|w| w == b"GPSLatitude"));
+        assert_eq!(
+            stripped.len(),
+            encode(image::ImageFormat::Jpeg, 32, 24).len()
+        );
+        let a = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+        let b = image::load_from_memory(&stripped).unwrap().to_rgb8();
+        assert_eq!(a, b, "same pixels");
+
+        // PNG text chunks.
+        let png = encode(image::ImageFormat::Png, 8, 8);
+        let mut text = b"tEXt".to_vec();
+        text.extend_from_slice(b"Comment\0taken at home");
+        let mut chunk = ((text.len() - 4) as u32).to_be_bytes().to_vec();
+        chunk.extend_from_slice(&text);
+        chunk.extend_from_slice(&crc32fast::hash(&text).to_be_bytes());
+        let with_text = [&png[..33], &chunk, &png[33..]].concat(); // after IHDR
+        assert!(validate(&with_text, &settings()).is_ok());
+        let stripped = strip_metadata(&with_text, ImageFormat::Png).unwrap();
+        assert_eq!(stripped, png);
+
+        // Nothing to remove: None.
+        assert_eq!(strip_metadata(&png, ImageFormat::Png), None);
+        let webp = encode(image::ImageFormat::WebP, 8, 8);
+        assert_eq!(strip_metadata(&webp, ImageFormat::Webp), None);
     }
 
     #[test]

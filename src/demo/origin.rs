@@ -155,6 +155,15 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
                 wechat_expired(state)
             }
         }
+        // A phone photo: JPEG with an EXIF segment holding a GPS position.
+        ["exif", name] => {
+            let clean = image_for(state, "jpeg", name).unwrap_or_default();
+            respond(
+                StatusCode::OK,
+                "image/jpeg",
+                Bytes::from(with_gps_exif(&clean)),
+            )
+        }
         // The placeholder picture without the headers that would give it away.
         ["placeholder", _] => respond(StatusCode::OK, "image/png", state.placeholder.clone()),
         // `n` answers of 429 with Retry-After: 1, then the picture.
@@ -261,6 +270,20 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             Bytes::from_static(b"not found"),
         ),
     }
+}
+
+/// Inserts an APP1 EXIF segment with a GPS position right after SOI.
+pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
+    let payload = b"Exif\0\0MM\0*GPSLatitude 39.9042 N GPSLongitude 116.4074 E";
+    let mut app1 = vec![0xFF, 0xE1];
+    app1.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    app1.extend_from_slice(payload);
+    [
+        &jpeg[..2.min(jpeg.len())],
+        &app1,
+        &jpeg[2.min(jpeg.len())..],
+    ]
+    .concat()
 }
 
 fn wechat_expired(state: &State) -> Response<Body> {

@@ -127,3 +127,35 @@ async fn bad_rows_get_a_specific_reason_and_never_stop_the_run() {
     );
     assert_eq!(report.processed, 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_metadata_stores_the_picture_without_its_gps_position() {
+    let mut app = TestApp::empty().await;
+    app.users(&[
+        (1, app.origin.url("/exif/phone")),
+        (2, app.origin.url("/exif/phone2")),
+    ])
+    .await;
+    app.set("MEDIA__STRIP_METADATA", "true");
+    app.scan().await;
+    let s = app.state("1").await;
+    assert_eq!(s.status, Status::Mirrored);
+    let key = s.mirror_url.unwrap();
+    let key = &key[key.find("avatars/").unwrap()..];
+    let stored = std::fs::read(app.mirror_root().join(key)).unwrap();
+    assert!(
+        !stored.windows(11).any(|w| w == b"GPSLatitude"),
+        "no GPS in the mirror"
+    );
+    assert_eq!(
+        crate::helpers::sha256_hex(&stored),
+        s.sha256.unwrap(),
+        "the key is the stored bytes' hash"
+    );
+    let served = app.origin.image_bytes("jpeg", "phone").unwrap();
+    assert_eq!(
+        stored,
+        served.to_vec(),
+        "exactly the picture without the EXIF segment"
+    );
+}

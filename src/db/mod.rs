@@ -210,9 +210,12 @@ impl Selection {
             ));
         }
         if !self.users.is_empty() {
+            let int_ids = matches!(d, Dialect::Postgres { id_type } if id_type.starts_with("INT"));
             let ids: Vec<String> = self
                 .users
                 .iter()
+                // An id that cannot exist in an integer column matches nothing (and must not break the cast).
+                .filter(|u| !int_ids || u.parse::<i64>().is_ok())
                 .map(|u| {
                     let text = match d {
                         // MySQL also treats backslashes as escapes in literals.
@@ -231,7 +234,11 @@ impl Selection {
                     }
                 })
                 .collect();
-            and.push_str(&format!(" AND p.id IN ({})", ids.join(", ")));
+            if ids.is_empty() {
+                and.push_str(" AND 1 = 0");
+            } else {
+                and.push_str(&format!(" AND p.id IN ({})", ids.join(", ")));
+            }
         }
         (due_or, and)
     }
@@ -715,10 +722,23 @@ mod tests {
         );
         let (_, and) = sel.sql(Dialect::MySql);
         assert!(and.ends_with("p.id IN (42, 'o''brien\\\\x')"), "{and}");
+        let (_, and) = sel.sql(Dialect::Postgres { id_type: "TEXT" });
+        assert!(
+            and.ends_with("p.id IN (CAST('42' AS TEXT), CAST('o''brien\\x' AS TEXT))"),
+            "{and}"
+        );
         let (_, and) = sel.sql(Dialect::Postgres { id_type: "INT8" });
         assert!(
-            and.ends_with("p.id IN (CAST('42' AS INT8), CAST('o''brien\\x' AS INT8))"),
-            "{and}"
+            and.ends_with("p.id IN (CAST('42' AS INT8))"),
+            "a text id cannot exist in an integer column: {and}"
+        );
+        let only_text = Selection {
+            users: vec!["abc".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            only_text.sql(Dialect::Postgres { id_type: "INT4" }).1,
+            " AND 1 = 0"
         );
         assert_eq!(
             Selection::default().sql(Dialect::Sqlite),

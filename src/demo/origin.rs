@@ -164,6 +164,36 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
                 Bytes::from(with_gps_exif(&clean)),
             )
         }
+        // A slow-drip server: headers at once, then one byte a second.
+        ["drip", _] => {
+            let drip = futures::stream::unfold(0u8, |n| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from(vec![n])),
+                    n.wrapping_add(1),
+                ))
+            });
+            let mut r = Response::new(Body::from_stream(drip));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg"));
+            r
+        }
+        // Declares a 64 MiB body, then sends it very slowly: must be refused unread.
+        ["huge", _] => {
+            let slow = futures::stream::unfold((), |()| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                Some((
+                    Ok::<_, std::io::Error>(Bytes::from_static(&[0u8; 1024])),
+                    (),
+                ))
+            });
+            let mut r = Response::new(Body::from_stream(slow));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+            r.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from_static("67108864"));
+            r
+        }
         // The placeholder picture without the headers that would give it away.
         ["placeholder", _] => respond(StatusCode::OK, "image/png", state.placeholder.clone()),
         // `n` answers of 429 with Retry-After: 1, then the picture.

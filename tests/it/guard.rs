@@ -159,3 +159,32 @@ async fn strip_metadata_stores_the_picture_without_its_gps_position() {
         "exactly the picture without the EXIF segment"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_drip_cannot_hold_a_slot_and_a_huge_declared_body_is_not_read() {
+    let mut app = TestApp::empty().await;
+    app.users(&[
+        (1, app.origin.url("/drip/a")),
+        (2, app.origin.url("/huge/b")),
+    ])
+    .await;
+    app.set("FETCH__TIMEOUT_SECS", "2");
+    app.set("RETRY__IN_RUN", "0");
+    let started = std::time::Instant::now();
+    app.scan().await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    let drip = app.state("1").await;
+    assert_eq!(
+        (drip.status, drip.reason.as_str()),
+        (Status::Failing, "timeout")
+    );
+    let huge = app.state("2").await;
+    assert_eq!(
+        (huge.status, huge.reason.as_str()),
+        (Status::Invalid, "too_large")
+    );
+}

@@ -795,6 +795,18 @@ async fn backfill_controls_select_what_a_scan_takes(backend: Backend) {
     assert_eq!(one.processed, 2);
     assert_eq!(app.states().await.len(), 2);
 
+    // An id that cannot exist for the column's type matches nothing; it is not an error.
+    let none = run(
+        Selection {
+            users: vec!["not-an-id".into()],
+            ..Default::default()
+        },
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(none.processed, 0);
+
     // --limit: stop after N.
     let some = run(Selection::default(), Some(4), None).await;
     assert_eq!(some.processed, 4);

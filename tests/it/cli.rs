@@ -315,3 +315,23 @@ async fn config_prints_the_effective_settings_without_secrets() {
     assert_eq!(out.status.code(), Some(1));
     assert!(!stderr(&out).contains("hunter2"), "{}", stderr(&out));
 }
+
+/// What the container does: WORKDIR holds config/, AVATAR_WARDEN_ENV=production,
+/// the rest by environment, ENTRYPOINT avatar-warden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_environment_selects_production_settings() {
+    let app = TestApp::empty().await;
+    let out = Command::new(BIN)
+        .arg("config")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("AVATAR_WARDEN_ENV", "production")
+        .env("AVATAR_WARDEN__STORAGE__BUCKET", "avatars")
+        .env("AVATAR_WARDEN__PROFILE__URL", &app.db_url)
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(text.contains("format = \"json\""), "{text}");
+    assert!(text.contains("kind = \"s3\""), "{text}");
+    assert!(text.contains("bucket = \"avatars\""), "{text}");
+}

@@ -73,6 +73,12 @@ pub enum Command {
         /// Check now even if the next check is not due yet.
         #[arg(long)]
         force: bool,
+        /// Also write the summary to this file: JSON (.json) or Markdown (.md).
+        #[arg(long, value_name = "PATH")]
+        report: Option<PathBuf>,
+        /// Write the scan's metrics for node_exporter's textfile collector (atomically).
+        #[arg(long, value_name = "PATH")]
+        metrics_file: Option<PathBuf>,
         /// Only avatars whose recorded status is this (repeatable; pending = never checked).
         #[arg(long = "only", value_name = "STATUS", value_parser = parse_status_arg)]
         only: Vec<Status>,
@@ -169,6 +175,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             provider,
             force,
             only,
+            report: report_path,
+            metrics_file,
         } => {
             let deps = build_deps(&settings).await?;
             if let Some(name) = &provider
@@ -192,6 +200,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 dry_run,
             };
             let report = pipeline::scan_once(&deps, &opts).await?;
+            if let Some(path) = &report_path {
+                crate::report::write_report(path, &report)?;
+            }
+            if let Some(path) = &metrics_file {
+                crate::report::write_atomically(path, deps.metrics.encode().as_bytes())?;
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

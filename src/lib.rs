@@ -15,6 +15,7 @@ pub mod media;
 pub mod metrics;
 pub mod pipeline;
 pub mod providers;
+pub mod report;
 pub mod schedule;
 pub mod serve;
 pub mod storage;

@@ -335,3 +335,28 @@ async fn the_container_environment_selects_production_settings() {
     assert!(text.contains("kind = \"s3\""), "{text}");
     assert!(text.contains("bucket = \"avatars\""), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_writes_its_report_and_a_textfile_for_node_exporter() {
+    let app = TestApp::spawn().await;
+    let md = app.dir.path().join("scan.md");
+    let prom = app.dir.path().join("avatar_warden.prom");
+    let out = run(
+        &app,
+        &[
+            "scan",
+            "--report",
+            md.to_str().unwrap(),
+            "--metrics-file",
+            prom.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let md = std::fs::read_to_string(md).unwrap();
+    assert!(md.contains("| mirrored | 6 |"), "{md}");
+    let prom = std::fs::read_to_string(prom).unwrap();
+    assert!(
+        prom.contains("avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\"} 2"),
+        "{prom}"
+    );
+}

@@ -517,6 +517,43 @@ macro_rules! row_readers {
 }
 pub(crate) use row_readers;
 
+/// `release` and `export_page`, the same on every backend but for the
+/// placeholder spelling: (release token, export cursor, export limit).
+macro_rules! state_statements {
+    ($token:literal, $after:literal, $limit:literal) => {
+        pub async fn release(&self, token: &str) -> Result<u64, super::DbError> {
+            let sql = format!(
+                "UPDATE {} SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = {}",
+                super::STATE_TABLE,
+                $token
+            );
+            let done = sqlx::query(&sql).bind(token).execute(&self.pool).await?;
+            Ok(done.rows_affected())
+        }
+
+        pub async fn export_page(
+            &self,
+            after: Option<&str>,
+            limit: usize,
+        ) -> Result<Vec<super::AvatarRecord>, super::DbError> {
+            let sql = format!(
+                "SELECT {} FROM {} WHERE user_id > {} ORDER BY user_id LIMIT {}",
+                super::STATE_COLUMNS.join(", "),
+                super::STATE_TABLE,
+                $after,
+                $limit
+            );
+            let rows = sqlx::query(&sql)
+                .bind(after.unwrap_or(""))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(record_from_row).collect()
+        }
+    };
+}
+pub(crate) use state_statements;
+
 enum Backend {
     Sqlite(sqlite::Sqlite),
     Postgres(postgres::Postgres),

@@ -374,31 +374,7 @@ impl Postgres {
         ))
     }
 
-    pub async fn release(&self, token: &str) -> Result<u64, DbError> {
-        let done = sqlx::query(&format!(
-            "UPDATE {STATE_TABLE} SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = $1"
-        ))
-        .bind(token)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected())
-    }
-
-    pub async fn export_page(
-        &self,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<AvatarRecord>, DbError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {} FROM {STATE_TABLE} WHERE user_id > $1 ORDER BY user_id LIMIT $2",
-            STATE_COLUMNS.join(", ")
-        ))
-        .bind(after.unwrap_or(""))
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(record_from_row).collect()
-    }
+    super::state_statements!("$1", "$1", "$2");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

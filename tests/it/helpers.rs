@@ -244,20 +244,25 @@ impl TestApp {
     /// A `users` table holding exactly these (id, avatar URL) rows.
     pub async fn users(&self, rows: &[(i64, String)]) {
         let b = self.backend;
-        let values: Vec<String> = rows
-            .iter()
-            .map(|(id, url)| format!("({id}, {})", sql_string(url)))
-            .collect();
-        self.sql(&[
-            &format!(
-                "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
-                 avatar_reauth_required {} NOT NULL DEFAULT {})",
-                b.boolean(),
-                b.false_literal()
-            ),
-            &format!("INSERT INTO users (id, avatar_url) VALUES {}", values.join(", ")),
-        ])
-        .await;
+        let mut stmts = vec![format!(
+            "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
+             avatar_reauth_required {} NOT NULL DEFAULT {})",
+            b.boolean(),
+            b.false_literal()
+        )];
+        // Several hundred rows per statement: well inside every server's limits.
+        for chunk in rows.chunks(500) {
+            let values: Vec<String> = chunk
+                .iter()
+                .map(|(id, url)| format!("({id}, {})", sql_string(url)))
+                .collect();
+            stmts.push(format!(
+                "INSERT INTO users (id, avatar_url) VALUES {}",
+                values.join(", ")
+            ));
+        }
+        self.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
+            .await;
     }
 
     /// Provider rules of the test's own (e.g. for the origin's host), used by the app.

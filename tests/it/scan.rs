@@ -385,31 +385,17 @@ async fn concurrent_scanners_share_the_work_without_fetching_twice(backend: Back
         let Some(mut app) = TestApp::empty_on(backend, origin.clone()).await else {
             return;
         };
-        let mut stmts = vec![format!(
-            "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
-             avatar_reauth_required {} NOT NULL DEFAULT {})",
-            backend.boolean(),
-            backend.false_literal()
-        )];
-        for chunk in (1..=USERS).collect::<Vec<_>>().chunks(500) {
-            let values: Vec<String> = chunk
-                .iter()
-                .map(|i| {
-                    let path = if i % 10 == 0 {
-                        format!("/status/404/u{i}")
-                    } else {
-                        format!("/avatar/jpeg/u{}", i % 700)
-                    };
-                    format!("({i}, {})", sql_string(&app.origin.url(&path)))
-                })
-                .collect();
-            stmts.push(format!(
-                "INSERT INTO users (id, avatar_url) VALUES {}",
-                values.join(", ")
-            ));
-        }
-        app.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
-            .await;
+        let rows: Vec<(i64, String)> = (1..=USERS as i64)
+            .map(|i| {
+                let path = if i % 10 == 0 {
+                    format!("/status/404/u{i}")
+                } else {
+                    format!("/avatar/jpeg/u{}", i % 700)
+                };
+                (i, app.origin.url(&path))
+            })
+            .collect();
+        app.users(&rows).await;
         app.set("SCAN__BATCH_SIZE", "50");
         app.set("FETCH__CONCURRENCY", "8");
         app.set("PROFILE__MAX_CONNECTIONS", "4");
@@ -584,30 +570,16 @@ async fn a_slow_origin_and_a_closed_port_are_failing_not_flagged() {
 
 /// A profile table of `n` users, `distinct` pictures shared round-robin.
 async fn seed_users(app: &TestApp, n: usize, distinct: usize) {
-    let b = app.backend;
-    let mut stmts = vec![format!(
-        "CREATE TABLE users (id BIGINT PRIMARY KEY, avatar_url TEXT, avatar_mirror_url TEXT, \
-         avatar_reauth_required {} NOT NULL DEFAULT {})",
-        b.boolean(),
-        b.false_literal()
-    )];
-    for chunk in (1..=n).collect::<Vec<_>>().chunks(500) {
-        let values: Vec<String> = chunk
-            .iter()
-            .map(|i| {
-                format!(
-                    "({i}, {})",
-                    sql_string(&app.origin.url(&format!("/avatar/jpeg/p{}", i % distinct)))
-                )
-            })
-            .collect();
-        stmts.push(format!(
-            "INSERT INTO users (id, avatar_url) VALUES {}",
-            values.join(", ")
-        ));
-    }
-    app.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
-        .await;
+    let rows: Vec<(i64, String)> = (1..=n as i64)
+        .map(|i| {
+            (
+                i,
+                app.origin
+                    .url(&format!("/avatar/jpeg/p{}", i % distinct as i64)),
+            )
+        })
+        .collect();
+    app.users(&rows).await;
 }
 
 async fn a_scanner_killed_mid_run_loses_and_duplicates_nothing(backend: Backend) {

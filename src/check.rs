@@ -46,6 +46,10 @@ pub struct Examination {
     pub expires_at: Option<i64>,
     /// Requests sent, retries included.
     pub requests: u32,
+    /// Time spent in requests and body reads (retries included, waits between them not).
+    pub fetch_time: Duration,
+    /// Response body bytes read, retries included.
+    pub bytes_read: u64,
     /// Server asked us to wait (429/503 Retry-After).
     retry_after: Option<Duration>,
 }
@@ -62,6 +66,8 @@ impl Examination {
             image: None,
             expires_at: None,
             requests: 0,
+            fetch_time: Duration::ZERO,
+            bytes_read: 0,
             retry_after: None,
         }
     }
@@ -263,12 +269,18 @@ impl Checker {
         let host = url.host_str().unwrap_or_default().to_string();
         let mut requests = 0;
         let mut attempt = 0;
+        let (mut fetch_time, mut bytes_read) = (Duration::ZERO, 0);
         loop {
             let permit = hosts.acquire(&host).await;
+            let started = Instant::now();
             let mut e = self.fetch_once(url, rule).await;
             drop(permit);
             requests += 1;
+            fetch_time += started.elapsed();
+            bytes_read += e.bytes_read;
             e.requests = requests;
+            e.fetch_time = fetch_time;
+            e.bytes_read = bytes_read;
             if e.verdict.code == "rate_limited" {
                 hosts.slow_down(&host);
             }
@@ -293,7 +305,7 @@ impl Checker {
         let status = response.status();
         let headers = relevant_headers(response.headers());
         let retry_after = parse_retry_after(response.headers());
-        let done = |verdict: Verdict, decided_by: String, image| Examination {
+        let done = |verdict: Verdict, decided_by: String, image, bytes_read| Examination {
             verdict,
             decided_by,
             provider: None,
@@ -303,6 +315,8 @@ impl Checker {
             image,
             expires_at: None,
             requests: 1,
+            fetch_time: Duration::ZERO,
+            bytes_read,
             retry_after,
         };
         if let HeadDecision::Final(v) = classify::classify_head(status, response.headers()) {
@@ -317,26 +331,34 @@ impl Checker {
                         .with_detail(status.as_u16().to_string()),
                     format!("provider {}: 403 on a signed URL", r.name),
                     None,
+                    0,
                 ),
                 (Some(r), "not_found" | "gone") if r.not_found_means_changed => done(
                     Verdict::new(Status::Expired, "avatar_changed")
                         .with_detail(status.as_u16().to_string()),
                     format!("provider {}: not_found_means_changed", r.name),
                     None,
+                    0,
                 ),
-                _ => done(v, by, None),
+                _ => done(v, by, None, 0),
             };
         }
         let body = match self.fetcher.read_body(response).await {
             Ok(b) => b,
-            Err(e) => return done(e.verdict(), "body".into(), None),
+            Err(e) => return done(e.verdict(), "body".into(), None, 0),
         };
+        let bytes_read = body.bytes.len() as u64;
         if let Some(r) = rule
             && r.is_placeholder(&body.sha256)
         {
             let v =
                 Verdict::new(Status::Expired, "placeholder_image").with_detail(body.sha256.clone());
-            return done(v, format!("provider {}: placeholder_sha256", r.name), None);
+            return done(
+                v,
+                format!("provider {}: placeholder_sha256", r.name),
+                None,
+                bytes_read,
+            );
         }
         match media::validate(&body.bytes, &self.media) {
             Ok(info) => {
@@ -349,9 +371,10 @@ impl Checker {
                     Verdict::mirrored(),
                     "image validation".into(),
                     Some((info, body)),
+                    bytes_read,
                 )
             }
-            Err(e) => done(e.verdict(), "image validation".into(), None),
+            Err(e) => done(e.verdict(), "image validation".into(), None, bytes_read),
         }
     }
 }

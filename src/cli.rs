@@ -14,11 +14,12 @@ use tokio_util::sync::CancellationToken;
 use crate::check::Checker;
 use crate::classify::Status;
 use crate::config::{FsSettings, LogFormat, Settings, StorageSettings};
+use crate::db::StatusSummary;
 use crate::db::{AvatarRecord, Database, Selection, Shard};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
 use crate::storage::ImageWriter;
-use crate::{demo, schedule, serve};
+use crate::{demo, progress, schedule, serve};
 
 /// Exit codes of the contract.
 pub const EXIT_OK: u8 = 0;
@@ -79,6 +80,16 @@ pub enum Command {
         /// Write the scan's metrics for node_exporter's textfile collector (atomically).
         #[arg(long, value_name = "PATH")]
         metrics_file: Option<PathBuf>,
+        /// Push the scan's metrics to this Prometheus Pushgateway when it completes.
+        #[arg(long, value_name = "URL", env = "AVATAR_WARDEN_PUSHGATEWAY")]
+        pushgateway: Option<String>,
+        /// No progress bar (or, off a terminal, no periodic progress lines).
+        #[arg(long)]
+        no_progress: bool,
+        /// Exit code when the scan finished but some avatars are failing
+        /// (0 for a Kubernetes Job, where the next run retries them).
+        #[arg(long, value_name = "CODE", default_value_t = EXIT_SOME_FAILING)]
+        failing_exit_code: u8,
         /// Only avatars whose recorded status is this (repeatable; pending = never checked).
         #[arg(long = "only", value_name = "STATUS", value_parser = parse_status_arg)]
         only: Vec<Status>,
@@ -177,6 +188,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             only,
             report: report_path,
             metrics_file,
+            pushgateway,
+            no_progress,
+            failing_exit_code,
         } => {
             let deps = build_deps(&settings).await?;
             if let Some(name) = &provider
@@ -199,20 +213,31 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 users,
                 dry_run,
             };
-            let report = pipeline::scan_once(&deps, &opts).await?;
+            let progress = progress::Progress::start(
+                progress::Mode::detect(no_progress || json),
+                deps.metrics.clone(),
+                limit,
+            );
+            let report = pipeline::scan_once(&deps, &opts).await;
+            progress.finish().await;
+            let report = report?;
             if let Some(path) = &report_path {
                 crate::report::write_report(path, &report)?;
             }
             if let Some(path) = &metrics_file {
-                crate::report::write_atomically(path, deps.metrics.encode().as_bytes())?;
+                let text = deps.metrics.encode_prometheus();
+                crate::report::write_atomically(path, text.as_bytes())?;
             }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print_report(&report);
             }
+            if let Some(base) = &pushgateway {
+                push_metrics(&settings, &deps, &report, base, shard).await?;
+            }
             Ok(if report.count(Status::Failing) > 0 {
-                EXIT_SOME_FAILING
+                failing_exit_code
             } else {
                 EXIT_OK
             })
@@ -248,20 +273,123 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status { json } => {
             let db = settings.profile.connect().await?;
-            let counts = db.status_counts(pipeline::unix_now()).await?;
+            db.migrate()
+                .await
+                .context("migrating the worker's tables")?;
+            let now = pipeline::unix_now();
+            let summary = db.status(now).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&counts)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status_json(&summary, now))?
+                );
             } else {
-                for (status, n) in &counts.counts {
-                    println!("{status:<10} {n:>10}");
-                }
-                println!("{:<10} {:>10}", "reauth", counts.reauth_required);
-                println!("{:<10} {:>10}", "due now", counts.due_now);
+                print_status(&summary, now);
             }
             Ok(EXIT_OK)
         }
         Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
         Command::Config => unreachable!("handled before logging starts"),
+    }
+}
+
+/// Pushes a completed scan's metrics. An interrupted scan pushes nothing: its
+/// `scan_last_success_timestamp_seconds` would be 0 and hide the last good run.
+async fn push_metrics(
+    settings: &Settings,
+    deps: &Deps,
+    report: &ScanReport,
+    base: &str,
+    shard: Option<Shard>,
+) -> anyhow::Result<()> {
+    if report.interrupted {
+        tracing::warn!("scan interrupted: not pushing, the gateway keeps the last completed run");
+        return Ok(());
+    }
+    let m = &settings.metrics;
+    let grouping = crate::push::Grouping::new(
+        &m.push_job,
+        &m.push_instance,
+        shard.map(|s| (s.index, s.count)),
+    );
+    let url = crate::push::push(
+        base,
+        &grouping,
+        deps.metrics.encode_prometheus(),
+        std::time::Duration::from_secs(m.push_timeout_secs),
+    )
+    .await?;
+    tracing::info!(%url, "metrics pushed");
+    Ok(())
+}
+
+fn rfc3339(t: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp(t, 0).map(|d| d.to_rfc3339())
+}
+
+/// `status --json`: times as RFC 3339 next to the unix seconds.
+fn status_json(s: &StatusSummary, now: i64) -> serde_json::Value {
+    json!({
+        "counts": s.counts,
+        "reauth_required": s.reauth_required,
+        "due_backlog": s.due_backlog,
+        "oldest_due_at": s.oldest_due_at.and_then(rfc3339),
+        "oldest_due_wait_secs": s.oldest_due_at.map(|t| now - t),
+        "last_run": s.last_run.as_ref().map(|r| json!({
+            "started_at": rfc3339(r.started_at),
+            "finished_at": rfc3339(r.finished_at),
+            "duration_secs": r.finished_at - r.started_at,
+            "result": r.result,
+            "processed": r.processed,
+            "failing": r.failing,
+            "flagged": r.flagged,
+            "worker": r.worker,
+        })),
+    })
+}
+
+fn print_status(s: &StatusSummary, now: i64) {
+    println!("avatars by status:");
+    for status in Status::ALL {
+        let n = s.counts.get(status.as_str()).copied().unwrap_or(0);
+        println!("  {:<10} {n:>10}", status.as_str());
+    }
+    println!("re-auth flagged  {:>10}", s.reauth_required);
+    println!(
+        "due now          {:>10}  (never checked, URL changed, or re-check time come)",
+        s.due_backlog
+    );
+    match s.oldest_due_at {
+        Some(t) => println!(
+            "oldest due       {}  (waiting {})",
+            rfc3339(t).unwrap_or_default(),
+            human_duration(now - t)
+        ),
+        None => println!("oldest due       -"),
+    }
+    match &s.last_run {
+        Some(r) => println!(
+            "last run         {} on {}: {}, {} avatars in {}, {} failing, {} flagged ({} ago)",
+            rfc3339(r.finished_at).unwrap_or_default(),
+            r.worker,
+            r.result,
+            r.processed,
+            human_duration(r.finished_at - r.started_at),
+            r.failing,
+            r.flagged,
+            human_duration(now - r.finished_at),
+        ),
+        None => println!("last run         never"),
+    }
+}
+
+fn human_duration(secs: i64) -> String {
+    let secs = secs.max(0);
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..86400 => format!("{}h{}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{}h", secs / 86400, secs % 86400 / 3600),
     }
 }
 
@@ -288,6 +416,7 @@ pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOpt
         limit: None,
         provider: None,
         shutdown,
+        grace: std::time::Duration::from_secs(settings.shutdown.grace_secs),
     }
 }
 
@@ -309,12 +438,13 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
         .open()
         .await
         .context("opening the object store")?;
+    let metrics = Metrics::new();
     Ok(Deps {
         db: Arc::new(db),
         checker,
-        images: ImageWriter::new(store),
+        images: ImageWriter::new(store).observed(metrics.storage_observer()),
         policy: Policy::from_settings(settings),
-        metrics: Metrics::new(),
+        metrics,
     })
 }
 
@@ -472,9 +602,24 @@ fn print_report(report: &ScanReport) {
         }
     }
     println!(
-        "objects: {} uploaded ({} bytes), {} already stored",
-        report.objects_uploaded, report.bytes_uploaded, report.objects_deduplicated
+        "objects: {} uploaded ({} bytes), {} already stored; {} bytes downloaded",
+        report.objects_uploaded,
+        report.bytes_uploaded,
+        report.objects_deduplicated,
+        report.bytes_downloaded
     );
+    if report.duration_secs > 0.0 && report.processed > 0 {
+        println!(
+            "rate: {:.1} avatars/s",
+            report.processed as f64 / report.duration_secs
+        );
+    }
+    if report.abandoned > 0 {
+        println!(
+            "{} avatars abandoned when the shutdown grace period ran out (not recorded; due again)",
+            report.abandoned
+        );
+    }
     if report.lease_lost > 0 {
         println!(
             "{} results not written: their lease had passed to another worker",

@@ -46,6 +46,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub schedule: ScheduleSettings,
     pub metrics: MetricsSettings,
+    pub shutdown: ShutdownSettings,
     pub log: LogSettings,
     pub retry: RetrySettings,
     pub expiry: ExpirySettings,
@@ -210,6 +211,18 @@ pub struct ScheduleSettings {
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     pub listen: String,
+    /// Pushgateway grouping key `job` for `scan --pushgateway`.
+    pub push_job: String,
+    /// Grouping key `instance`; empty: the shard (`0-of-4`) or `all`.
+    pub push_instance: String,
+    pub push_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    /// After SIGTERM, how long avatars in flight may take to finish.
+    pub grace_secs: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -452,6 +465,25 @@ fn apply_env(table: &mut Table, var: &str, raw: &str) -> Result<(), ConfigError>
 mod tests {
     use super::*;
     use secrecy::ExposeSecret;
+
+    #[test]
+    fn every_default_key_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let defaults: toml::Table = DEFAULT_TOML.parse().unwrap();
+        let mut missing = Vec::new();
+        for (section, table) in &defaults {
+            for key in table.as_table().into_iter().flat_map(|t| t.keys()) {
+                let name = format!("{section}.{key}");
+                if !readme.contains(&format!("`{name}`")) && !readme.contains(&format!("{name}`")) {
+                    missing.push(name);
+                }
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "README.md does not document: {missing:?}"
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

@@ -2,7 +2,7 @@
 //! are low-cardinality codes only, never user ids or URLs.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -16,14 +16,37 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::classify::Status;
 use crate::db::AvatarRecord;
 use crate::pipeline::ScanReport;
-use crate::storage::StoredObject;
+use crate::storage::{OpObserver, StoreOp, StoredObject};
 
 pub const PREFIX: &str = "avatar_warden";
+
+/// Content type of [`Metrics::encode`].
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`Metrics::encode_prometheus`] (Pushgateway, textfile collector, promtool).
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub status: String,
     pub reason: String,
+    /// The provider rule's name, `other` when none matched.
+    pub provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScanLabels {
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -31,18 +54,29 @@ struct BuildLabels {
     version: String,
 }
 
+type TimeGauge = Gauge<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
 struct Inner {
     registry: Registry,
     processed: Family<OutcomeLabels, Counter>,
     in_flight: Gauge,
+    fetch_seconds: Histogram,
+    response_bytes: Histogram,
+    storage_seconds: HistogramFamily<OpLabels>,
     bytes_stored: Counter,
     objects_stored: Counter,
     objects_deduplicated: Counter,
     reauth_flagged: Counter,
     db_batch_seconds: Histogram,
-    scans: Counter,
-    scan_last_success: Gauge<f64, AtomicU64>,
-    scan_last_duration: Gauge<f64, AtomicU64>,
+    due_backlog: Gauge,
+    scans: Family<ScanLabels, Counter>,
+    scan_last_started: TimeGauge,
+    scan_last_success: TimeGauge,
+    scan_last_duration: TimeGauge,
+    last_scan_avatars: Family<StatusLabels, Gauge>,
+    /// Avatars finished since start, for progress display (not exported).
+    progress: AtomicU64,
 }
 
 /// Cheap to clone; all clones share one registry.
@@ -57,13 +91,23 @@ impl Default for Metrics {
     }
 }
 
+/// Avatar fetches: a loopback hit takes ~1 ms, a slow CDN node seconds, the timeout ~10 s.
+fn fetch_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 12)) // 5 ms .. ~10 s
+}
+
+/// Store operations: local disk ~0.1 ms, an S3 PUT tens of ms.
+fn storage_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14)) // 0.5 ms .. ~4 s
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
         let processed = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "avatars_processed",
-            "Avatars checked, by verdict status and reason",
+            "Avatars checked, by verdict status, reason and provider",
             processed.clone(),
         );
         let in_flight = Gauge::default();
@@ -71,6 +115,29 @@ impl Metrics {
             "avatars_in_flight",
             "Avatars being checked right now",
             in_flight.clone(),
+        );
+        let fetch_seconds = fetch_buckets();
+        registry.register_with_unit(
+            "fetch_duration",
+            "Time spent fetching one avatar URL (requests and body, retries included)",
+            Unit::Seconds,
+            fetch_seconds.clone(),
+        );
+        // Avatars are 2 KB (WeChat's 46 px) to a few hundred KB; 1 KiB .. 8 MiB.
+        let response_bytes = Histogram::new(exponential_buckets(1024.0, 2.0, 14));
+        registry.register_with_unit(
+            "fetch_response_size",
+            "Response body bytes read per avatar URL",
+            Unit::Bytes,
+            response_bytes.clone(),
+        );
+        let storage_seconds: HistogramFamily<OpLabels> =
+            Family::new_with_constructor(storage_buckets);
+        registry.register_with_unit(
+            "storage_operation_duration",
+            "Object store operations (exists, put)",
+            Unit::Seconds,
+            storage_seconds.clone(),
         );
         let bytes_stored = Counter::default();
         registry.register_with_unit(
@@ -105,21 +172,46 @@ impl Metrics {
             Unit::Seconds,
             db_batch_seconds.clone(),
         );
-        let scans = Counter::default();
-        registry.register("scans", "Scans completed", scans.clone());
-        let scan_last_success = Gauge::<f64, AtomicU64>::default();
+        let due_backlog = Gauge::default();
+        registry.register(
+            "due_backlog",
+            "Avatars due for a check (never checked, URL changed, or time come), counted at scan start and end",
+            due_backlog.clone(),
+        );
+        let scans = Family::<ScanLabels, Counter>::default();
+        registry.register(
+            "scans",
+            "Scans ended, by result (completed, interrupted, failed)",
+            scans.clone(),
+        );
+        let scan_last_started = TimeGauge::default();
+        registry.register_with_unit(
+            "scan_last_started_timestamp",
+            "Unix time the last scan started",
+            Unit::Seconds,
+            scan_last_started.clone(),
+        );
+        let scan_last_success = TimeGauge::default();
         registry.register_with_unit(
             "scan_last_success_timestamp",
-            "Unix time the last scan finished",
+            "Unix time the last scan completed (not interrupted, no error)",
             Unit::Seconds,
             scan_last_success.clone(),
         );
-        let scan_last_duration = Gauge::<f64, AtomicU64>::default();
+        let scan_last_duration = TimeGauge::default();
         registry.register_with_unit(
             "scan_last_duration",
             "How long the last scan took",
             Unit::Seconds,
             scan_last_duration.clone(),
+        );
+        // Per-run numbers that read the same scraped (`run`) or pushed (`scan`):
+        // alert rules compare ratios of the last scan without rate().
+        let last_scan_avatars = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "last_scan_avatars",
+            "Avatars in the last completed scan, by verdict status",
+            last_scan_avatars.clone(),
         );
         registry.register(
             "build",
@@ -133,14 +225,21 @@ impl Metrics {
                 registry,
                 processed,
                 in_flight,
+                fetch_seconds,
+                response_bytes,
+                storage_seconds,
                 bytes_stored,
                 objects_stored,
                 objects_deduplicated,
                 reauth_flagged,
                 db_batch_seconds,
+                due_backlog,
                 scans,
+                scan_last_started,
                 scan_last_success,
                 scan_last_duration,
+                last_scan_avatars,
+                progress: AtomicU64::new(0),
             }),
         }
     }
@@ -151,14 +250,22 @@ impl Metrics {
         InFlight(self.inner.in_flight.clone())
     }
 
-    pub fn record_outcome(&self, record: &AvatarRecord, stored: Option<&StoredObject>, size: u64) {
+    pub fn record_outcome(
+        &self,
+        record: &AvatarRecord,
+        provider: Option<&str>,
+        stored: Option<&StoredObject>,
+        size: u64,
+    ) {
         let m = &self.inner;
         m.processed
             .get_or_create(&OutcomeLabels {
                 status: record.status.to_string(),
                 reason: record.reason.clone(),
+                provider: provider.unwrap_or("other").to_string(),
             })
             .inc();
+        m.progress.fetch_add(1, Ordering::Relaxed);
         if record.status.requires_reauth() {
             m.reauth_flagged.inc();
         }
@@ -174,24 +281,81 @@ impl Metrics {
         }
     }
 
+    /// One avatar URL fetched (not called when no request was needed).
+    pub fn observe_fetch(&self, elapsed: Duration, bytes: u64) {
+        self.inner.fetch_seconds.observe(elapsed.as_secs_f64());
+        self.inner.response_bytes.observe(bytes as f64);
+    }
+
+    /// The hook [`ImageWriter::observed`](crate::storage::ImageWriter::observed) takes.
+    pub fn storage_observer(&self) -> OpObserver {
+        let family = self.inner.storage_seconds.clone();
+        Arc::new(move |op: StoreOp, elapsed: Duration| {
+            family
+                .get_or_create(&OpLabels { op: op.as_str() })
+                .observe(elapsed.as_secs_f64());
+        })
+    }
+
     pub fn observe_db_batch(&self, elapsed: Duration) {
         self.inner.db_batch_seconds.observe(elapsed.as_secs_f64());
     }
 
-    pub fn scan_finished(&self, report: &ScanReport) {
-        let m = &self.inner;
-        m.scans.inc();
-        m.scan_last_duration.set(report.duration_secs);
-        m.scan_last_success
-            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+    pub fn set_due_backlog(&self, due: i64) {
+        self.inner.due_backlog.set(due);
     }
 
-    /// Processed count for one status, summed over reasons.
+    pub fn scan_started(&self) {
+        self.inner.scan_last_started.set(unix_now_f64());
+    }
+
+    pub fn scan_finished(&self, report: &ScanReport) {
+        let m = &self.inner;
+        let result = if report.interrupted {
+            "interrupted"
+        } else {
+            "completed"
+        };
+        m.scans.get_or_create(&ScanLabels { result }).inc();
+        m.scan_last_duration.set(report.duration_secs);
+        if !report.interrupted {
+            m.scan_last_success.set(unix_now_f64());
+            for status in Status::ALL {
+                m.last_scan_avatars
+                    .get_or_create(&StatusLabels {
+                        status: status.as_str(),
+                    })
+                    .set(report.count(status) as i64);
+            }
+        }
+    }
+
+    pub fn scan_failed(&self) {
+        self.inner
+            .scans
+            .get_or_create(&ScanLabels { result: "failed" })
+            .inc();
+    }
+
+    pub fn due_backlog(&self) -> i64 {
+        self.inner.due_backlog.get()
+    }
+
+    /// Avatars being checked right now.
+    pub fn in_flight(&self) -> i64 {
+        self.inner.in_flight.get()
+    }
+
+    /// Avatars finished since this registry was made (for progress display).
+    pub fn progress(&self) -> u64 {
+        self.inner.progress.load(Ordering::Relaxed)
+    }
+
+    /// Processed count for one status, summed over reasons and providers.
     pub fn processed(&self, status: Status) -> u64 {
-        let mut text = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut text, &self.inner.registry);
         let needle = format!("status=\"{}\"", status.as_str());
-        text.lines()
+        self.encode()
+            .lines()
             .filter(|l| {
                 l.starts_with("avatar_warden_avatars_processed_total{") && l.contains(&needle)
             })
@@ -199,13 +363,57 @@ impl Metrics {
             .sum()
     }
 
-    /// OpenMetrics text exposition.
+    /// OpenMetrics text exposition (what Prometheus asks for by default).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.inner.registry);
         out
     }
+
+    /// Prometheus text format 0.0.4: what the Pushgateway, node_exporter's
+    /// textfile collector and `promtool check metrics` parse.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode())
+    }
+}
+
+fn unix_now_f64() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4. The samples are the
+/// same; what differs is metadata: OpenMetrics names a counter family without
+/// `_total` (and an info family without `_info`), which a 0.0.4 parser would
+/// take for an empty family plus an untyped one. `# UNIT` and `# EOF` do not
+/// exist in 0.0.4.
+pub fn openmetrics_to_prometheus(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut help: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" => (format!("{name}_total"), "counter"),
+                "info" => (format!("{name}_info"), "gauge"),
+                "gaugehistogram" | "stateset" | "unknown" => (name.to_string(), "untyped"),
+                other => (name.to_string(), other),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                out.push_str(&format!("# HELP {name} {text}\n"));
+            }
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+        } else if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        } else {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 pub struct InFlight(Gauge);
@@ -246,14 +454,19 @@ mod tests {
     #[test]
     fn outcomes_are_counted_per_status_without_user_labels() {
         let m = Metrics::new();
-        m.record_outcome(&record(Status::Expired, "provider_notexist"), None, 0);
-        m.record_outcome(&record(Status::Expired, "not_found"), None, 0);
-        m.record_outcome(&record(Status::Failing, "timeout"), None, 0);
+        m.record_outcome(
+            &record(Status::Expired, "provider_notexist"),
+            Some("wechat"),
+            None,
+            0,
+        );
+        m.record_outcome(&record(Status::Expired, "not_found"), None, None, 0);
+        m.record_outcome(&record(Status::Failing, "timeout"), Some("qq"), None, 0);
         assert_eq!(m.processed(Status::Expired), 2);
         assert_eq!(m.processed(Status::Failing), 1);
         let text = m.encode();
         assert!(text.contains(
-            "avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\"} 1"
+            "avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\",provider=\"wechat\"} 1"
         ), "{text}");
         assert!(
             text.contains("avatar_warden_reauth_flagged_total 2"),
@@ -261,5 +474,30 @@ mod tests {
         );
         assert!(!text.contains("https://x/y"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn prometheus_text_names_counter_families_by_their_samples() {
+        let m = Metrics::new();
+        m.record_outcome(&record(Status::Mirrored, "ok"), None, None, 0);
+        m.observe_fetch(Duration::from_millis(20), 4096);
+        let text = m.encode_prometheus();
+        assert!(
+            text.contains("# TYPE avatar_warden_avatars_processed_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "# HELP avatar_warden_avatars_processed_total Avatars checked, by verdict status, reason and provider"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE avatar_warden_build_info gauge\n"));
+        assert!(text.contains("# TYPE avatar_warden_fetch_duration_seconds histogram\n"));
+        assert!(text.contains("avatar_warden_fetch_response_size_bytes_bucket{le=\"4096.0\"} 1\n"));
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"));
+        // Every sample line survives unchanged.
+        let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
+        assert_eq!(samples(&text), samples(&m.encode()));
     }
 }

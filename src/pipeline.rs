@@ -9,13 +9,14 @@ use futures::{StreamExt, TryStreamExt, stream};
 use rand::Rng;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::check::{Checker, HostLimiter};
 use crate::classify::{Status, Verdict};
 use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
-    AvatarRecord, Claim, Database, DbError, DueAvatar, Selection, Shard, UrlFilter, UserId,
-    new_lease_token,
+    AvatarRecord, Claim, Database, DbError, DueAvatar, RunRecord, Selection, Shard, UrlFilter,
+    UserId, new_lease_token,
 };
 use crate::media::ImageInfo;
 use crate::metrics::Metrics;
@@ -67,6 +68,9 @@ pub struct ScanOptions {
     pub provider: Option<String>,
     /// Cancelled: stop reading new avatars, finish and record those in flight.
     pub shutdown: CancellationToken,
+    /// After shutdown, how long avatars in flight may take before they are
+    /// abandoned (their leases are released; nothing half-done is recorded).
+    pub grace: Duration,
 }
 
 /// How many flagged users a report lists by name.
@@ -85,10 +89,16 @@ pub struct ScanReport {
     pub lease_lost: u64,
     /// Users flagged for re-authorization by this scan (first `REPORT_FLAGGED_LIMIT`).
     pub flagged: Vec<FlaggedUser>,
+    /// How many avatars this scan recorded as needing re-authorization.
+    pub flagged_total: u64,
     pub duration_secs: f64,
     pub interrupted: bool,
     /// Nothing was stored or written (`scan --dry-run`).
     pub dry_run: bool,
+    /// In flight at shutdown and not finished within the grace period.
+    pub abandoned: u64,
+    /// Response body bytes downloaded.
+    pub bytes_downloaded: u64,
     /// `old → new` status changes this scan made (or would make).
     pub changes: BTreeMap<String, u64>,
 }
@@ -107,6 +117,7 @@ impl ScanReport {
 
     fn add(&mut self, c: &Checked) {
         let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
+        self.bytes_downloaded += c.downloaded;
         let before = c.previous.map_or("new", |s| s.as_str());
         if before != record.status.as_str() {
             *self
@@ -127,6 +138,9 @@ impl ScanReport {
                 self.objects_uploaded += 1;
                 self.bytes_uploaded += bytes;
             }
+        }
+        if record.status.requires_reauth() {
+            self.flagged_total += 1;
         }
         if record.status.requires_reauth() && self.flagged.len() < REPORT_FLAGGED_LIMIT {
             self.flagged.push(FlaggedUser {
@@ -155,12 +169,34 @@ impl ScanError {
     }
 }
 
-/// Checks one avatar end to end and returns what to record.
+/// Checks one avatar end to end, in its own span, and returns what to record.
 async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run: bool) -> Checked {
+    let span = tracing::info_span!(
+        "avatar",
+        user_id = %due.user_id,
+        host = url::Url::parse(&due.avatar_url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default(),
+        status = tracing::field::Empty,
+        reason = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    check_avatar_in(deps, due, hosts, dry_run)
+        .instrument(span)
+        .await
+}
+
+async fn check_avatar_in(
+    deps: &Deps,
+    due: DueAvatar,
+    hosts: &HostLimiter,
+    dry_run: bool,
+) -> Checked {
     let started = Instant::now();
     let _in_flight = deps.metrics.in_flight_guard();
     let now = unix_now();
     let exam = deps.checker.examine(&due.avatar_url, now, hosts).await;
+    if exam.requests > 0 {
+        deps.metrics.observe_fetch(exam.fetch_time, exam.bytes_read);
+    }
     let mut verdict = exam.verdict;
     let mut mirror = None;
     let mut size = 0;
@@ -189,12 +225,13 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run:
         &deps.policy,
         &mut rng,
     );
+    let span = tracing::Span::current();
+    span.record("status", record.status.as_str());
+    span.record("reason", record.reason.as_str());
+    span.record("duration_ms", started.elapsed().as_millis() as u64);
     tracing::debug!(
-        user_id = %record.user_id,
-        status = %record.status,
-        reason = %record.reason,
         provider = exam.provider.as_deref().unwrap_or("-"),
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        requests = exam.requests,
         "avatar checked"
     );
     Checked {
@@ -202,6 +239,8 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run:
         record,
         stored: mirror.map(|(_, _, s)| s),
         size,
+        downloaded: exam.bytes_read,
+        provider: exam.provider,
     }
 }
 
@@ -362,18 +401,86 @@ pub fn unix_now() -> i64 {
 /// Avatars are claimed page by page under a lease, so several workers can
 /// scan one table at once without checking anything twice.
 pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
-    let started = Instant::now();
     let token = new_lease_token();
-    let result = scan_with_lease(deps, opts, &token).await;
+    let span = tracing::info_span!("scan", lease = &token[..8]);
+    scan_traced(deps, opts, &token).instrument(span).await
+}
+
+async fn scan_traced(
+    deps: &Deps,
+    opts: &ScanOptions,
+    token: &str,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let started_at = unix_now();
+    deps.metrics.scan_started();
+    update_backlog(deps).await;
+    let result = scan_with_lease(deps, opts, token).await;
     // Give back what was claimed but not checked (shutdown, or an error mid-way).
-    if let Err(e) = deps.db.release(&token).await {
+    if let Err(e) = deps.db.release(token).await {
         tracing::warn!(error = %e, "could not release leases; they expire by themselves");
     }
-    let mut report = result?;
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            deps.metrics.scan_failed();
+            return Err(e);
+        }
+    };
     report.interrupted = opts.shutdown.is_cancelled();
     report.duration_secs = started.elapsed().as_secs_f64();
     deps.metrics.scan_finished(&report);
+    if !report.interrupted {
+        update_backlog(deps).await;
+    }
+    if !report.dry_run {
+        let run = RunRecord {
+            started_at,
+            finished_at: unix_now(),
+            result: if report.interrupted {
+                "interrupted"
+            } else {
+                "completed"
+            }
+            .into(),
+            processed: report.processed as i64,
+            failing: report.count(Status::Failing) as i64,
+            flagged: report.flagged_total as i64,
+            worker: worker_name(),
+        };
+        if let Err(e) = deps.db.record_run(&run).await {
+            tracing::warn!(error = %e, "could not record the run in avatar_warden_runs");
+        }
+    }
+    tracing::info!(
+        processed = report.processed,
+        interrupted = report.interrupted,
+        abandoned = report.abandoned,
+        duration_secs = report.duration_secs,
+        "scan finished"
+    );
     Ok(report)
+}
+
+/// The due backlog gauge; a count that fails is logged, never fatal.
+async fn update_backlog(deps: &Deps) {
+    match deps.db.count_due(unix_now()).await {
+        Ok(n) => deps.metrics.set_due_backlog(n),
+        Err(e) => tracing::warn!(error = %e, "could not count the due backlog"),
+    }
+}
+
+/// This worker's name in `avatar_warden_runs`: the host (the pod, in Kubernetes).
+pub fn worker_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// How long a partly filled batch may wait before it is written anyway.
@@ -395,8 +502,12 @@ impl UrlFilter for ProviderFilter {
 struct Checked {
     record: AvatarRecord,
     stored: Option<StoredObject>,
+    /// Bytes of the stored picture.
     size: u64,
+    /// Response bytes downloaded to decide.
+    downloaded: u64,
     previous: Option<Status>,
+    provider: Option<String>,
 }
 
 async fn scan_with_lease(
@@ -474,10 +585,27 @@ async fn scan_with_lease(
             |due| async move { Ok::<_, ScanError>(check_avatar(deps, due, hosts, dry_run).await) },
         )
         .try_buffer_unordered(opts.concurrency.max(1));
-    futures::pin_mut!(results);
+    // Boxed, not pinned on the stack, so dropping it cancels what is in flight.
+    let mut results = Box::pin(results);
     let mut failure = None;
+    // After shutdown, in-flight avatars get `grace` to finish; then they are dropped.
+    let (stop, grace) = (opts.shutdown.clone(), opts.grace);
+    let hard_stop = async move {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    futures::pin_mut!(hard_stop);
+    let mut abandoned = 0;
     loop {
-        match results.try_next().await {
+        let next = tokio::select! {
+            next = results.try_next() => next,
+            _ = &mut hard_stop => {
+                abandoned = deps.metrics.in_flight() as u64;
+                tracing::warn!(abandoned, ?grace, "grace period over: abandoning avatars in flight");
+                break;
+            }
+        };
+        match next {
             Ok(Some(checked)) => {
                 if tx.send(checked).await.is_err() {
                     break; // the writer stopped: its error is reported below
@@ -490,8 +618,10 @@ async fn scan_with_lease(
             }
         }
     }
+    drop(results);
     drop(tx);
-    let report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
+    let mut report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
+    report.abandoned = abandoned;
     match failure {
         Some(e) => Err(e),
         None => Ok(report),
@@ -537,8 +667,12 @@ async fn write_results(
         }
         for c in buf.drain(..) {
             report.add(&c);
-            deps.metrics
-                .record_outcome(&c.record, c.stored.as_ref(), c.size);
+            deps.metrics.record_outcome(
+                &c.record,
+                c.provider.as_deref(),
+                c.stored.as_ref(),
+                c.size,
+            );
         }
     }
     Ok(report)

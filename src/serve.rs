@@ -9,10 +9,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::{OPENMETRICS_CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE};
 use crate::pipeline::Deps;
 
-pub const OPENMETRICS_CONTENT_TYPE: &str =
-    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds first, so a port clash is an error at start-up, then serves in the background.
@@ -39,11 +38,25 @@ pub async fn spawn(
     Ok(addr)
 }
 
-async fn metrics(State(deps): State<Deps>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-        deps.metrics.encode(),
-    )
+/// OpenMetrics when the scraper asks for it (Prometheus does), the classic
+/// text format otherwise (curl, promtool, older scrapers).
+async fn metrics(State(deps): State<Deps>, headers: header::HeaderMap) -> impl IntoResponse {
+    let wants_openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"));
+    if wants_openmetrics {
+        (
+            [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
+            deps.metrics.encode(),
+        )
+    } else {
+        (
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            deps.metrics.encode_prometheus(),
+        )
+    }
 }
 
 /// Ready when the profile database and the object store both answer.

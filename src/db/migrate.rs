@@ -11,23 +11,44 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "avatar_state",
-    sql: include_str!("../../migrations/sqlite/0001_avatar_state.sql"),
-}];
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "avatar_state",
+        sql: include_str!("../../migrations/sqlite/0001_avatar_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "runs",
+        sql: include_str!("../../migrations/sqlite/0002_runs.sql"),
+    },
+];
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "avatar_state",
-    sql: include_str!("../../migrations/postgres/0001_avatar_state.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "avatar_state",
+        sql: include_str!("../../migrations/postgres/0001_avatar_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "runs",
+        sql: include_str!("../../migrations/postgres/0002_runs.sql"),
+    },
+];
 
-pub const MYSQL: &[Migration] = &[Migration {
-    version: 1,
-    name: "avatar_state",
-    sql: include_str!("../../migrations/mysql/0001_avatar_state.sql"),
-}];
+pub const MYSQL: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "avatar_state",
+        sql: include_str!("../../migrations/mysql/0001_avatar_state.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "runs",
+        sql: include_str!("../../migrations/mysql/0002_runs.sql"),
+    },
+];
 
 /// Splits a migration file into statements (our files keep `;` out of literals).
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {

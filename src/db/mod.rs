@@ -20,6 +20,7 @@ use crate::config::ProfileSettings;
 pub use ident::{Quote, quote};
 
 pub const STATE_TABLE: &str = "avatar_warden_avatars";
+pub const RUNS_TABLE: &str = "avatar_warden_runs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -520,7 +521,72 @@ pub(crate) use row_readers;
 /// `release` and `export_page`, the same on every backend but for the
 /// placeholder spelling: (release token, export cursor, export limit).
 macro_rules! state_statements {
-    ($token:literal, $after:literal, $limit:literal) => {
+    ($token:literal, $after:literal, $limit:literal, $now:literal, $run:literal) => {
+        /// Everything a scan would claim now (`status`, the backlog gauge).
+        pub async fn count_due(&self, now: i64) -> Result<i64, super::DbError> {
+            let sql = super::count_query(&self.due_query(false, &super::Selection::default()));
+            let n: i64 = sqlx::query_scalar(&sql)
+                .bind(now)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(n)
+        }
+
+        /// When the longest-waiting due avatar became due.
+        pub async fn oldest_due(&self, now: i64) -> Result<Option<i64>, super::DbError> {
+            let sql = format!(
+                "SELECT MIN(next_check_at) FROM {} WHERE next_check_at <= {}",
+                super::STATE_TABLE,
+                $now
+            );
+            let t: Option<i64> = sqlx::query_scalar(&sql)
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+            Ok(t)
+        }
+
+        pub async fn record_run(&self, run: &super::RunRecord) -> Result<(), super::DbError> {
+            let sql = format!(
+                "INSERT INTO {} (started_at, finished_at, result, processed, failing, flagged, worker) VALUES ({})",
+                super::RUNS_TABLE,
+                $run
+            );
+            sqlx::query(&sql)
+                .bind(run.started_at)
+                .bind(run.finished_at)
+                .bind(&run.result)
+                .bind(run.processed)
+                .bind(run.failing)
+                .bind(run.flagged)
+                .bind(&run.worker)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        }
+
+        pub async fn last_run(&self) -> Result<Option<super::RunRecord>, super::DbError> {
+            let sql = format!(
+                "SELECT started_at, finished_at, result, processed, failing, flagged, worker \
+                 FROM {} ORDER BY finished_at DESC LIMIT 1",
+                super::RUNS_TABLE
+            );
+            let Some(row) = sqlx::query(&sql).fetch_optional(&self.pool).await? else {
+                return Ok(None);
+            };
+            use sqlx::Row;
+            Ok(Some(super::RunRecord {
+                started_at: row.try_get("started_at")?,
+                finished_at: row.try_get("finished_at")?,
+                result: text(&row, "result")?,
+                processed: row.try_get("processed")?,
+                failing: row.try_get("failing")?,
+                flagged: row.try_get("flagged")?,
+                worker: text(&row, "worker")?,
+            }))
+        }
+
         pub async fn release(&self, token: &str) -> Result<u64, super::DbError> {
             let sql = format!(
                 "UPDATE {} SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = {}",
@@ -603,6 +669,42 @@ pub struct StatusCounts {
     pub due_now: i64,
 }
 
+/// What `status` shows: counts, the backlog, and the last run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatusSummary {
+    pub counts: std::collections::BTreeMap<String, i64>,
+    pub reauth_required: i64,
+    /// Everything a scan would claim now, never-checked avatars included.
+    pub due_backlog: i64,
+    /// Unix time the longest-waiting re-check became due.
+    pub oldest_due_at: Option<i64>,
+    pub last_run: Option<RunRecord>,
+}
+
+/// One finished scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunRecord {
+    pub started_at: i64,
+    pub finished_at: i64,
+    /// `completed` or `interrupted`.
+    pub result: String,
+    pub processed: i64,
+    pub failing: i64,
+    pub flagged: i64,
+    /// Host name of the worker that ran it.
+    pub worker: String,
+}
+
+/// The due query as a count: same FROM and WHERE, no order or limit.
+fn count_query(due: &str) -> String {
+    // The select list holds no FROM; the source's own FROM comes after it.
+    let from = due.find(" FROM ").expect("due query has a FROM");
+    let end = due
+        .rfind(" ORDER BY p.id LIMIT ")
+        .expect("due query ends with its order and limit");
+    format!("SELECT COUNT(*) FROM{}", &due[from + " FROM".len()..end])
+}
+
 macro_rules! dispatch {
     ($self:ident, $db:ident => $call:expr) => {
         match &$self.backend {
@@ -674,6 +776,26 @@ impl Database {
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         dispatch!(self, db => db.status_counts(now))
+    }
+
+    pub async fn count_due(&self, now: i64) -> Result<i64, DbError> {
+        dispatch!(self, db => db.count_due(now))
+    }
+
+    pub async fn record_run(&self, run: &RunRecord) -> Result<(), DbError> {
+        dispatch!(self, db => db.record_run(run))
+    }
+
+    /// Counts, backlog, oldest due item and last run, for `status`.
+    pub async fn status(&self, now: i64) -> Result<StatusSummary, DbError> {
+        let counts = self.status_counts(now).await?;
+        Ok(StatusSummary {
+            counts: counts.counts.into_iter().collect(),
+            reauth_required: counts.reauth_required,
+            due_backlog: self.count_due(now).await?,
+            oldest_due_at: dispatch!(self, db => db.oldest_due(now))?,
+            last_run: dispatch!(self, db => db.last_run())?,
+        })
     }
 
     /// Reachability, for readiness.

@@ -278,7 +278,7 @@ impl MySql {
         })
     }
 
-    super::state_statements!("?", "?", "?");
+    super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

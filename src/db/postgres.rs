@@ -374,7 +374,7 @@ impl Postgres {
         ))
     }
 
-    super::state_statements!("$1", "$1", "$2");
+    super::state_statements!("$1", "$1", "$2", "$1", "$1, $2, $3, $4, $5, $6, $7");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

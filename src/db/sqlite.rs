@@ -109,7 +109,7 @@ impl Sqlite {
     }
 
     pub async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let sql = due_query(&self.names, c.after.is_some(), c.selection);
+        let sql = self.due_query(c.after.is_some(), c.selection);
         let mut args = SqliteArguments::default();
         if let Some(after) = c.after {
             bind_id(&mut args, after)?;
@@ -214,7 +214,11 @@ impl Sqlite {
         })
     }
 
-    super::state_statements!("?", "?", "?");
+    fn due_query(&self, with_cursor: bool, selection: &Selection) -> String {
+        due_query(&self.names, with_cursor, selection)
+    }
+
+    super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

@@ -90,7 +90,27 @@ const KNOWN_KEYS_CAP: usize = 16_384;
 pub struct ImageWriter {
     store: Arc<dyn ObjectStore>,
     state: Arc<Mutex<WriterState>>,
+    observe: Option<OpObserver>,
 }
+
+/// A store operation, for timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOp {
+    Exists,
+    Put,
+}
+
+impl StoreOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreOp::Exists => "exists",
+            StoreOp::Put => "put",
+        }
+    }
+}
+
+/// Told how long each store operation took (metrics hook; keeps storage free of metrics).
+pub type OpObserver = Arc<dyn Fn(StoreOp, std::time::Duration) + Send + Sync>;
 
 #[derive(Default)]
 struct WriterState {
@@ -103,7 +123,23 @@ impl ImageWriter {
         ImageWriter {
             store,
             state: Arc::default(),
+            observe: None,
         }
+    }
+
+    /// Reports every store operation's duration to `observe`.
+    pub fn observed(mut self, observe: OpObserver) -> Self {
+        self.observe = Some(observe);
+        self
+    }
+
+    async fn timed<T>(&self, op: StoreOp, fut: impl Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = fut.await;
+        if let Some(observe) = &self.observe {
+            observe(op, started.elapsed());
+        }
+        out
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -138,9 +174,10 @@ impl ImageWriter {
             if self.state.lock().expect("writer lock").known.contains(&key) {
                 return Ok(true);
             }
-            let exists = self.store.exists(&key).await?;
+            let exists = self.timed(StoreOp::Exists, self.store.exists(&key)).await?;
             if !exists {
-                self.store.put(&key, bytes, format.mime()).await?;
+                self.timed(StoreOp::Put, self.store.put(&key, bytes, format.mime()))
+                    .await?;
             }
             let mut st = self.state.lock().expect("writer lock");
             if st.known.len() >= KNOWN_KEYS_CAP {

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::TestApp;
 
-const BIN: &str = env!("CARGO_BIN_EXE_avatar-warden");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_avatar-warden");
 
-fn command(app: &TestApp, args: &[&str]) -> Command {
+pub(crate) fn command(app: &TestApp, args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars() {
         if k.starts_with("AVATAR_WARDEN") {
@@ -20,15 +20,15 @@ fn command(app: &TestApp, args: &[&str]) -> Command {
     cmd
 }
 
-fn run(app: &TestApp, args: &[&str]) -> Output {
+pub(crate) fn run(app: &TestApp, args: &[&str]) -> Output {
     command(app, args).output().unwrap()
 }
 
-fn stdout(o: &Output) -> String {
+pub(crate) fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn stderr(o: &Output) -> String {
+pub(crate) fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -81,7 +81,7 @@ async fn scan_exits_2_when_some_avatars_are_failing_and_export_follows_the_contr
     let app = TestApp::spawn().await;
     let out = run(&app, &["migrate"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("applied [1]"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("applied [1, 2]"), "{}", stdout(&out));
     let again = run(&app, &["migrate"]);
     assert!(stdout(&again).contains("already up to date"));
 
@@ -128,13 +128,7 @@ async fn scan_exits_2_when_some_avatars_are_failing_and_export_follows_the_contr
     let out = run(&app, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["reauth_required"], 6, "{v}");
-    assert!(
-        v["counts"]
-            .as_array()
-            .unwrap()
-            .contains(&serde_json::json!(["mirrored", 6])),
-        "{v}"
-    );
+    assert_eq!(v["counts"]["mirrored"], 6, "{v}");
 
     // Nothing failing is due yet, so a second scan has nothing to do and exits 0.
     let out = run(&app, &["scan"]);
@@ -211,9 +205,7 @@ async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
         );
         if let Ok(r) = http.get(format!("{base}/metrics")).send().await {
             let text = r.text().await.unwrap();
-            if text.contains("avatar_warden_scans_total 1")
-                || text.contains("avatar_warden_scans_total 2")
-            {
+            if text.contains("avatar_warden_scans_total{result=\"completed\"}") {
                 break text;
             }
         }
@@ -221,10 +213,29 @@ async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
     };
     assert!(
         metrics.contains(
-            "avatar_warden_avatars_processed_total{status=\"mirrored\",reason=\"valid_image\"} 6"
+            "avatar_warden_avatars_processed_total{status=\"mirrored\",reason=\"valid_image\",provider=\"other\"} 6"
         ),
         "{metrics}"
     );
+    // Without an Accept header: the classic text format, which promtool lints.
+    crate::ops::promtool_check_metrics(&metrics);
+    let open = http
+        .get(format!("{base}/metrics"))
+        .header(
+            "accept",
+            "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        open.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "Prometheus gets OpenMetrics"
+    );
+    assert!(open.text().await.unwrap().ends_with("# EOF\n"));
     let health = http.get(format!("{base}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
@@ -356,7 +367,8 @@ async fn scan_writes_its_report_and_a_textfile_for_node_exporter() {
     assert!(md.contains("| mirrored | 6 |"), "{md}");
     let prom = std::fs::read_to_string(prom).unwrap();
     assert!(
-        prom.contains("avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\"} 2"),
+        prom.contains("avatar_warden_avatars_processed_total{status=\"expired\",reason=\"provider_notexist\",provider=\"other\"} 2"),
         "{prom}"
     );
+    crate::ops::promtool_check_metrics(&prom);
 }

@@ -5,6 +5,7 @@
 mod cli;
 mod guard;
 mod helpers;
+mod ops;
 mod rules;
 mod s3;
 mod scan;

@@ -127,6 +127,19 @@ pub enum Command {
         #[arg(long)]
         serve: bool,
     },
+    /// Serve the simulated origin alone until stopped (the benchmark runs it
+    /// in its own process). Prints its base URL on the first line.
+    #[command(hide = true)]
+    Origin {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: std::net::SocketAddr,
+        /// Added before every answer.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Approximate size of the `/bench/` JPEGs.
+        #[arg(long, default_value_t = 20_000)]
+        image_bytes: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -157,6 +170,24 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    if let Command::Origin {
+        bind,
+        latency_ms,
+        image_bytes,
+    } = cli.command
+    {
+        let origin = demo::Origin::spawn(demo::OriginOptions {
+            latency: std::time::Duration::from_millis(latency_ms),
+            bind,
+            bench_image_bytes: image_bytes,
+            ..demo::OriginOptions::default()
+        })
+        .await?;
+        println!("http://{}", origin.addr());
+        std::io::stdout().flush()?;
+        schedule::shutdown_on_signals().cancelled().await;
+        return Ok(EXIT_OK);
+    }
     if let Command::Config = cli.command {
         let file = Settings::file_layer(cli.config.as_deref());
         let env: Vec<(String, String)> = std::env::vars().collect();
@@ -289,7 +320,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
-        Command::Config => unreachable!("handled before logging starts"),
+        Command::Config | Command::Origin { .. } => {
+            unreachable!("handled before logging starts")
+        }
     }
 }
 

@@ -496,7 +496,7 @@ mod tests {
     fn embedded_defaults_load_and_are_safe() {
         let s = Settings::from_layers(None, env(&[])).unwrap();
         assert!(!s.fetch.allow_private_networks);
-        assert_eq!(s.scan.batch_size, 500);
+        assert_eq!(s.scan.batch_size, 1000);
         assert!(matches!(s.storage, StorageSettings::Fs(_)));
         assert_eq!(s.profile.mirror_url_column, None);
     }
@@ -623,7 +623,7 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("batch_size = 500"), "{text}");
+        assert!(text.contains("batch_size = 1000"), "{text}");
     }
 
     #[test]

@@ -62,6 +62,7 @@ struct Inner {
     processed: Family<OutcomeLabels, Counter>,
     in_flight: Gauge,
     fetch_seconds: Histogram,
+    avatar_seconds: Histogram,
     response_bytes: Histogram,
     storage_seconds: HistogramFamily<OpLabels>,
     bytes_stored: Counter,
@@ -122,6 +123,13 @@ impl Metrics {
             "Time spent fetching one avatar URL (requests and body, retries included)",
             Unit::Seconds,
             fetch_seconds.clone(),
+        );
+        let avatar_seconds = storage_buckets();
+        registry.register_with_unit(
+            "avatar_check_duration",
+            "One avatar end to end: fetch, validation and storage",
+            Unit::Seconds,
+            avatar_seconds.clone(),
         );
         // Avatars are 2 KB (WeChat's 46 px) to a few hundred KB; 1 KiB .. 8 MiB.
         let response_bytes = Histogram::new(exponential_buckets(1024.0, 2.0, 14));
@@ -226,6 +234,7 @@ impl Metrics {
                 processed,
                 in_flight,
                 fetch_seconds,
+                avatar_seconds,
                 response_bytes,
                 storage_seconds,
                 bytes_stored,
@@ -285,6 +294,10 @@ impl Metrics {
     pub fn observe_fetch(&self, elapsed: Duration, bytes: u64) {
         self.inner.fetch_seconds.observe(elapsed.as_secs_f64());
         self.inner.response_bytes.observe(bytes as f64);
+    }
+
+    pub fn observe_avatar(&self, elapsed: Duration) {
+        self.inner.avatar_seconds.observe(elapsed.as_secs_f64());
     }
 
     /// The hook [`ImageWriter::observed`](crate::storage::ImageWriter::observed) takes.

@@ -229,6 +229,7 @@ async fn check_avatar_in(
     span.record("status", record.status.as_str());
     span.record("reason", record.reason.as_str());
     span.record("duration_ms", started.elapsed().as_millis() as u64);
+    deps.metrics.observe_avatar(started.elapsed());
     tracing::debug!(
         provider = exam.provider.as_deref().unwrap_or("-"),
         requests = exam.requests,

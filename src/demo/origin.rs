@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::Cursor;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,6 +27,8 @@ pub struct OriginOptions {
     pub image_side: u32,
     /// Address to bind; port 0 picks a free one.
     pub bind: SocketAddr,
+    /// Approximate size of the JPEGs under `/bench/` (the benchmark's avatars).
+    pub bench_image_bytes: usize,
 }
 
 impl Default for OriginOptions {
@@ -35,6 +37,7 @@ impl Default for OriginOptions {
             latency: Duration::ZERO,
             image_side: 132,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            bench_image_bytes: 20_000,
         }
     }
 }
@@ -45,6 +48,8 @@ struct State {
     hits: Mutex<HashMap<String, u64>>,
     images: Mutex<HashMap<String, Bytes>>,
     placeholder: Bytes,
+    /// Rendered on the first `/bench/` request.
+    bench: OnceLock<Vec<Bytes>>,
 }
 
 /// A running origin; it stops when dropped.
@@ -70,6 +75,7 @@ impl Origin {
             total: AtomicU64::new(0),
             hits: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
+            bench: OnceLock::new(),
         });
         let stop = CancellationToken::new();
         let app = axum::Router::new().fallback({
@@ -121,6 +127,16 @@ impl Origin {
 async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     state.total.fetch_add(1, Ordering::Relaxed);
+    if let Some(rest) = path.strip_prefix("/bench/") {
+        return serve_bench(state, rest).await;
+    }
+    if path == "/__stats" {
+        let body = format!(
+            "{{\"requests\":{}}}",
+            state.total.load(Ordering::Relaxed) - 1
+        );
+        return respond(StatusCode::OK, "application/json", Bytes::from(body));
+    }
     let hit = {
         let mut hits = state.hits.lock().expect("hits lock");
         let n = hits.entry(path.clone()).or_default();
@@ -316,6 +332,77 @@ pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
     .concat()
 }
 
+/// The benchmark's routes: `/bench/<kind>/<id>` with kind `valid` (a JPEG of
+/// about `bench_image_bytes`, different bytes for every id, from a pool
+/// rendered once so the origin stays cheap), `same` (one shared JPEG),
+/// `expired` (WeChat's placeholder and headers) or `gone` (404). Not counted
+/// per path: a million distinct paths would only measure the counter.
+async fn serve_bench(state: &State, rest: &str) -> Response<Body> {
+    if !state.options.latency.is_zero() {
+        tokio::time::sleep(state.options.latency).await;
+    }
+    let (kind, id) = rest.split_once('/').unwrap_or((rest, "0"));
+    let id: u64 = id.parse().unwrap_or(0);
+    let pool = state
+        .bench
+        .get_or_init(|| bench_pool(state.options.bench_image_bytes));
+    match kind {
+        "valid" => {
+            let base = &pool[(id % pool.len() as u64) as usize];
+            respond(StatusCode::OK, "image/jpeg", unique_jpeg(base, id))
+        }
+        "same" => respond(StatusCode::OK, "image/jpeg", pool[0].clone()),
+        "expired" => wechat_expired(state),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()),
+    }
+}
+
+/// 16 JPEGs of at least `target` bytes (the side grows until they are).
+fn bench_pool(target: usize) -> Vec<Bytes> {
+    let mut side = 64;
+    loop {
+        let probe = render_avatar("bench-0", side, image::ImageFormat::Jpeg);
+        if probe.len() >= target || side >= 1024 {
+            break;
+        }
+        side += 16;
+    }
+    (0..16)
+        .map(|i| {
+            Bytes::from(render_avatar(
+                &format!("bench-{i}"),
+                side,
+                image::ImageFormat::Jpeg,
+            ))
+        })
+        .collect()
+}
+
+/// The same JPEG with `id` written into its entropy-coded data: a valid file
+/// whose sha256 differs per id. Only bytes that are not `0xFF` and do not
+/// follow one are replaced, by values below `0x80`, so no marker appears.
+fn unique_jpeg(base: &Bytes, id: u64) -> Bytes {
+    let mut bytes = base.to_vec();
+    let Some(sos) = bytes.windows(2).position(|w| w == [0xFF, 0xDA]) else {
+        return base.clone();
+    };
+    let header = usize::from(u16::from_be_bytes([bytes[sos + 2], bytes[sos + 3]]));
+    let (start, end) = (sos + 2 + header + 1, bytes.len().saturating_sub(4));
+    let step = (end.saturating_sub(start) / 10).max(1);
+    let mut pos = start;
+    for k in 0..9 {
+        while pos < end && (bytes[pos] == 0xFF || bytes[pos - 1] == 0xFF) {
+            pos += 1;
+        }
+        if pos >= end {
+            break;
+        }
+        bytes[pos] = ((id >> (7 * k)) & 0x7F) as u8;
+        pos += step;
+    }
+    Bytes::from(bytes)
+}
+
 fn wechat_expired(state: &State) -> Response<Body> {
     let mut r = respond(StatusCode::OK, "image/png", state.placeholder.clone());
     r.headers_mut()
@@ -396,4 +483,29 @@ pub fn gray_placeholder_png() -> Vec<u8> {
         .write_to(&mut out, image::ImageFormat::Png)
         .expect("encoding to memory cannot fail");
     out.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Settings, VerifyMode};
+
+    #[test]
+    fn bench_pictures_are_valid_sized_and_unique_per_id() {
+        let pool = bench_pool(20_000);
+        assert!(pool[0].len() >= 20_000, "{}", pool[0].len());
+        let (a, b) = (unique_jpeg(&pool[0], 1), unique_jpeg(&pool[0], 1 << 20));
+        assert_ne!(a, b);
+        assert_ne!(a, pool[0]);
+        assert_eq!(a.len(), pool[0].len());
+        let mut media = Settings::from_layers(None, Vec::<(String, String)>::new())
+            .unwrap()
+            .media;
+        for mode in [VerifyMode::Structure, VerifyMode::Decode] {
+            media.verify = mode;
+            for jpeg in [&a, &b] {
+                crate::media::validate(jpeg, &media).unwrap();
+            }
+        }
+    }
 }

@@ -1,0 +1,595 @@
+//! End-to-end benchmark: the release binary's `scan` against the simulated
+//! origin, each in its own process, on SQLite or PostgreSQL with the fs store.
+//!
+//!   cargo bench --bench pipeline -- --scenario all
+//!   cargo bench --bench pipeline -- --users 20000 --db postgres --latency-ms 0 --concurrency 64
+//!
+//! Measured from outside the worker: avatars/s (the scan's own duration),
+//! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
+//! CPU seconds per 1,000 avatars (user+sys of the worker process only, from
+//! `getrusage(RUSAGE_CHILDREN)`), peak RSS (`VmHWM`), DB statements (sqlx's
+//! own per-statement log events), origin requests (the origin's counter), and
+//! the origin's capacity alone. Results go to `target/bench/*.json` and are
+//! appended to BENCHMARKS.md unless `--no-append`.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_avatar-warden");
+
+#[derive(Debug, Clone)]
+struct Scenario {
+    name: String,
+    users: u64,
+    latency_ms: u64,
+    concurrency: usize,
+    db: Db,
+    /// Percent of users whose avatar is valid / expired; the rest are 404.
+    valid_pct: u64,
+    expired_pct: u64,
+    image_bytes: usize,
+    batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Db {
+    Sqlite,
+    Postgres,
+}
+
+impl Scenario {
+    fn new(name: &str, users: u64, latency_ms: u64, concurrency: usize, db: Db) -> Self {
+        Scenario {
+            name: name.into(),
+            users,
+            latency_ms,
+            concurrency,
+            db,
+            valid_pct: 100,
+            expired_pct: 0,
+            image_bytes: 20_000,
+            batch: 1000,
+        }
+    }
+}
+
+/// The issue's targets, each as a scenario.
+fn presets(name: &str) -> Vec<Scenario> {
+    let t1_pg = Scenario::new("t1-postgres-0ms", 30_000, 0, 64, Db::Postgres);
+    let t1_sqlite = Scenario::new("t1-sqlite-0ms", 30_000, 0, 64, Db::Sqlite);
+    let t2 = Scenario::new("t2-postgres-100ms-c128", 12_800, 100, 128, Db::Postgres);
+    // Memory against table size: 10 % valid keeps the 1M run's mirror at ~2 GB.
+    let mut rss_small = Scenario::new("t3-rss-10k", 10_000, 0, 64, Db::Postgres);
+    let mut rss_big = Scenario::new("t3-rss-1m", 1_000_000, 0, 64, Db::Postgres);
+    (rss_small.valid_pct, rss_small.expired_pct) = (10, 45);
+    (rss_big.valid_pct, rss_big.expired_pct) = (10, 45);
+    let mut mixed = Scenario::new("mixed-postgres", 30_000, 0, 64, Db::Postgres);
+    (mixed.valid_pct, mixed.expired_pct) = (80, 15);
+    let smoke = Scenario::new("smoke", 1_000, 0, 16, Db::Sqlite);
+    match name {
+        "all" => vec![t1_pg, t1_sqlite, t2, mixed, rss_small, rss_big],
+        "t1" => vec![t1_pg, t1_sqlite],
+        "t2" => vec![t2],
+        "t3" => vec![rss_small, rss_big],
+        "mixed" => vec![mixed],
+        "smoke" => vec![smoke],
+        other => panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, smoke)"),
+    }
+}
+
+struct Args {
+    scenarios: Vec<Scenario>,
+    append: bool,
+    postgres_url: String,
+}
+
+fn parse_args() -> Args {
+    let mut custom = Scenario::new("custom", 10_000, 0, 64, Db::Sqlite);
+    let (mut preset, mut is_custom, mut append) = (None, false, true);
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--bench" => {} // passed by `cargo bench`
+            "--scenario" => preset = Some(value()),
+            "--no-append" => append = false,
+            "--users" => (custom.users, is_custom) = (value().parse().unwrap(), true),
+            "--latency-ms" => (custom.latency_ms, is_custom) = (value().parse().unwrap(), true),
+            "--concurrency" => (custom.concurrency, is_custom) = (value().parse().unwrap(), true),
+            "--image-bytes" => (custom.image_bytes, is_custom) = (value().parse().unwrap(), true),
+            "--batch" => (custom.batch, is_custom) = (value().parse().unwrap(), true),
+            "--valid-pct" => (custom.valid_pct, is_custom) = (value().parse().unwrap(), true),
+            "--expired-pct" => (custom.expired_pct, is_custom) = (value().parse().unwrap(), true),
+            "--db" => {
+                custom.db = match value().as_str() {
+                    "sqlite" => Db::Sqlite,
+                    "postgres" => Db::Postgres,
+                    other => panic!("--db {other}: sqlite or postgres"),
+                };
+                is_custom = true;
+            }
+            other => panic!("unknown argument {other:?}"),
+        }
+    }
+    let scenarios = match (preset, is_custom) {
+        (Some(p), _) => presets(&p),
+        (None, true) => vec![custom],
+        (None, false) => presets("smoke"),
+    };
+    Args {
+        scenarios,
+        append,
+        postgres_url: std::env::var("AVATAR_WARDEN_BENCH_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+    }
+}
+
+/// The origin in its own process; killed on drop.
+struct OriginProcess {
+    child: Child,
+    base: String,
+}
+
+impl Drop for OriginProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn_origin(s: &Scenario) -> OriginProcess {
+    let mut child = Command::new(BIN)
+        .args([
+            "origin",
+            "--latency-ms",
+            &s.latency_ms.to_string(),
+            "--image-bytes",
+            &s.image_bytes.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting the origin");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    OriginProcess {
+        child,
+        base: line.trim().to_string(),
+    }
+}
+
+async fn origin_requests(http: &reqwest::Client, base: &str) -> u64 {
+    let text = http
+        .get(format!("{base}/__stats"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    v["requests"].as_u64().unwrap()
+}
+
+/// Requests/s the origin serves alone, at the scenario's concurrency.
+async fn origin_capacity(http: &reqwest::Client, base: &str, s: &Scenario) -> f64 {
+    let n = (s.concurrency as u64 * 40).clamp(2_000, 20_000);
+    let started = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let url = format!("{base}/bench/valid/{}", 10_000_000 + i);
+            async move { http.get(url).send().await.unwrap().bytes().await.unwrap() }
+        })
+        .buffer_unordered(s.concurrency)
+        .for_each(|_| async {})
+        .await;
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Creates `bench_users` with `users` rows and returns the worker's profile URL.
+async fn seed(s: &Scenario, args: &Args, base: &str, dir: &Path) -> String {
+    let url_expr = format!(
+        "'{base}/bench/' || CASE WHEN i % 100 < {v} THEN 'valid' WHEN i % 100 < {e} THEN 'expired' ELSE 'gone' END || '/' || i",
+        v = s.valid_pct,
+        e = s.valid_pct + s.expired_pct
+    );
+    match s.db {
+        Db::Sqlite => {
+            let url = format!("sqlite://{}?mode=rwc", dir.join("bench.db").display());
+            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+            sqlx::query("CREATE TABLE bench_users (id INTEGER PRIMARY KEY, avatar_url TEXT)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(&format!(
+                "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {n}) \
+                 INSERT INTO bench_users (id, avatar_url) SELECT i, {url_expr} FROM seq",
+                n = s.users
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            url
+        }
+        Db::Postgres => {
+            let admin = sqlx::PgPool::connect(&args.postgres_url).await.unwrap();
+            sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
+                .execute(&admin)
+                .await
+                .unwrap();
+            sqlx::query("CREATE DATABASE avatar_warden_bench")
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            let url = replace_db(&args.postgres_url, "avatar_warden_bench");
+            let pool = sqlx::PgPool::connect(&url).await.unwrap();
+            sqlx::query("CREATE TABLE bench_users (id BIGINT PRIMARY KEY, avatar_url TEXT)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::query(&format!(
+                "INSERT INTO bench_users (id, avatar_url) SELECT i, {url_expr} FROM generate_series(1, {n}::bigint) AS i",
+                n = s.users
+            ))
+            .execute(&pool)
+            .await
+            .unwrap();
+            sqlx::query("VACUUM ANALYZE bench_users")
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            url
+        }
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("a database in the URL");
+    format!("{base}/{db}")
+}
+
+fn children_cpu_secs() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
+    let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    secs(u.user_time()) + secs(u.system_time())
+}
+
+/// `VmHWM` (peak resident set) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+struct WorkerRun {
+    report: Value,
+    wall_secs: f64,
+    cpu_secs: f64,
+    peak_rss_kib: u64,
+    db_statements: u64,
+    metrics: String,
+}
+
+fn run_worker(s: &Scenario, profile_url: &str, dir: &Path) -> WorkerRun {
+    let metrics_file = dir.join("metrics.prom");
+    let mut cmd = Command::new(BIN);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AVATAR_WARDEN") || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    let env = [
+        ("PROFILE__URL", profile_url.to_string()),
+        ("PROFILE__TABLE", "bench_users".into()),
+        ("STORAGE__ROOT", dir.join("mirror").display().to_string()),
+        ("FETCH__ALLOW_PRIVATE_NETWORKS", "true".into()),
+        ("FETCH__ALLOWED_PORTS", "[]".into()),
+        ("FETCH__CONCURRENCY", s.concurrency.to_string()),
+        // One origin host: lift the per-host politeness caps meant for real CDNs.
+        ("FETCH__PER_HOST_CONCURRENCY", s.concurrency.to_string()),
+        ("FETCH__PER_HOST_MIN_INTERVAL_MS", "0".into()),
+        ("SCAN__BATCH_SIZE", s.batch.to_string()),
+        ("LOG__FORMAT", "json".into()),
+    ];
+    cmd.args([
+        "scan",
+        "--json",
+        "--no-progress",
+        "--metrics-file",
+        metrics_file.to_str().unwrap(),
+    ])
+    .envs(
+        env.iter()
+            .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
+    )
+    // sqlx logs every statement it executes at debug under `sqlx::query`.
+    .env("RUST_LOG", "warn,sqlx::query=debug")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let cpu_before = children_cpu_secs();
+    let started = Instant::now();
+    let mut child = cmd.spawn().expect("starting the worker");
+    let pid = child.id();
+    let statements = Arc::new(AtomicU64::new(0));
+    let stderr = child.stderr.take().unwrap();
+    let counter = statements.clone();
+    let reader = std::thread::spawn(move || {
+        let mut other = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("\"target\":\"sqlx::query\"") {
+                counter.fetch_add(1, Ordering::Relaxed);
+            } else if other.len() < 10_000 {
+                other.push_str(&line);
+                other.push('\n');
+            }
+        }
+        other
+    });
+    let mut stdout = child.stdout.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).unwrap();
+        s
+    });
+    let mut peak = 0;
+    let status = loop {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak = peak.max(kib);
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let wall_secs = started.elapsed().as_secs_f64();
+    let cpu_secs = children_cpu_secs() - cpu_before;
+    let logs = reader.join().unwrap();
+    let stdout = out_reader.join().unwrap();
+    assert!(
+        matches!(status.code(), Some(0 | 2)),
+        "worker failed ({status}):\n{logs}"
+    );
+    WorkerRun {
+        report: serde_json::from_str(&stdout).expect("scan --json output"),
+        wall_secs,
+        cpu_secs,
+        peak_rss_kib: peak,
+        db_statements: statements.load(Ordering::Relaxed),
+        metrics: std::fs::read_to_string(metrics_file).unwrap_or_default(),
+    }
+}
+
+/// A quantile from a Prometheus histogram's cumulative buckets, interpolated
+/// linearly inside the bucket (as `histogram_quantile` does).
+fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lower, mut below) = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lower);
+            }
+            return Some(lower + (le - lower) * (rank - below) / (count - below).max(1.0));
+        }
+        (lower, below) = (le, count);
+    }
+    None
+}
+
+async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Value {
+    eprintln!(
+        "== {} ({} users, {} ms, c{}, {:?})",
+        s.name, s.users, s.latency_ms, s.concurrency, s.db
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let origin = spawn_origin(s);
+    let capacity = origin_capacity(http, &origin.base, s).await;
+    let profile_url = seed(s, args, &origin.base, dir.path()).await;
+    let requests_before = origin_requests(http, &origin.base).await;
+    let run = run_worker(s, &profile_url, dir.path());
+    let requests = origin_requests(http, &origin.base).await - requests_before - 1;
+    let processed = run.report["processed"].as_u64().unwrap_or(0);
+    let scan_secs = run.report["duration_secs"]
+        .as_f64()
+        .unwrap_or(run.wall_secs);
+    // A benchmark that silently measured less than it was asked to would lie.
+    assert_eq!(processed, s.users, "the scan did not process every user");
+    assert!(
+        requests >= processed,
+        "{requests} origin requests for {processed} avatars"
+    );
+    let per_k = |x: f64| x / processed.max(1) as f64 * 1000.0;
+    let quantile = |q| {
+        histogram_quantile(
+            &run.metrics,
+            "avatar_warden_avatar_check_duration_seconds",
+            q,
+        )
+        .map(|s| s * 1000.0)
+    };
+    let result = json!({
+        "scenario": s.name,
+        "users": s.users,
+        "db": format!("{:?}", s.db).to_lowercase(),
+        "store": "fs",
+        "origin_latency_ms": s.latency_ms,
+        "concurrency": s.concurrency,
+        "batch_size": s.batch,
+        "image_bytes": s.image_bytes,
+        "mix": {"valid_pct": s.valid_pct, "expired_pct": s.expired_pct, "gone_pct": 100 - s.valid_pct - s.expired_pct},
+        "processed": processed,
+        "by_status": run.report["by_status"],
+        "scan_secs": scan_secs,
+        "wall_secs": run.wall_secs,
+        "avatars_per_sec": processed as f64 / scan_secs,
+        "latency_p50_ms": quantile(0.5),
+        "latency_p99_ms": quantile(0.99),
+        "cpu_secs": run.cpu_secs,
+        "cpu_secs_per_1000": per_k(run.cpu_secs),
+        "peak_rss_mib": run.peak_rss_kib as f64 / 1024.0,
+        "db_statements": run.db_statements,
+        "db_statements_per_1000": per_k(run.db_statements as f64),
+        "origin_requests": requests,
+        "origin_capacity_rps": capacity,
+    });
+    eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
+    drop(origin);
+    if s.db == Db::Postgres {
+        // Leave no multi-gigabyte database behind.
+        if let Ok(admin) = sqlx::PgPool::connect(&args.postgres_url).await {
+            let _ = sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
+                .execute(&admin)
+                .await;
+        }
+    }
+    result
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .unwrap_or(0);
+    json!({
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpu_model": cpu,
+        "memory_gib": (mem as f64 / 1024.0 / 1024.0).round(),
+        "os": std::env::consts::OS,
+    })
+}
+
+fn git_commit() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn fmt_opt(v: &Value, digits: usize) -> String {
+    v.as_f64()
+        .map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commit: &str) -> String {
+    let mut md = format!(
+        "\n## {date} — commit {commit}\n\nMachine: {} CPUs ({}), {} GiB; {}.\nCommand: `{command}`\n\n",
+        machine["cpus"],
+        machine["cpu_model"].as_str().unwrap_or(""),
+        machine["memory_gib"],
+        machine["os"].as_str().unwrap_or("")
+    );
+    md.push_str("| scenario | users | db | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in results {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r["scenario"].as_str().unwrap_or(""),
+            r["users"],
+            r["db"].as_str().unwrap_or(""),
+            r["origin_latency_ms"],
+            r["concurrency"],
+            fmt_opt(&r["avatars_per_sec"], 0),
+            fmt_opt(&r["latency_p50_ms"], 2),
+            fmt_opt(&r["latency_p99_ms"], 2),
+            fmt_opt(&r["cpu_secs_per_1000"], 3),
+            fmt_opt(&r["peak_rss_mib"], 1),
+            fmt_opt(&r["db_statements_per_1000"], 1),
+            r["origin_requests"],
+            fmt_opt(&r["origin_capacity_rps"], 0),
+        ));
+    }
+    md
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let http = reqwest::Client::new();
+    let mut results = Vec::new();
+    for s in &args.scenarios {
+        results.push(run_scenario(s, &args, &http).await);
+    }
+    let machine = machine();
+    let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();
+    let commit = git_commit();
+    let command = format!(
+        "cargo bench --bench pipeline -- {}",
+        std::env::args()
+            .skip(1)
+            .filter(|a| a != "--bench")
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let file = out_dir.join(format!(
+        "pipeline-{}.json",
+        chrono::Utc::now().format("%Y%m%dT%H%M%S")
+    ));
+    let doc = json!({"date": date, "commit": commit, "command": command, "machine": machine, "results": results});
+    std::fs::write(&file, serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    let md = markdown(&results, &machine, &command, &date, &commit);
+    print!("{md}");
+    eprintln!("results: {}", file.display());
+    if args.append {
+        use std::io::Write;
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(md.as_bytes()).unwrap();
+        eprintln!("appended to {}", path.display());
+    }
+}

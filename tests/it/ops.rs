@@ -216,6 +216,15 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
     app.text(sql).await.unwrap().parse().unwrap()
 }
 
+/// State rows still leased to some scan.
+async fn leased(app: &TestApp) -> i64 {
+    count(
+        app,
+        "SELECT CAST(COUNT(*) AS TEXT) FROM avatar_warden_avatars WHERE lease_token IS NOT NULL",
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_scan_finishes_in_flight_avatars_records_them_and_releases_the_rest() {
     let mut app = slow_app(Duration::from_millis(800), 40).await;
@@ -239,11 +248,7 @@ async fn sigterm_mid_scan_finishes_in_flight_avatars_records_them_and_releases_t
     // Every avatar that was fetched was finished and recorded; none was started after the signal.
     assert_eq!(mirrored, hits, "{}", stdout(&out));
     assert!((6..40).contains(&mirrored), "{mirrored}");
-    let leased = count(
-        &app,
-        "SELECT CAST(COUNT(*) AS TEXT) FROM avatar_warden_avatars WHERE lease_token IS NOT NULL",
-    )
-    .await;
+    let leased = leased(&app).await;
     assert_eq!(
         leased, 0,
         "claimed but unchecked avatars are released at once"
@@ -279,11 +284,7 @@ async fn when_the_grace_period_runs_out_in_flight_avatars_are_abandoned_and_rele
         "{}",
         stdout(&out)
     );
-    let leased = count(
-        &app,
-        "SELECT CAST(COUNT(*) AS TEXT) FROM avatar_warden_avatars WHERE lease_token IS NOT NULL",
-    )
-    .await;
+    let leased = leased(&app).await;
     assert_eq!(leased, 0);
     let checked = count(
         &app,

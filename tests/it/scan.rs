@@ -160,6 +160,27 @@ async fn a_second_scan_right_after_fetches_nothing_already_settled(backend: Back
     );
 }
 
+/// The backlog count, oldest due item and runs table on each backend's SQL.
+async fn status_counts_the_backlog_and_remembers_the_last_run(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    let deps = app.deps().await;
+    let now = avatar_warden::pipeline::unix_now();
+    let before = deps.db.status(now).await.unwrap();
+    assert_eq!((before.due_backlog, before.last_run), (13, None));
+    app.scan_with(&deps).await;
+    let after = deps.db.status(now).await.unwrap();
+    assert_eq!(after.due_backlog, 0, "{after:?}");
+    assert_eq!(after.counts.get("mirrored"), Some(&6));
+    let run = after.last_run.unwrap();
+    assert_eq!((run.result.as_str(), run.processed), ("completed", 13));
+    app.sql(&["UPDATE avatar_warden_avatars SET next_check_at = 1000 WHERE status = 'mirrored'"])
+        .await;
+    let due = deps.db.status(now).await.unwrap();
+    assert_eq!((due.due_backlog, due.oldest_due_at), (6, Some(1000)));
+}
+
 async fn a_changed_avatar_url_is_due_at_once_and_clears_the_flag_when_it_mirrors(backend: Backend) {
     let Some(app) = TestApp::spawn_on(backend).await else {
         return;
@@ -474,6 +495,7 @@ crate::on_every_backend!(
     invalid_bytes_flag_the_user_with_a_specific_reason,
     identical_bytes_are_stored_once,
     a_second_scan_right_after_fetches_nothing_already_settled,
+    status_counts_the_backlog_and_remembers_the_last_run,
     a_changed_avatar_url_is_due_at_once_and_clears_the_flag_when_it_mirrors,
     string_ids_a_custom_table_and_a_filter_are_supported,
     replaying_a_batch_succeeds_and_changes_nothing,

@@ -1,5 +1,6 @@
 //! End-to-end benchmark: the release binary's `scan` against the simulated
-//! origin, each in its own process, on SQLite or PostgreSQL with the fs store.
+//! origin, each in its own process, on SQLite or PostgreSQL with the fs store
+//! or a local Garage (S3).
 //!
 //!   cargo bench --bench pipeline -- --scenario all
 //!   cargo bench --bench pipeline -- --users 20000 --db postgres --latency-ms 0 --concurrency 64
@@ -36,6 +37,14 @@ struct Scenario {
     expired_pct: u64,
     image_bytes: usize,
     batch: usize,
+    store: Store,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Fs,
+    /// A single-node Garage started by `scripts/garage-up` (S3 over loopback).
+    Garage,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,7 @@ impl Scenario {
             expired_pct: 0,
             image_bytes: 20_000,
             batch: 1000,
+            store: Store::Fs,
         }
     }
 }
@@ -72,15 +82,18 @@ fn presets(name: &str) -> Vec<Scenario> {
     (rss_big.valid_pct, rss_big.expired_pct) = (10, 45);
     let mut mixed = Scenario::new("mixed-postgres", 30_000, 0, 64, Db::Postgres);
     (mixed.valid_pct, mixed.expired_pct) = (80, 15);
+    let mut s3 = Scenario::new("t1-postgres-garage", 20_000, 0, 64, Db::Postgres);
+    s3.store = Store::Garage;
     let smoke = Scenario::new("smoke", 1_000, 0, 16, Db::Sqlite);
     match name {
-        "all" => vec![t1_pg, t1_sqlite, t2, mixed, rss_small, rss_big],
+        "all" => vec![t1_pg, t1_sqlite, t2, mixed, s3, rss_small, rss_big],
+        "s3" => vec![s3],
         "t1" => vec![t1_pg, t1_sqlite],
         "t2" => vec![t2],
         "t3" => vec![rss_small, rss_big],
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
-        other => panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, smoke)"),
+        other => panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, smoke)"),
     }
 }
 
@@ -107,6 +120,14 @@ fn parse_args() -> Args {
             "--batch" => (custom.batch, is_custom) = (value().parse().unwrap(), true),
             "--valid-pct" => (custom.valid_pct, is_custom) = (value().parse().unwrap(), true),
             "--expired-pct" => (custom.expired_pct, is_custom) = (value().parse().unwrap(), true),
+            "--store" => {
+                custom.store = match value().as_str() {
+                    "fs" => Store::Fs,
+                    "garage" | "s3" => Store::Garage,
+                    other => panic!("--store {other}: fs or garage"),
+                };
+                is_custom = true;
+            }
             "--db" => {
                 custom.db = match value().as_str() {
                     "sqlite" => Db::Sqlite,
@@ -260,11 +281,12 @@ fn replace_db(url: &str, db: &str) -> String {
     format!("{base}/{db}")
 }
 
-fn children_cpu_secs() -> f64 {
+/// (user, system) CPU seconds of reaped child processes.
+fn children_cpu_secs() -> (f64, f64) {
     use nix::sys::resource::{UsageWho, getrusage};
     let u = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
     let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
-    secs(u.user_time()) + secs(u.system_time())
+    (secs(u.user_time()), secs(u.system_time()))
 }
 
 /// `VmHWM` (peak resident set) of a running process, in KiB.
@@ -280,12 +302,83 @@ struct WorkerRun {
     report: Value,
     wall_secs: f64,
     cpu_secs: f64,
+    /// User-mode part of `cpu_secs`: the worker's own computation, without
+    /// the kernel's side of I/O (syscalls, context switches, file system).
+    user_secs: f64,
     peak_rss_kib: u64,
     db_statements: u64,
     metrics: String,
 }
 
-fn run_worker(s: &Scenario, profile_url: &str, dir: &Path) -> WorkerRun {
+/// A Garage node for one scenario, stopped on drop; its S3 settings as the
+/// worker's environment.
+struct GarageProcess {
+    pid: String,
+    env: Vec<(String, String)>,
+}
+
+impl Drop for GarageProcess {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(&self.pid).status();
+    }
+}
+
+fn start_garage(dir: &Path) -> GarageProcess {
+    let state = dir.join("garage");
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/garage-up");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&state)
+        // Ports of its own: the test suite's Garage may be running.
+        .env("GARAGE_TEST_S3_PORT", "39410")
+        .env("GARAGE_TEST_RPC_PORT", "39411")
+        .env("GARAGE_TEST_ADMIN_PORT", "39413")
+        .output()
+        .expect("scripts/garage-up (is `garage` installed? .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "garage-up failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let vars: std::collections::HashMap<String, String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.strip_prefix("export AVATAR_WARDEN_TEST_GARAGE_"))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let var = |k: &str| {
+        vars.get(k)
+            .cloned()
+            .unwrap_or_else(|| panic!("garage-up: no {k}"))
+    };
+    let env = [
+        ("KIND", "s3".to_string()),
+        ("BUCKET", var("BUCKET")),
+        ("ENDPOINT", var("ENDPOINT")),
+        ("REGION", "garage".into()),
+        ("FORCE_PATH_STYLE", "true".into()),
+        ("PUBLIC_BASE_URL", "https://cdn.example.com/".into()),
+        ("ACCESS_KEY_ID", var("KEY_ID")),
+        ("SECRET_ACCESS_KEY", var("SECRET")),
+    ];
+    GarageProcess {
+        pid: std::fs::read_to_string(state.join("pid"))
+            .unwrap()
+            .trim()
+            .to_string(),
+        env: env
+            .into_iter()
+            .map(|(k, v)| (format!("AVATAR_WARDEN__STORAGE__{k}"), v))
+            .collect(),
+    }
+}
+
+fn run_worker(
+    s: &Scenario,
+    profile_url: &str,
+    dir: &Path,
+    storage_env: &[(String, String)],
+) -> WorkerRun {
     let metrics_file = dir.join("metrics.prom");
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars() {
@@ -317,6 +410,7 @@ fn run_worker(s: &Scenario, profile_url: &str, dir: &Path) -> WorkerRun {
         env.iter()
             .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
     )
+    .envs(storage_env.iter().cloned())
     // sqlx logs every statement it executes at debug under `sqlx::query`.
     .env("RUST_LOG", "warn,sqlx::query=debug")
     .stdout(Stdio::piped())
@@ -357,7 +451,9 @@ fn run_worker(s: &Scenario, profile_url: &str, dir: &Path) -> WorkerRun {
         std::thread::sleep(Duration::from_millis(20));
     };
     let wall_secs = started.elapsed().as_secs_f64();
-    let cpu_secs = children_cpu_secs() - cpu_before;
+    let cpu_after = children_cpu_secs();
+    let user_secs = cpu_after.0 - cpu_before.0;
+    let cpu_secs = user_secs + cpu_after.1 - cpu_before.1;
     let logs = reader.join().unwrap();
     let stdout = out_reader.join().unwrap();
     assert!(
@@ -368,6 +464,7 @@ fn run_worker(s: &Scenario, profile_url: &str, dir: &Path) -> WorkerRun {
         report: serde_json::from_str(&stdout).expect("scan --json output"),
         wall_secs,
         cpu_secs,
+        user_secs,
         peak_rss_kib: peak,
         db_statements: statements.load(Ordering::Relaxed),
         metrics: std::fs::read_to_string(metrics_file).unwrap_or_default(),
@@ -411,15 +508,18 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
 
 async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Value {
     eprintln!(
-        "== {} ({} users, {} ms, c{}, {:?})",
-        s.name, s.users, s.latency_ms, s.concurrency, s.db
+        "== {} ({} users, {} ms, c{}, {:?}, {:?})",
+        s.name, s.users, s.latency_ms, s.concurrency, s.db, s.store
     );
     let dir = tempfile::tempdir().unwrap();
     let origin = spawn_origin(s);
     let capacity = origin_capacity(http, &origin.base, s).await;
     let profile_url = seed(s, args, &origin.base, dir.path()).await;
+    let garage = (s.store == Store::Garage).then(|| start_garage(dir.path()));
+    let storage_env = garage.as_ref().map(|g| g.env.clone()).unwrap_or_default();
     let requests_before = origin_requests(http, &origin.base).await;
-    let run = run_worker(s, &profile_url, dir.path());
+    let run = run_worker(s, &profile_url, dir.path(), &storage_env);
+    drop(garage);
     let requests = origin_requests(http, &origin.base).await - requests_before - 1;
     let processed = run.report["processed"].as_u64().unwrap_or(0);
     let scan_secs = run.report["duration_secs"]
@@ -444,7 +544,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "scenario": s.name,
         "users": s.users,
         "db": format!("{:?}", s.db).to_lowercase(),
-        "store": "fs",
+        "store": format!("{:?}", s.store).to_lowercase(),
         "origin_latency_ms": s.latency_ms,
         "concurrency": s.concurrency,
         "batch_size": s.batch,
@@ -459,6 +559,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "latency_p99_ms": quantile(0.99),
         "cpu_secs": run.cpu_secs,
         "cpu_secs_per_1000": per_k(run.cpu_secs),
+        "user_cpu_secs_per_1000": per_k(run.user_secs),
         "peak_rss_mib": run.peak_rss_kib as f64 / 1024.0,
         "db_statements": run.db_statements,
         "db_statements_per_1000": per_k(run.db_statements as f64),
@@ -528,20 +629,22 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         machine["memory_gib"],
         machine["os"].as_str().unwrap_or("")
     );
-    md.push_str("| scenario | users | db | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | users | db | store | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         md.push_str(&format!(
-            "| {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or(""),
             r["users"],
             r["db"].as_str().unwrap_or(""),
+            r["store"].as_str().unwrap_or(""),
             r["origin_latency_ms"],
             r["concurrency"],
             fmt_opt(&r["avatars_per_sec"], 0),
             fmt_opt(&r["latency_p50_ms"], 2),
             fmt_opt(&r["latency_p99_ms"], 2),
             fmt_opt(&r["cpu_secs_per_1000"], 3),
+            fmt_opt(&r["user_cpu_secs_per_1000"], 3),
             fmt_opt(&r["peak_rss_mib"], 1),
             fmt_opt(&r["db_statements_per_1000"], 1),
             r["origin_requests"],

@@ -18,6 +18,7 @@ use crate::db::StatusSummary;
 use crate::db::{AvatarRecord, Database, Selection, Shard};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
+use crate::sinks::Deliverer;
 use crate::storage::ImageWriter;
 use crate::{demo, progress, schedule, serve};
 
@@ -249,7 +250,8 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 deps.metrics.clone(),
                 limit,
             );
-            let report = pipeline::scan_once(&deps, &opts).await;
+            let deliverer = Deliverer::for_deps(&deps, &settings.outbox).filter(|_| !dry_run);
+            let report = Deliverer::around_scan(deliverer, pipeline::scan_once(&deps, &opts)).await;
             progress.finish().await;
             let report = report?;
             if let Some(path) = &report_path {
@@ -281,7 +283,15 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .await
                 .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
             tracing::info!(%addr, cron = %settings.schedule.cron, "serving /metrics, /healthz and /readyz");
+            // Deliveries run for the life of the process, between scans too.
+            let delivering = Deliverer::for_deps(&deps, &settings.outbox).map(|d| {
+                let stop = shutdown.clone();
+                tokio::spawn(async move { d.run(stop).await })
+            });
             schedule::run_until_stopped(deps, scan_options(&settings, shutdown), cron).await;
+            if let Some(h) = delivering {
+                let _ = h.await;
+            }
             tracing::info!("stopped");
             Ok(EXIT_OK)
         }
@@ -378,6 +388,12 @@ fn status_json(s: &StatusSummary, now: i64) -> serde_json::Value {
             "flagged": r.flagged,
             "worker": r.worker,
         })),
+        "outbox": s.outbox.iter().map(|b| json!({
+            "sink": b.sink,
+            "pending": b.pending,
+            "dead": b.dead,
+            "oldest_pending_at": b.oldest_pending_at.and_then(rfc3339),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -413,6 +429,16 @@ fn print_status(s: &StatusSummary, now: i64) {
             human_duration(now - r.finished_at),
         ),
         None => println!("last run         never"),
+    }
+    for b in &s.outbox {
+        let oldest = b
+            .oldest_pending_at
+            .map(|t| format!(", oldest waiting {}", human_duration(now - t)))
+            .unwrap_or_default();
+        println!(
+            "outbox {:<9} {:>10} pending, {} dead{oldest}",
+            b.sink, b.pending, b.dead
+        );
     }
 }
 
@@ -478,6 +504,7 @@ pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
         images: ImageWriter::new(store).observed(metrics.storage_observer()),
         policy: Policy::from_settings(settings),
         metrics,
+        sinks: crate::sinks::Sinks::from_settings(settings).context("configuring the sinks")?,
     })
 }
 
@@ -657,6 +684,13 @@ fn print_report(report: &ScanReport) {
         println!(
             "{} results not written: their lease had passed to another worker",
             report.lease_lost
+        );
+    }
+    let d = report.deliveries;
+    if d.delivered + d.retried + d.dead > 0 {
+        println!(
+            "sinks: {} delivered, {} failed and will be retried, {} given up (see `status`)",
+            d.delivered, d.retried, d.dead
         );
     }
 }

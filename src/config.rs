@@ -52,6 +52,10 @@ pub struct Settings {
     pub expiry: ExpirySettings,
     pub reauth: ReauthSettings,
     pub providers: ProvidersSettings,
+    pub outbox: OutboxSettings,
+    /// Where verdicts go besides the state table: `[[sink]]` tables.
+    #[serde(default)]
+    pub sink: Vec<SinkSettings>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +222,143 @@ pub struct MetricsSettings {
     pub push_timeout_secs: u64,
 }
 
+/// The delivery loop that drains the outbox to the sinks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    pub poll_interval_ms: u64,
+    pub batch_size: usize,
+    /// Deliveries in flight per sink.
+    pub concurrency: usize,
+    pub max_attempts: i64,
+    pub backoff_initial_secs: u64,
+    pub backoff_max_secs: u64,
+    /// How long `scan` keeps delivering after its last avatar.
+    pub drain_secs: u64,
+    pub lease_secs: u64,
+}
+
+/// One `[[sink]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum SinkSettings {
+    /// The profile table's write-back columns (`profile.mirror_url_column`,
+    /// `profile.reauth_column`), written in the verdict's transaction.
+    Sql,
+    Openim(OpenImSettings),
+    Yunxin(YunxinSettings),
+    Webhook(WebhookSettings),
+}
+
+/// What an IM sink does when the avatar is gone (`expired`/`invalid`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExpired {
+    /// Leave the IM profile alone (it keeps the last mirror, if any).
+    #[default]
+    Keep,
+    /// Set the avatar to the empty string.
+    Clear,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+fn default_openim_admin() -> String {
+    "imAdmin".into()
+}
+
+fn default_yunxin_base() -> String {
+    "https://api.netease.im/nimserver".into()
+}
+
+fn default_signature_header() -> String {
+    "X-Avatar-Warden-Signature".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenImSettings {
+    /// Outbox and metrics label; defaults to the kind.
+    pub name: Option<String>,
+    /// `http://openim-api:10002`
+    pub api: String,
+    /// `secret` of OpenIM's share.yml (or `env:VAR`).
+    pub secret: SecretString,
+    #[serde(default = "default_openim_admin")]
+    pub admin_user_id: String,
+    #[serde(default)]
+    pub on_expired: OnExpired,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct YunxinSettings {
+    pub name: Option<String>,
+    #[serde(default = "default_yunxin_base")]
+    pub base_url: String,
+    pub app_key: String,
+    /// AppSecret (or `env:VAR`).
+    pub app_secret: SecretString,
+    #[serde(default)]
+    pub on_expired: OnExpired,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    pub name: Option<String>,
+    pub url: String,
+    /// HMAC-SHA256 key (or `env:VAR`).
+    pub secret: SecretString,
+    /// Event types to send; empty = all.
+    #[serde(default)]
+    pub events: Vec<String>,
+    #[serde(default = "default_signature_header")]
+    pub signature_header: String,
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+}
+
+impl SinkSettings {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkSettings::Sql => "sql",
+            SinkSettings::Openim(_) => "openim",
+            SinkSettings::Yunxin(_) => "yunxin",
+            SinkSettings::Webhook(_) => "webhook",
+        }
+    }
+
+    /// The sink's name in the outbox, `status` and metrics.
+    pub fn name(&self) -> String {
+        let named = match self {
+            SinkSettings::Sql => None,
+            SinkSettings::Openim(s) => s.name.clone(),
+            SinkSettings::Yunxin(s) => s.name.clone(),
+            SinkSettings::Webhook(s) => s.name.clone(),
+        };
+        named.unwrap_or_else(|| self.kind().to_string())
+    }
+}
+
+/// A secret given as `env:VAR` is read from the environment (Kubernetes
+/// secrets arrive that way); anything else is the secret itself.
+pub fn resolve_secret(secret: &SecretString) -> Result<SecretString, ConfigError> {
+    use secrecy::ExposeSecret;
+    match secret.expose_secret().strip_prefix("env:") {
+        Some(var) => std::env::var(var)
+            .map(SecretString::from)
+            .map_err(|_| ConfigError::Invalid(format!("sink secret: ${var} is not set"))),
+        None => Ok(secret.clone()),
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
@@ -337,6 +478,26 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        let mut names = std::collections::HashSet::new();
+        for sink in &self.sink {
+            if !names.insert(sink.name()) {
+                return bad(&format!(
+                    "two [[sink]] tables are named {:?}: give one a `name`",
+                    sink.name()
+                ));
+            }
+            if matches!(sink, SinkSettings::Sql)
+                && self.profile.mirror_url_column.is_none()
+                && self.profile.reauth_column.is_none()
+            {
+                return bad(
+                    "[[sink]] kind = \"sql\" writes profile.mirror_url_column / profile.reauth_column: set at least one",
+                );
+            }
+        }
+        if self.outbox.batch_size == 0 || self.outbox.concurrency == 0 {
+            return bad("outbox.batch_size and outbox.concurrency must be at least 1");
+        }
         if self.scan.batch_size == 0 {
             return bad("scan.batch_size must be at least 1");
         }
@@ -464,6 +625,21 @@ fn apply_env(table: &mut Table, var: &str, raw: &str) -> Result<(), ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sink_secrets_can_come_from_the_environment() {
+        use secrecy::ExposeSecret;
+        let path = std::env::var("PATH").unwrap();
+        let got = resolve_secret(&SecretString::from("env:PATH")).unwrap();
+        assert_eq!(got.expose_secret(), path);
+        let plain = resolve_secret(&SecretString::from("openIM123")).unwrap();
+        assert_eq!(plain.expose_secret(), "openIM123");
+        let missing = resolve_secret(&SecretString::from("env:AW_NO_SUCH_VARIABLE_X")).unwrap_err();
+        assert!(
+            missing.to_string().contains("AW_NO_SUCH_VARIABLE_X"),
+            "{missing}"
+        );
+    }
     use secrecy::ExposeSecret;
 
     #[test]

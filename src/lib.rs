@@ -20,4 +20,5 @@ pub mod push;
 pub mod report;
 pub mod schedule;
 pub mod serve;
+pub mod sinks;
 pub mod storage;

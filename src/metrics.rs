@@ -50,6 +50,18 @@ struct ScanLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    sink: String,
+    /// `delivered`, `retried` (failed, will try again) or `dead` (given up).
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SinkLabels {
+    sink: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -76,6 +88,9 @@ struct Inner {
     scan_last_success: TimeGauge,
     scan_last_duration: TimeGauge,
     last_scan_avatars: Family<StatusLabels, Gauge>,
+    deliveries: Family<DeliveryLabels, Counter>,
+    outbox_pending: Family<SinkLabels, Gauge>,
+    outbox_dead: Family<SinkLabels, Gauge>,
     /// Avatars finished since start, for progress display (not exported).
     progress: AtomicU64,
 }
@@ -228,8 +243,29 @@ impl Metrics {
                 version: env!("CARGO_PKG_VERSION").to_string(),
             }),
         );
+        let deliveries = Family::<DeliveryLabels, Counter>::default();
+        registry.register(
+            "sink_deliveries",
+            "Outbox deliveries to sinks, by sink and result (delivered, retried, dead)",
+            deliveries.clone(),
+        );
+        let outbox_pending = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "outbox_pending",
+            "Deliveries waiting in the outbox, by sink",
+            outbox_pending.clone(),
+        );
+        let outbox_dead = Family::<SinkLabels, Gauge>::default();
+        registry.register(
+            "outbox_dead",
+            "Deliveries given up on (permanent error or attempts exhausted), by sink",
+            outbox_dead.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                deliveries,
+                outbox_pending,
+                outbox_dead,
                 registry,
                 processed,
                 in_flight,
@@ -312,6 +348,30 @@ impl Metrics {
 
     pub fn observe_db_batch(&self, elapsed: Duration) {
         self.inner.db_batch_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn delivery(&self, sink: &str, result: &'static str) {
+        self.inner
+            .deliveries
+            .get_or_create(&DeliveryLabels {
+                sink: sink.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn set_outbox(&self, backlog: &crate::db::OutboxBacklog) {
+        let labels = SinkLabels {
+            sink: backlog.sink.clone(),
+        };
+        self.inner
+            .outbox_pending
+            .get_or_create(&labels)
+            .set(backlog.pending);
+        self.inner
+            .outbox_dead
+            .get_or_create(&labels)
+            .set(backlog.dead);
     }
 
     pub fn set_due_backlog(&self, due: i64) {

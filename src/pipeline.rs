@@ -30,6 +30,7 @@ pub struct Deps {
     pub images: ImageWriter,
     pub policy: Policy,
     pub metrics: Metrics,
+    pub sinks: crate::sinks::Sinks,
 }
 
 /// The rules that turn a verdict into what is recorded.
@@ -101,6 +102,8 @@ pub struct ScanReport {
     pub bytes_downloaded: u64,
     /// `old → new` status changes this scan made (or would make).
     pub changes: BTreeMap<String, u64>,
+    /// Sink deliveries made while the scan ran and in its drain.
+    pub deliveries: crate::sinks::DeliveryCounts,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -236,6 +239,7 @@ async fn check_avatar_in(
         "avatar checked"
     );
     Checked {
+        outbox: deps.sinks.outbox_rows(due.previous.as_ref(), &record),
         previous: due.previous.as_ref().map(|p| p.status),
         record,
         stored: mirror.map(|(_, _, s)| s),
@@ -509,6 +513,8 @@ struct Checked {
     downloaded: u64,
     previous: Option<Status>,
     provider: Option<String>,
+    /// Sink deliveries this verdict causes, written in its batch.
+    outbox: Vec<crate::db::OutboxRow>,
 }
 
 async fn scan_with_lease(
@@ -527,37 +533,44 @@ async fn scan_with_lease(
         })
     });
     // Keyset pages, claimed lazily as the workers need them: memory is bounded
-    // by one page plus what is in flight, whatever the table size. Each claim
+    // by two pages plus what is in flight, whatever the table size. Each claim
     // runs as its own task so its transaction finishes even while this stream
     // is not being polled (an open transaction would block the writer).
+    // The next page is claimed while this one is checked: waiting for the
+    // claim between pages left the workers idle (t2 in BENCHMARKS.md).
     let db = deps.db.clone();
     let claim_token = token.to_string();
-    let pages = stream::try_unfold(Some(None::<UserId>), move |state| {
+    let claim = move |after: Option<UserId>| {
         let db = db.clone();
         let token = claim_token.clone();
         let selection = selection.clone();
         let keep_url = keep_url.clone();
-        async move {
-            let Some(after) = state else {
-                return Ok::<_, ScanError>(None);
-            };
-            let page = tokio::spawn(async move {
-                let now = unix_now();
-                db.claim_page(&Claim {
-                    after: after.as_ref(),
-                    now,
-                    limit: batch,
-                    token: &token,
-                    lease_until: now + lease_secs,
-                    shard,
-                    selection: &selection,
-                    keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
-                })
-                .await
+        AbortOnDrop(tokio::spawn(async move {
+            let now = unix_now();
+            db.claim_page(&Claim {
+                after: after.as_ref(),
+                now,
+                limit: batch,
+                token: &token,
+                lease_until: now + lease_secs,
+                shard,
+                selection: &selection,
+                keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
             })
             .await
-            .map_err(|e| ScanError::Task(e.to_string()))??;
-            let next = page.cursor.map(Some);
+        }))
+    };
+    let first = claim(None);
+    let pages = stream::try_unfold(Some(first), move |pending| {
+        let claim = claim.clone();
+        async move {
+            let Some(pending) = pending else {
+                return Ok::<_, ScanError>(None);
+            };
+            let page = pending
+                .await
+                .map_err(|e| ScanError::Task(e.to_string()))??;
+            let next = page.cursor.map(|after| claim(Some(after)));
             let items = page.claimed.into_iter().map(Ok::<DueAvatar, ScanError>);
             Ok(Some((stream::iter(items), next)))
         }
@@ -629,6 +642,28 @@ async fn scan_with_lease(
     }
 }
 
+/// A prefetched claim that nobody will read (limit reached, shutdown, error)
+/// is cancelled: its transaction rolls back, or, if it committed already, the
+/// scan's final release gives its leases back.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 async fn write_results(
     deps: Deps,
     mut rx: tokio::sync::mpsc::Receiver<Checked>,
@@ -661,8 +696,10 @@ async fn write_results(
         }
         if !dry_run {
             let records: Vec<AvatarRecord> = buf.iter().map(|c| c.record.clone()).collect();
+            let outbox: Vec<crate::db::OutboxRow> =
+                buf.iter_mut().flat_map(|c| c.outbox.drain(..)).collect();
             let write_started = Instant::now();
-            let recorded = deps.db.record_batch(&records, &token).await?;
+            let recorded = deps.db.record_batch(&records, &outbox, &token).await?;
             deps.metrics.observe_db_batch(write_started.elapsed());
             report.lease_lost += recorded.discarded as u64;
         }

@@ -22,6 +22,11 @@ pub const SQLITE: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../migrations/sqlite/0002_runs.sql"),
     },
+    Migration {
+        version: 3,
+        name: "outbox",
+        sql: include_str!("../../migrations/sqlite/0003_outbox.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -35,6 +40,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "runs",
         sql: include_str!("../../migrations/postgres/0002_runs.sql"),
     },
+    Migration {
+        version: 3,
+        name: "outbox",
+        sql: include_str!("../../migrations/postgres/0003_outbox.sql"),
+    },
 ];
 
 pub const MYSQL: &[Migration] = &[
@@ -47,6 +57,11 @@ pub const MYSQL: &[Migration] = &[
         version: 2,
         name: "runs",
         sql: include_str!("../../migrations/mysql/0002_runs.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "outbox",
+        sql: include_str!("../../migrations/mysql/0003_outbox.sql"),
     },
 ];
 

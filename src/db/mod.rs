@@ -5,6 +5,7 @@
 mod ident;
 mod migrate;
 mod mysql;
+pub mod outbox;
 mod postgres;
 mod sqlite;
 
@@ -21,6 +22,8 @@ pub use ident::{Quote, quote};
 
 pub const STATE_TABLE: &str = "avatar_warden_avatars";
 pub const RUNS_TABLE: &str = "avatar_warden_runs";
+
+pub use outbox::{Delivery, OUTBOX_TABLE, OutboxBacklog, OutboxRow, Settle};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -679,6 +682,8 @@ pub struct StatusSummary {
     /// Unix time the longest-waiting re-check became due.
     pub oldest_due_at: Option<i64>,
     pub last_run: Option<RunRecord>,
+    /// Per sink: deliveries pending and given up on.
+    pub outbox: Vec<OutboxBacklog>,
 }
 
 /// One finished scan.
@@ -749,15 +754,43 @@ impl Database {
     /// Writes a batch of outcomes (state rows and write-back) in one
     /// transaction, only for avatars still leased to `token`. Replaying the
     /// same batch succeeds and changes nothing.
+    /// The batch's sink deliveries (`outbox`) go into the same transaction,
+    /// for the avatars that were written.
     pub async fn record_batch(
         &self,
         records: &[AvatarRecord],
+        outbox: &[OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
         if records.is_empty() {
             return Ok(Recorded::default());
         }
-        dispatch!(self, db => db.record_batch(records, token))
+        dispatch!(self, db => db.record_batch(records, outbox, token))
+    }
+
+    /// Leases due deliveries of one sink (oldest first, one per user at a time).
+    pub async fn claim_deliveries(
+        &self,
+        sink: &str,
+        now: i64,
+        limit: usize,
+        token: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Delivery>, DbError> {
+        dispatch!(self, db => db.claim_deliveries(sink, now, limit, token, lease_until))
+    }
+
+    pub async fn settle_delivery(
+        &self,
+        id: i64,
+        token: &str,
+        outcome: &Settle,
+    ) -> Result<(), DbError> {
+        dispatch!(self, db => db.settle_delivery(id, token, outcome))
+    }
+
+    pub async fn outbox_backlog(&self) -> Result<Vec<OutboxBacklog>, DbError> {
+        dispatch!(self, db => db.outbox_backlog())
     }
 
     /// Gives back every lease `token` still holds (avatars claimed but not checked).
@@ -795,6 +828,7 @@ impl Database {
             due_backlog: self.count_due(now).await?,
             oldest_due_at: dispatch!(self, db => db.oldest_due(now))?,
             last_run: dispatch!(self, db => db.last_run())?,
+            outbox: self.outbox_backlog().await?,
         })
     }
 

@@ -242,6 +242,7 @@ impl MySql {
     pub async fn record_batch(
         &self,
         records: &[AvatarRecord],
+        outbox: &[super::OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
         let mut tx = self.pool.begin().await?;
@@ -271,6 +272,11 @@ impl MySql {
                 sqlx::query_with(&sql, args).execute(&mut *tx).await?;
             }
         }
+        let deliveries: Vec<&super::OutboxRow> = outbox
+            .iter()
+            .filter(|o| owned.contains(&o.user_id.to_string()))
+            .collect();
+        Self::insert_outbox(&mut tx, &deliveries).await?;
         tx.commit().await?;
         Ok(Recorded {
             written: mine.len(),
@@ -279,6 +285,7 @@ impl MySql {
     }
 
     super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
+    super::outbox::outbox_statements!(sqlx::MySql, String::from, "INSERT IGNORE INTO", "");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

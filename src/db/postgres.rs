@@ -270,6 +270,7 @@ impl Postgres {
     pub async fn record_batch(
         &self,
         records: &[AvatarRecord],
+        outbox: &[super::OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
         let mut tx = self.pool.begin().await?;
@@ -306,6 +307,11 @@ impl Postgres {
                     .await?;
             }
         }
+        let deliveries: Vec<&super::OutboxRow> = outbox
+            .iter()
+            .filter(|o| owned.contains(&o.user_id.to_string()))
+            .collect();
+        Self::insert_outbox(&mut tx, &deliveries).await?;
         tx.commit().await?;
         Ok(Recorded {
             written: mine.len(),
@@ -375,6 +381,12 @@ impl Postgres {
     }
 
     super::state_statements!("$1", "$1", "$2", "$1", "$1, $2, $3, $4, $5, $6, $7");
+    super::outbox::outbox_statements!(
+        sqlx::Postgres,
+        super::outbox::numbered,
+        "INSERT INTO",
+        "ON CONFLICT (event_id, sink) DO NOTHING"
+    );
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

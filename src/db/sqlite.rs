@@ -181,10 +181,11 @@ impl Sqlite {
     pub async fn record_batch(
         &self,
         records: &[AvatarRecord],
+        outbox: &[super::OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
         let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let mut owned = Vec::with_capacity(records.len());
+        let mut owned = std::collections::HashSet::with_capacity(records.len());
         for chunk in records.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT user_id FROM {STATE_TABLE} WHERE lease_token = ? AND user_id IN ({})",
@@ -207,6 +208,11 @@ impl Sqlite {
                 sqlx::query_with(&sql, args).execute(&mut *tx).await?;
             }
         }
+        let deliveries: Vec<&super::OutboxRow> = outbox
+            .iter()
+            .filter(|o| owned.contains(&o.user_id.to_string()))
+            .collect();
+        Self::insert_outbox(&mut tx, &deliveries).await?;
         tx.commit().await?;
         Ok(Recorded {
             written: mine.len(),
@@ -219,6 +225,7 @@ impl Sqlite {
     }
 
     super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
+    super::outbox::outbox_statements!(sqlx::Sqlite, String::from, "INSERT OR IGNORE INTO", "");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
         let counts: Vec<(String, i64)> = sqlx::query_as(&format!(

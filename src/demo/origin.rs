@@ -357,6 +357,12 @@ async fn serve_bench(state: &State, rest: &str) -> Response<Body> {
     }
 }
 
+/// A benchmark picture: a JPEG of at least `target` bytes, unique per `id`
+/// (what the origin serves at `/bench/valid/<id>`).
+pub fn bench_picture(target: usize, id: u64) -> Bytes {
+    unique_jpeg(&bench_pool(target)[0], id)
+}
+
 /// 16 JPEGs of at least `target` bytes (the side grows until they are).
 fn bench_pool(target: usize) -> Vec<Bytes> {
     let mut side = 64;

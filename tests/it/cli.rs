@@ -14,6 +14,9 @@ pub(crate) fn command(app: &TestApp, args: &[&str]) -> Command {
             cmd.env_remove(k);
         }
     }
+    if let Some(file) = &app.config_file {
+        cmd.arg("--config").arg(file);
+    }
     cmd.args(args)
         .envs(app.env.iter().cloned())
         .current_dir(app.dir.path());
@@ -81,7 +84,11 @@ async fn scan_exits_2_when_some_avatars_are_failing_and_export_follows_the_contr
     let app = TestApp::spawn().await;
     let out = run(&app, &["migrate"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(stdout(&out).contains("applied [1, 2]"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("applied [1, 2, 3]"),
+        "{}",
+        stdout(&out)
+    );
     let again = run(&app, &["migrate"]);
     assert!(stdout(&again).contains("already up to date"));
 

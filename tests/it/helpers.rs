@@ -154,6 +154,8 @@ pub struct TestApp {
     /// The overrides that make up this app's configuration, usable as the
     /// environment of the real binary too.
     pub env: Vec<(String, String)>,
+    /// A config file layer (for what the environment cannot say: `[[sink]]`).
+    pub config_file: Option<PathBuf>,
     _db: TestDb,
     pub dir: tempfile::TempDir,
 }
@@ -211,6 +213,7 @@ impl TestApp {
             origin,
             db_url: db.url.clone(),
             env,
+            config_file: None,
             _db: db,
             dir,
         })
@@ -272,6 +275,13 @@ impl TestApp {
         self.set("PROVIDERS__FILE", path.to_str().unwrap());
     }
 
+    /// A config file for this app (e.g. `[[sink]]` tables).
+    pub fn config_toml(&mut self, toml: &str) {
+        let path = self.dir.path().join("config.toml");
+        std::fs::write(&path, toml).unwrap();
+        self.config_file = Some(path);
+    }
+
     /// Makes every scheduled re-check due now ("time passes").
     pub async fn time_passes(&self) {
         self.sql(&[
@@ -291,7 +301,7 @@ impl TestApp {
     }
 
     pub fn settings(&self) -> Settings {
-        Settings::from_layers(None, self.env.clone()).unwrap()
+        Settings::from_layers(self.config_file.as_deref(), self.env.clone()).unwrap()
     }
 
     pub async fn deps(&self) -> Deps {

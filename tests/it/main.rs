@@ -9,3 +9,5 @@ mod ops;
 mod rules;
 mod s3;
 mod scan;
+mod sinks;
+mod standins;

@@ -327,7 +327,7 @@ async fn replaying_a_batch_succeeds_and_changes_nothing(backend: Backend) {
         })
         .collect();
     for _ in 0..2 {
-        let recorded = db.record_batch(&records, "replay").await.unwrap();
+        let recorded = db.record_batch(&records, &[], "replay").await.unwrap();
         assert_eq!((recorded.written, recorded.discarded), (records.len(), 0));
     }
     assert_eq!(app.states().await, before);
@@ -381,7 +381,7 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
             )
         })
         .collect();
-    let recorded = db.record_batch(&records, "worker-a").await.unwrap();
+    let recorded = db.record_batch(&records, &[], "worker-a").await.unwrap();
     assert_eq!((recorded.written, recorded.discarded), (0, 13));
     assert!(
         app.states()

@@ -161,6 +161,9 @@ pub enum ScanError {
     Db(#[from] DbError),
     #[error("a scan task failed: {0}")]
     Task(String),
+    /// Stored objects could not be made durable: their rows are not written.
+    #[error(transparent)]
+    Store(#[from] crate::storage::StoreError),
 }
 
 impl ScanError {
@@ -168,12 +171,23 @@ impl ScanError {
         match self {
             ScanError::Db(e) => e.is_retryable(),
             ScanError::Task(_) => false,
+            ScanError::Store(e) => e.is_retryable(),
         }
     }
 }
 
-/// Checks one avatar end to end, in its own span, and returns what to record.
-async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run: bool) -> Checked {
+/// One avatar after its fetch: what was found, not yet stored or recorded.
+struct Examined {
+    due: DueAvatar,
+    exam: crate::check::Examination,
+    started: Instant,
+    now: i64,
+    span: tracing::Span,
+    _in_flight: crate::metrics::InFlight,
+}
+
+/// Stage one: fetch, classify and validate one avatar, in its own span.
+async fn examine_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Examined {
     let span = tracing::info_span!(
         "avatar",
         user_id = %due.user_id,
@@ -182,24 +196,45 @@ async fn check_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter, dry_run:
         reason = tracing::field::Empty,
         duration_ms = tracing::field::Empty,
     );
-    check_avatar_in(deps, due, hosts, dry_run)
+    let started = Instant::now();
+    let in_flight = deps.metrics.in_flight_guard();
+    let now = unix_now();
+    let exam = deps
+        .checker
+        .examine(&due.avatar_url, now, hosts)
+        .instrument(span.clone())
+        .await;
+    if exam.requests > 0 {
+        deps.metrics.observe_fetch(exam.fetch_time, exam.bytes_read);
+    }
+    Examined {
+        due,
+        exam,
+        started,
+        now,
+        span,
+        _in_flight: in_flight,
+    }
+}
+
+/// Stage two: store the picture and build the record. Its own stage so a
+/// slow disk or object store never holds one of the fetch slots (t2 in
+/// BENCHMARKS.md: fsync latency there cost a fifth of the throughput).
+async fn finish_avatar(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
+    let span = examined.span.clone();
+    finish_avatar_in(deps, examined, dry_run)
         .instrument(span)
         .await
 }
 
-async fn check_avatar_in(
-    deps: &Deps,
-    due: DueAvatar,
-    hosts: &HostLimiter,
-    dry_run: bool,
-) -> Checked {
-    let started = Instant::now();
-    let _in_flight = deps.metrics.in_flight_guard();
-    let now = unix_now();
-    let exam = deps.checker.examine(&due.avatar_url, now, hosts).await;
-    if exam.requests > 0 {
-        deps.metrics.observe_fetch(exam.fetch_time, exam.bytes_read);
-    }
+async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
+    let Examined {
+        due,
+        exam,
+        started,
+        now,
+        ..
+    } = examined;
     let mut verdict = exam.verdict;
     let mut mirror = None;
     let mut size = 0;
@@ -595,9 +630,11 @@ async fn scan_with_lease(
         .try_flatten()
         .take(limit)
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(
-            |due| async move { Ok::<_, ScanError>(check_avatar(deps, due, hosts, dry_run).await) },
-        )
+        .map_ok(|due| async move { Ok::<_, ScanError>(examine_avatar(deps, due, hosts).await) })
+        .try_buffer_unordered(opts.concurrency.max(1))
+        // Storing is a stage of its own with as many slots: a slow disk no
+        // longer holds fetch slots (bodies held: at most 2 × concurrency).
+        .map_ok(|ex| async move { Ok::<_, ScanError>(finish_avatar(deps, ex, dry_run).await) })
         .try_buffer_unordered(opts.concurrency.max(1));
     // Boxed, not pinned on the stack, so dropping it cancels what is in flight.
     let mut results = Box::pin(results);
@@ -698,6 +735,11 @@ async fn write_results(
             let records: Vec<AvatarRecord> = buf.iter().map(|c| c.record.clone()).collect();
             let outbox: Vec<crate::db::OutboxRow> =
                 buf.iter_mut().flat_map(|c| c.outbox.drain(..)).collect();
+            // Objects first, then the rows that point at them: a crash in
+            // between leaves an unreferenced object, never a dangling URL.
+            if buf.iter().any(|c| c.stored.is_some()) {
+                deps.images.sync().await?;
+            }
             let write_started = Instant::now();
             let recorded = deps.db.record_batch(&records, &outbox, &token).await?;
             deps.metrics.observe_db_batch(write_started.elapsed());

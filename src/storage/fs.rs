@@ -12,7 +12,12 @@ use crate::config::FsSettings;
 pub struct FsStore {
     root: PathBuf,
     base_url: String,
+    /// Writes at once: more only queue on directory and journal locks (and
+    /// occupy blocking threads); measured in BENCHMARKS.md (t1).
+    writers: tokio::sync::Semaphore,
 }
+
+const PARALLEL_WRITES: usize = 8;
 
 /// Partial writes live here until renamed into place.
 const TMP_DIR: &str = ".tmp";
@@ -32,7 +37,11 @@ impl FsStore {
                 })?
                 .to_string(),
         };
-        Ok(FsStore { root, base_url })
+        Ok(FsStore {
+            root,
+            base_url,
+            writers: tokio::sync::Semaphore::new(PARALLEL_WRITES),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -64,6 +73,7 @@ impl ObjectStore for FsStore {
         // One blocking task for the whole write: each tokio::fs call is a
         // thread hand-off of its own, and the profile (BENCHMARKS.md) showed
         // those wake-ups costing more than the writes.
+        let _permit = self.writers.acquire().await.expect("never closed");
         tokio::task::spawn_blocking(move || write_durably(&path, &tmp, &body))
             .await
             .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
@@ -80,6 +90,21 @@ impl ObjectStore for FsStore {
 
     fn prefix(&self) -> &str {
         ""
+    }
+
+    /// One `syncfs` for everything written since the last one: an fsync per
+    /// object held a check's slot for the disk's flush latency and cut
+    /// throughput by a fifth at 100 ms origin latency (BENCHMARKS.md, t2).
+    #[cfg(target_os = "linux")]
+    async fn sync(&self) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&root)?;
+            nix::unistd::syncfs(&dir).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        Ok(())
     }
 }
 
@@ -122,15 +147,18 @@ fn remove_stale_in(dir: &Path, depth: u8) {
 }
 
 /// Writes aside and renames: readers never see half an object, and two
-/// writers of the same key both end with the same complete file. The data is
-/// on disk before the rename, so a crash never leaves a mirror URL pointing
-/// at an empty file.
+/// writers of the same key both end with the same complete file. Durability
+/// comes from `sync` before the URL is recorded (elsewhere: an fsync here).
 fn write_durably(path: &Path, tmp: &Path, body: &[u8]) -> Result<(), StoreError> {
     use std::io::Write;
     for dir in [path.parent(), tmp.parent()].into_iter().flatten() {
         std::fs::create_dir_all(dir)?;
     }
     let mut file = std::fs::File::create(tmp)?;
+    // Linux: made durable by `sync` (syncfs) before the batch is recorded.
+    #[cfg(target_os = "linux")]
+    let written = file.write_all(body);
+    #[cfg(not(target_os = "linux"))]
     let written = file.write_all(body).and_then(|()| file.sync_data());
     drop(file);
     if let Err(e) = written.and_then(|()| std::fs::rename(tmp, path)) {
@@ -166,6 +194,7 @@ mod tests {
             .unwrap();
         assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), b"jpeg");
         assert!(store.exists(key).await.unwrap());
+        store.sync().await.unwrap();
         let tmp = dir.path().join(TMP_DIR);
         let leftovers: Vec<_> = std::fs::read_dir(tmp.join("ab")).unwrap().collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");

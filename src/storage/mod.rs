@@ -55,6 +55,11 @@ pub trait ObjectStore: Send + Sync {
     async fn ping(&self) -> Result<(), StoreError>;
     /// Key prefix every object key starts with (may be empty).
     fn prefix(&self) -> &str;
+    /// Makes every object `put` so far durable. Called before their URLs are
+    /// recorded; stores whose `put` is durable on success need nothing.
+    async fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 /// `avatars/<first two hex>/<sha256>.<ext>`: two hex characters spread keys
@@ -144,6 +149,11 @@ impl ImageWriter {
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// The durability barrier before a batch that points at stored objects.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        self.store.sync().await
     }
 
     /// Stores an image under its content key unless it is already there.

@@ -425,3 +425,37 @@ async fn the_scan_command_delivers_to_sinks_and_reports_it() {
     assert_eq!(hook.requests("/hook").len(), 6);
     assert_eq!(pending(&app).await, 0);
 }
+
+/// `run` delivers between scans: what is in the outbox goes out without
+/// waiting for the next scheduled scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_run_command_delivers_between_scans() {
+    let (mut app, hook) = app_with_sinks(Backend::Sqlite, WEBHOOK_SINK).await.unwrap();
+    app.scan().await; // verdicts and their outbox rows; nobody delivers them yet
+    assert_eq!(pending(&app).await, 6);
+    app.set(
+        "METRICS__LISTEN",
+        &format!("127.0.0.1:{}", crate::ops::free_port()),
+    );
+    // Once a year: no scheduled scan during the test.
+    app.set("SCHEDULE__CRON", "0 0 1 1 *");
+    let _run = crate::ops::KillOnDrop(
+        crate::cli::command(&app, &["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while hook.requests("/hook").len() < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run delivered {} of 6",
+            hook.requests("/hook").len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.requests("/hook").len(), 6, "each event once");
+    assert_eq!(pending(&app).await, 0);
+}

@@ -15,6 +15,11 @@ pub struct FsStore {
     /// Writes at once: more only queue on directory and journal locks (and
     /// occupy blocking threads); measured in BENCHMARKS.md (t1).
     writers: tokio::sync::Semaphore,
+    /// Written but not yet published: final path → temp file. `sync` makes
+    /// them durable and only then renames them into place, so a file under
+    /// its final name is always complete, even after a power cut.
+    /// Keyed by final path (a map: `exists` asks for every new object).
+    pending: std::sync::Mutex<std::collections::HashMap<PathBuf, PathBuf>>,
 }
 
 const PARALLEL_WRITES: usize = 8;
@@ -41,6 +46,7 @@ impl FsStore {
             root,
             base_url,
             writers: tokio::sync::Semaphore::new(PARALLEL_WRITES),
+            pending: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
     }
 
@@ -56,7 +62,16 @@ impl FsStore {
 #[async_trait]
 impl ObjectStore for FsStore {
     async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        Ok(tokio::fs::try_exists(self.path(key)).await?)
+        let path = self.path(key);
+        if self
+            .pending
+            .lock()
+            .expect("pending lock")
+            .contains_key(&path)
+        {
+            return Ok(true);
+        }
+        Ok(tokio::fs::try_exists(path).await?)
     }
 
     async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StoreError> {
@@ -74,9 +89,26 @@ impl ObjectStore for FsStore {
         // thread hand-off of its own, and the profile (BENCHMARKS.md) showed
         // those wake-ups costing more than the writes.
         let _permit = self.writers.acquire().await.expect("never closed");
-        tokio::task::spawn_blocking(move || write_durably(&path, &tmp, &body))
-            .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        // Linux: durable and published by `sync` (one syncfs per batch);
+        // elsewhere fsynced and renamed right here.
+        let durable_now = !cfg!(target_os = "linux");
+        let (t, p) = (tmp.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            write_temp(&t, &body, durable_now)?;
+            if durable_now {
+                publish(&t, &p)?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
+        if durable_now {
+            return Ok(());
+        }
+        // A second write of the same key replaces the first (same bytes);
+        // the first temp file is left for the stale-file sweep.
+        self.pending.lock().expect("pending lock").insert(path, tmp);
+        Ok(())
     }
 
     fn public_url(&self, key: &str) -> String {
@@ -98,9 +130,19 @@ impl ObjectStore for FsStore {
     #[cfg(target_os = "linux")]
     async fn sync(&self) -> Result<(), StoreError> {
         let root = self.root.clone();
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
         tokio::task::spawn_blocking(move || {
             let dir = std::fs::File::open(&root)?;
-            nix::unistd::syncfs(&dir).map_err(std::io::Error::from)
+            let syncfs = || nix::unistd::syncfs(&dir).map_err(std::io::Error::from);
+            // The data, then the names: a crash in between leaves only temp files.
+            syncfs()?;
+            for (path, tmp) in &pending {
+                publish(tmp, path)?;
+            }
+            if !pending.is_empty() {
+                syncfs()?;
+            }
+            Ok::<_, std::io::Error>(())
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
@@ -146,26 +188,31 @@ fn remove_stale_in(dir: &Path, depth: u8) {
     }
 }
 
-/// Writes aside and renames: readers never see half an object, and two
-/// writers of the same key both end with the same complete file. Durability
-/// comes from `sync` before the URL is recorded (elsewhere: an fsync here).
-fn write_durably(path: &Path, tmp: &Path, body: &[u8]) -> Result<(), StoreError> {
+/// Writes an object aside, in its temp shard (fsynced when `durable`).
+fn write_temp(tmp: &Path, body: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
-    for dir in [path.parent(), tmp.parent()].into_iter().flatten() {
+    if let Some(dir) = tmp.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let mut file = std::fs::File::create(tmp)?;
-    // Linux: made durable by `sync` (syncfs) before the batch is recorded.
-    #[cfg(target_os = "linux")]
-    let written = file.write_all(body);
-    #[cfg(not(target_os = "linux"))]
-    let written = file.write_all(body).and_then(|()| file.sync_data());
-    drop(file);
-    if let Err(e) = written.and_then(|()| std::fs::rename(tmp, path)) {
+    let written = file
+        .write_all(body)
+        .and_then(|()| if durable { file.sync_data() } else { Ok(()) });
+    if written.is_err() {
         let _ = std::fs::remove_file(tmp);
-        return Err(e.into());
     }
-    Ok(())
+    written
+}
+
+/// Renames a complete temp file into place: readers never see half an
+/// object, and two writers of one key both end with the same complete file.
+fn publish(tmp: &Path, path: &Path) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::rename(tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(tmp);
+    })
 }
 
 #[cfg(test)]
@@ -192,9 +239,14 @@ mod tests {
             .put(key, Bytes::from_static(b"jpeg"), "image/jpeg")
             .await
             .unwrap();
+        assert!(store.exists(key).await.unwrap());
+        if cfg!(target_os = "linux") {
+            // Not under its final name until it is durable.
+            assert!(!dir.path().join(key).exists());
+        }
+        store.sync().await.unwrap();
         assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), b"jpeg");
         assert!(store.exists(key).await.unwrap());
-        store.sync().await.unwrap();
         let tmp = dir.path().join(TMP_DIR);
         let leftovers: Vec<_> = std::fs::read_dir(tmp.join("ab")).unwrap().collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");

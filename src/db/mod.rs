@@ -47,6 +47,17 @@ pub enum DbError {
 
 impl DbError {
     /// Connection trouble, timeouts, deadlocks and lock waits may heal; SQL and config errors will not.
+    /// The server chose this transaction as a deadlock victim (InnoDB 1213,
+    /// PostgreSQL 40P01) or a serialization failure (40001): run it again.
+    pub fn is_deadlock(&self) -> bool {
+        match self {
+            DbError::Query(sqlx::Error::Database(d)) => {
+                matches!(d.code().as_deref(), Some("40001" | "40P01"))
+            }
+            _ => false,
+        }
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             DbError::Timeout(_) | DbError::Connect(_) => true,
@@ -710,6 +721,9 @@ fn count_query(due: &str) -> String {
     format!("SELECT COUNT(*) FROM{}", &due[from + " FROM".len()..end])
 }
 
+/// Runs of a transaction chosen as a deadlock victim before giving up.
+const DEADLOCK_ATTEMPTS: u64 = 5;
+
 macro_rules! dispatch {
     ($self:ident, $db:ident => $call:expr) => {
         match &$self.backend {
@@ -748,7 +762,17 @@ impl Database {
     /// Reads the next keyset page of due avatars and leases what no other
     /// worker holds. Rows locked by another worker are skipped, not waited for.
     pub async fn claim_page(&self, claim: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        dispatch!(self, db => db.claim_page(claim))
+        // Concurrent claims and batch writes can deadlock on InnoDB's gap
+        // locks; the loser's transaction was rolled back whole: run it again.
+        for attempt in 1.. {
+            match dispatch!(self, db => db.claim_page(claim)) {
+                Err(e) if e.is_deadlock() && attempt < DEADLOCK_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Writes a batch of outcomes (state rows and write-back) in one
@@ -765,7 +789,16 @@ impl Database {
         if records.is_empty() {
             return Ok(Recorded::default());
         }
-        dispatch!(self, db => db.record_batch(records, outbox, token))
+        // A replayed batch changes nothing, so a deadlock victim is simply rerun.
+        for attempt in 1.. {
+            match dispatch!(self, db => db.record_batch(records, outbox, token)) {
+                Err(e) if e.is_deadlock() && attempt < DEADLOCK_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the loop returns")
     }
 
     /// Leases due deliveries of one sink (oldest first, one per user at a time).

@@ -724,6 +724,25 @@ fn count_query(due: &str) -> String {
 /// Runs of a transaction chosen as a deadlock victim before giving up.
 const DEADLOCK_ATTEMPTS: u64 = 5;
 
+/// Runs a transaction again while the server picks it as a deadlock victim
+/// (it was rolled back whole), up to `DEADLOCK_ATTEMPTS` times.
+async fn rerun_deadlocks<T, F, Fut>(mut run: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DbError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match run().await {
+            Err(e) if e.is_deadlock() && attempt < DEADLOCK_ATTEMPTS => {
+                tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 macro_rules! dispatch {
     ($self:ident, $db:ident => $call:expr) => {
         match &$self.backend {
@@ -764,15 +783,7 @@ impl Database {
     pub async fn claim_page(&self, claim: &Claim<'_>) -> Result<ClaimedPage, DbError> {
         // Concurrent claims and batch writes can deadlock on InnoDB's gap
         // locks; the loser's transaction was rolled back whole: run it again.
-        for attempt in 1.. {
-            match dispatch!(self, db => db.claim_page(claim)) {
-                Err(e) if e.is_deadlock() && attempt < DEADLOCK_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the loop returns")
+        rerun_deadlocks(|| async { dispatch!(self, db => db.claim_page(claim)) }).await
     }
 
     /// Writes a batch of outcomes (state rows and write-back) in one
@@ -790,15 +801,8 @@ impl Database {
             return Ok(Recorded::default());
         }
         // A replayed batch changes nothing, so a deadlock victim is simply rerun.
-        for attempt in 1.. {
-            match dispatch!(self, db => db.record_batch(records, outbox, token)) {
-                Err(e) if e.is_deadlock() && attempt < DEADLOCK_ATTEMPTS => {
-                    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
-                }
-                other => return other,
-            }
-        }
-        unreachable!("the loop returns")
+        rerun_deadlocks(|| async { dispatch!(self, db => db.record_batch(records, outbox, token)) })
+            .await
     }
 
     /// Leases due deliveries of one sink (oldest first, one per user at a time).

@@ -4,6 +4,7 @@
 //!
 //!   cargo bench --bench pipeline -- --scenario all
 //!   cargo bench --bench pipeline -- --users 20000 --db postgres --latency-ms 0 --concurrency 64
+//!   cargo bench --bench pipeline -- --scenario reverify   (a second scan of mirrored avatars)
 //!
 //! Measured from outside the worker: avatars/s (the scan's own duration),
 //! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
@@ -38,6 +39,19 @@ struct Scenario {
     image_bytes: usize,
     batch: usize,
     store: Store,
+    /// Measure a second scan of the same, already mirrored avatars (#9).
+    recheck: Option<Recheck>,
+}
+
+/// How the measured second scan re-verifies the mirrored avatars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recheck {
+    /// The default: `If-None-Match` / `If-Modified-Since`, 304 expected.
+    Conditional,
+    /// A provider rule with `reverify = "head"` for the origin's host.
+    Head,
+    /// `scan --redownload`: every picture in full (the cost without #9).
+    Redownload,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +80,7 @@ impl Scenario {
             image_bytes: 20_000,
             batch: 1000,
             store: Store::Fs,
+            recheck: None,
         }
     }
 }
@@ -85,15 +100,34 @@ fn presets(name: &str) -> Vec<Scenario> {
     let mut s3 = Scenario::new("t1-postgres-garage", 20_000, 0, 64, Db::Postgres);
     s3.store = Store::Garage;
     let smoke = Scenario::new("smoke", 1_000, 0, 16, Db::Sqlite);
+    // Re-verification: 20k mirrored avatars, all unchanged, origin at 0 ms so
+    // the cost per avatar shows (with latency, latency x concurrency bounds all three).
+    let recheck = |name: &str, how| {
+        let mut s = Scenario::new(name, 20_000, 0, 64, Db::Postgres);
+        s.recheck = Some(how);
+        s
+    };
+    let reverify = vec![
+        recheck("reverify-conditional", Recheck::Conditional),
+        recheck("reverify-head", Recheck::Head),
+        recheck("reverify-redownload", Recheck::Redownload),
+    ];
     match name {
-        "all" => vec![t1_pg, t1_sqlite, t2, mixed, s3, rss_small, rss_big],
+        "reverify" => reverify,
+        "all" => [
+            vec![t1_pg, t1_sqlite, t2, mixed, s3, rss_small, rss_big],
+            reverify,
+        ]
+        .concat(),
         "s3" => vec![s3],
         "t1" => vec![t1_pg, t1_sqlite],
         "t2" => vec![t2],
         "t3" => vec![rss_small, rss_big],
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
-        other => panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, smoke)"),
+        other => {
+            panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, smoke)")
+        }
     }
 }
 
@@ -120,6 +154,15 @@ fn parse_args() -> Args {
             "--batch" => (custom.batch, is_custom) = (value().parse().unwrap(), true),
             "--valid-pct" => (custom.valid_pct, is_custom) = (value().parse().unwrap(), true),
             "--expired-pct" => (custom.expired_pct, is_custom) = (value().parse().unwrap(), true),
+            "--recheck" => {
+                custom.recheck = Some(match value().as_str() {
+                    "conditional" => Recheck::Conditional,
+                    "head" => Recheck::Head,
+                    "redownload" => Recheck::Redownload,
+                    other => panic!("--recheck {other}: conditional, head or redownload"),
+                });
+                is_custom = true;
+            }
             "--store" => {
                 custom.store = match value().as_str() {
                     "fs" => Store::Fs,
@@ -276,6 +319,20 @@ async fn seed(s: &Scenario, args: &Args, base: &str, dir: &Path) -> String {
     }
 }
 
+/// Makes every mirrored avatar due again, as a week passing would.
+async fn all_due_now(profile_url: &str) {
+    let sql = "UPDATE avatar_warden_avatars SET next_check_at = 0 WHERE next_check_at IS NOT NULL";
+    if profile_url.starts_with("sqlite") {
+        let pool = sqlx::SqlitePool::connect(profile_url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    } else {
+        let pool = sqlx::PgPool::connect(profile_url).await.unwrap();
+        sqlx::query(sql).execute(&pool).await.unwrap();
+        pool.close().await;
+    }
+}
+
 fn replace_db(url: &str, db: &str) -> String {
     let (base, _) = url.rsplit_once('/').expect("a database in the URL");
     format!("{base}/{db}")
@@ -378,6 +435,7 @@ fn run_worker(
     profile_url: &str,
     dir: &Path,
     storage_env: &[(String, String)],
+    extra_args: &[&str],
 ) -> WorkerRun {
     let metrics_file = dir.join("metrics.prom");
     let mut cmd = Command::new(BIN);
@@ -406,6 +464,7 @@ fn run_worker(
         "--metrics-file",
         metrics_file.to_str().unwrap(),
     ])
+    .args(extra_args)
     .envs(
         env.iter()
             .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
@@ -517,8 +576,31 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
     let profile_url = seed(s, args, &origin.base, dir.path()).await;
     let garage = (s.store == Store::Garage).then(|| start_garage(dir.path()));
     let storage_env = garage.as_ref().map(|g| g.env.clone()).unwrap_or_default();
+    let mut storage_env = storage_env;
+    let mut extra_args: Vec<&str> = Vec::new();
+    if let Some(how) = s.recheck {
+        // The first scan mirrors everything; the second, measured, re-verifies it.
+        run_worker(s, &profile_url, dir.path(), &storage_env, &[]);
+        all_due_now(&profile_url).await;
+        match how {
+            Recheck::Conditional => {}
+            Recheck::Head => {
+                let rules = dir.path().join("providers.toml");
+                std::fs::write(
+                    &rules,
+                    "[[provider]]\nname = \"bench\"\nhosts = [\"127.0.0.1\"]\nreverify = \"head\"\n",
+                )
+                .unwrap();
+                storage_env.push((
+                    "AVATAR_WARDEN__PROVIDERS__FILE".into(),
+                    rules.display().to_string(),
+                ));
+            }
+            Recheck::Redownload => extra_args.push("--redownload"),
+        }
+    }
     let requests_before = origin_requests(http, &origin.base).await;
-    let run = run_worker(s, &profile_url, dir.path(), &storage_env);
+    let run = run_worker(s, &profile_url, dir.path(), &storage_env, &extra_args);
     drop(garage);
     let requests = origin_requests(http, &origin.base).await - requests_before - 1;
     let processed = run.report["processed"].as_u64().unwrap_or(0);
@@ -531,6 +613,16 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         requests >= processed,
         "{requests} origin requests for {processed} avatars"
     );
+    let bytes_downloaded = run.report["bytes_downloaded"].as_u64().unwrap_or(0);
+    if s.recheck.is_some() {
+        // Every avatar must have been re-verified, none mirrored anew.
+        assert_eq!(
+            run.report["unchanged"].as_u64(),
+            Some(processed),
+            "not all re-verified unchanged: {}",
+            run.report
+        );
+    }
     let per_k = |x: f64| x / processed.max(1) as f64 * 1000.0;
     let quantile = |q| {
         histogram_quantile(
@@ -565,6 +657,10 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "db_statements_per_1000": per_k(run.db_statements as f64),
         "origin_requests": requests,
         "origin_capacity_rps": capacity,
+        "recheck": s.recheck.map(|r| format!("{r:?}").to_lowercase()),
+        "bytes_downloaded": bytes_downloaded,
+        "bytes_per_avatar": bytes_downloaded as f64 / processed.max(1) as f64,
+        "reverified": run.report["reverified"],
     });
     eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
     drop(origin);
@@ -629,11 +725,11 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         machine["memory_gib"],
         machine["os"].as_str().unwrap_or("")
     );
-    md.push_str("| scenario | users | db | store | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("| scenario | users | db | store | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s | bytes dl/avatar |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or(""),
             r["users"],
             r["db"].as_str().unwrap_or(""),
@@ -649,6 +745,7 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
             fmt_opt(&r["db_statements_per_1000"], 1),
             r["origin_requests"],
             fmt_opt(&r["origin_capacity_rps"], 0),
+            fmt_opt(&r["bytes_per_avatar"], 0),
         ));
     }
     md

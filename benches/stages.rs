@@ -195,6 +195,7 @@ fn record(user_id: avatar_warden::db::UserId, source_url: String, now: i64) -> A
         width: Some(256),
         height: Some(256),
         format: Some("jpeg".into()),
+        validators: Default::default(),
         reauth_required: false,
         attempts: 0,
         expiry_signals: 0,

@@ -6,16 +6,22 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reqwest::StatusCode;
-use reqwest::header::{HeaderMap, RETRY_AFTER};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use reqwest::header::{
+    CONTENT_LENGTH, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
+    RETRY_AFTER,
+};
+use reqwest::{Method, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use crate::classify::{self, HeadDecision, Status, Verdict};
 use crate::config::{ConfigError, FetchSettings, MediaSettings, RetrySettings, Settings};
+use crate::db::Validators;
 use crate::fetch::{Body, FetchError, Fetcher};
 use crate::media::{self, ImageInfo};
-use crate::providers::{ProviderRule, Providers};
+use crate::providers::{ProviderRule, Providers, Reverify};
 
 /// Headers `check` shows: the ones rules read, and the ones people ask about.
 const RELEVANT_HEADERS: &[&str] = &[
@@ -52,6 +58,52 @@ pub struct Examination {
     pub bytes_read: u64,
     /// Server asked us to wait (429/503 Retry-After).
     retry_after: Option<Duration>,
+    /// What the source said of the picture (`ETag`, `Last-Modified`,
+    /// `Content-Length`): recorded with a new mirror, or with one confirmed unchanged.
+    pub validators: Validators,
+    /// Set when this was a re-verification of a mirrored picture that ended
+    /// in a picture (unchanged or changed).
+    pub reverified: Option<Reverified>,
+    /// How a `HEAD` or conditional request ended, before any body was read.
+    probe: Option<Probe>,
+}
+
+/// What a re-verification compares with: the mirrored picture and what its
+/// source said about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    pub sha256: String,
+    pub validators: Validators,
+}
+
+/// A re-verification that ended in a picture: how it asked, what it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reverified {
+    /// `conditional`, `head` or `get`: the request that decided.
+    pub method: &'static str,
+    pub changed: bool,
+}
+
+/// What one request of a re-verification asks for.
+#[derive(Debug, Clone, Copy)]
+enum Ask<'a> {
+    /// A plain GET: read and validate the body.
+    Get,
+    /// A GET with `If-None-Match` / `If-Modified-Since`.
+    Conditional(&'a Validators),
+    /// A HEAD compared with these validators.
+    Head(&'a Validators),
+}
+
+/// How a headers-only answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    /// 304, or a HEAD whose validators match: the picture has not changed.
+    Unchanged,
+    /// A HEAD whose validators differ, or say too little to tell.
+    Download,
+    /// 405/501 to a HEAD.
+    HeadRejected,
 }
 
 impl Examination {
@@ -69,7 +121,18 @@ impl Examination {
             fetch_time: Duration::ZERO,
             bytes_read: 0,
             retry_after: None,
+            validators: Validators::default(),
+            reverified: None,
+            probe: None,
         }
+    }
+
+    /// Counts an earlier attempt's requests, time and bytes into this one.
+    fn absorb(mut self, earlier: &Examination) -> Self {
+        self.requests += earlier.requests;
+        self.fetch_time += earlier.fetch_time;
+        self.bytes_read += earlier.bytes_read;
+        self
     }
 
     /// Worth another attempt within this run.
@@ -100,6 +163,10 @@ struct HostGate {
     slots: Arc<Semaphore>,
     /// (earliest next start, current interval)
     pace: Mutex<(Instant, Duration)>,
+    /// Answered 405/501 to a HEAD: re-verify with GET for the rest of the scan.
+    rejects_head: AtomicBool,
+    /// Answered 200 with the same picture to a conditional GET: stop sending validators.
+    ignores_validators: AtomicBool,
 }
 
 /// Slowest a 429 can make one host: one request per minute.
@@ -122,6 +189,8 @@ impl HostLimiter {
                 Arc::new(HostGate {
                     slots: Arc::new(Semaphore::new(self.per_host)),
                     pace: Mutex::new((Instant::now(), self.min_interval)),
+                    rejects_head: AtomicBool::new(false),
+                    ignores_validators: AtomicBool::new(false),
                 })
             })
             .clone()
@@ -158,6 +227,24 @@ impl HostLimiter {
 
     pub fn interval(&self, host: &str) -> Duration {
         self.gate(host).pace.lock().expect("pace lock").1
+    }
+
+    pub fn rejects_head(&self, host: &str) -> bool {
+        self.gate(host).rejects_head.load(Ordering::Relaxed)
+    }
+
+    fn mark_rejects_head(&self, host: &str) {
+        self.gate(host).rejects_head.store(true, Ordering::Relaxed);
+    }
+
+    pub fn ignores_validators(&self, host: &str) -> bool {
+        self.gate(host).ignores_validators.load(Ordering::Relaxed)
+    }
+
+    fn mark_ignores_validators(&self, host: &str) {
+        self.gate(host)
+            .ignores_validators
+            .store(true, Ordering::Relaxed);
     }
 }
 
@@ -209,12 +296,28 @@ impl Checker {
 
     /// Fetch, classify and validate one URL, applying the provider's rules.
     pub async fn examine(&self, raw_url: &str, now: i64, hosts: &HostLimiter) -> Examination {
+        self.reexamine(raw_url, now, hosts, None).await
+    }
+
+    /// As `examine`; with `known` (the URL's mirrored picture) it re-verifies:
+    /// headers only where the source allows it, a download only when the
+    /// picture may have changed.
+    pub async fn reexamine(
+        &self,
+        raw_url: &str,
+        now: i64,
+        hosts: &HostLimiter,
+        known: Option<&Known>,
+    ) -> Examination {
         let url = match classify::parse_avatar_url(raw_url) {
             Ok(u) => u,
             Err(v) => return Examination::decided(v, "URL rules"),
         };
         let Some(rule) = self.providers.find(&url) else {
-            return self.fetch_with_retries(&url, None, hosts).await;
+            return match known {
+                Some(k) => self.reverify(&url, None, k, hosts).await,
+                None => self.fetch_with_retries(&url, None, hosts, Ask::Get).await,
+            };
         };
         let by = |what: &str| format!("provider {}: {what}", rule.name);
         let with_provider = |mut e: Examination| {
@@ -239,24 +342,127 @@ impl Checker {
             e.expires_at = expires_at;
             return e;
         }
-        // The largest size first: it may fail while the stored size works, and
-        // the verdict is about the stored URL.
-        if let Some(largest) = rule.largest_size_url(&url) {
-            let e = self.fetch_with_retries(&largest, Some(rule), hosts).await;
-            if e.verdict.status == Status::Mirrored {
-                let mut e = with_provider(e);
-                e.decided_by = by("size_segment (largest size /0)");
-                return e;
+        let deprecated = |mut e: Examination| {
+            if rule.deprecated && e.verdict.status == Status::Mirrored {
+                // Keep the picture while the host still serves it, and ask the user to log in again.
+                e.verdict = Verdict::new(Status::Expired, "deprecated_host")
+                    .with_detail(url.host_str().unwrap_or_default());
+                e.decided_by = by("deprecated");
             }
+            e
+        };
+        // The largest size first: it may fail while the stored size works, and
+        // the verdict is about the stored URL. A mirrored picture came from
+        // the largest size too, so that is what is re-verified.
+        let largest = rule.largest_size_url(&url);
+        let mut earlier = None;
+        if let Some(target) = largest.as_ref().or(known.map(|_| &url)) {
+            let e = match known {
+                Some(k) => self.reverify(target, Some(rule), k, hosts).await,
+                None => {
+                    self.fetch_with_retries(target, Some(rule), hosts, Ask::Get)
+                        .await
+                }
+            };
+            if e.verdict.status == Status::Mirrored || largest.is_none() {
+                let mut e = with_provider(e);
+                if largest.is_some() {
+                    e.decided_by = by(&format!("size_segment (largest size /0), {}", e.decided_by));
+                }
+                e.expires_at = expires_at;
+                return deprecated(e);
+            }
+            earlier = Some(e);
         }
-        let mut e = with_provider(self.fetch_with_retries(&url, Some(rule), hosts).await);
+        let mut e = with_provider(
+            self.fetch_with_retries(&url, Some(rule), hosts, Ask::Get)
+                .await,
+        );
+        if let Some(earlier) = &earlier {
+            e = e.absorb(earlier);
+        }
         e.expires_at = expires_at;
-        if rule.deprecated && e.image.is_some() {
-            // Keep the picture while the host still serves it, and ask the user to log in again.
-            e.verdict = Verdict::new(Status::Expired, "deprecated_host")
-                .with_detail(url.host_str().unwrap_or_default());
-            e.decided_by = by("deprecated");
+        deprecated(e)
+    }
+
+    /// Re-verifies a mirrored picture: `HEAD` or a conditional `GET` per the
+    /// provider rule, falling back to a full `GET` (remembered per host for
+    /// the scan) when the host rejects `HEAD` or ignores validators.
+    async fn reverify(
+        &self,
+        url: &Url,
+        rule: Option<&ProviderRule>,
+        known: &Known,
+        hosts: &HostLimiter,
+    ) -> Examination {
+        let host = url.host_str().unwrap_or_default();
+        let v = &known.validators;
+        let comparable = v.etag.is_some() || v.last_modified.is_some();
+        let mut mode = rule.map_or(Reverify::Conditional, |r| r.reverify);
+        if mode == Reverify::Head && (hosts.rejects_head(host) || !comparable) {
+            mode = Reverify::Conditional;
         }
+        if mode == Reverify::Conditional && (hosts.ignores_validators(host) || !comparable) {
+            mode = Reverify::Get;
+        }
+        let mut earlier: Option<Examination> = None;
+        if mode == Reverify::Head {
+            let mut e = self
+                .fetch_with_retries(url, rule, hosts, Ask::Head(v))
+                .await;
+            match e.probe {
+                Some(Probe::Unchanged) => {
+                    e.reverified = Some(Reverified {
+                        method: "head",
+                        changed: false,
+                    });
+                    return e;
+                }
+                Some(Probe::HeadRejected) => {
+                    hosts.mark_rejects_head(host);
+                    mode = Reverify::Conditional;
+                }
+                // It changed, or the headers cannot tell: a validator would
+                // only earn a 304 the HEAD already ruled out.
+                Some(Probe::Download) => mode = Reverify::Get,
+                None => return e,
+            }
+            earlier = Some(e);
+        }
+        let (ask, method) = match mode {
+            Reverify::Conditional => (Ask::Conditional(v), "conditional"),
+            _ => (Ask::Get, "get"),
+        };
+        let mut e = self.fetch_with_retries(url, rule, hosts, ask).await;
+        if let Some(earlier) = &earlier {
+            e = e.absorb(earlier);
+        }
+        if e.probe == Some(Probe::Unchanged) {
+            e.reverified = Some(Reverified {
+                method,
+                changed: false,
+            });
+            return e;
+        }
+        let Some((_, body)) = &e.image else {
+            return e;
+        };
+        let changed = !body.sha256.eq_ignore_ascii_case(&known.sha256);
+        if !changed {
+            if matches!(ask, Ask::Conditional(_)) {
+                // A 200 with the very same picture: this host does not honour
+                // validators, so stop sending them for the rest of the scan.
+                hosts.mark_ignores_validators(host);
+            }
+            e.verdict = Verdict::new(Status::Mirrored, "unchanged")
+                .with_detail(format!("{method}: same sha256"));
+            // The same object is already stored.
+            e.image = None;
+        } else {
+            e.verdict = Verdict::new(Status::Mirrored, "source_changed")
+                .with_detail(format!("sha256 was {}", known.sha256));
+        }
+        e.reverified = Some(Reverified { method, changed });
         e
     }
 
@@ -265,6 +471,7 @@ impl Checker {
         url: &Url,
         rule: Option<&ProviderRule>,
         hosts: &HostLimiter,
+        ask: Ask<'_>,
     ) -> Examination {
         let host = url.host_str().unwrap_or_default().to_string();
         let mut requests = 0;
@@ -273,7 +480,7 @@ impl Checker {
         loop {
             let permit = hosts.acquire(&host).await;
             let started = Instant::now();
-            let mut e = self.fetch_once(url, rule).await;
+            let mut e = self.fetch_once(url, rule, ask).await;
             drop(permit);
             requests += 1;
             fetch_time += started.elapsed();
@@ -297,14 +504,25 @@ impl Checker {
         }
     }
 
-    async fn fetch_once(&self, url: &Url, rule: Option<&ProviderRule>) -> Examination {
-        let response = match self.fetcher.get(url).await {
+    async fn fetch_once(
+        &self,
+        url: &Url,
+        rule: Option<&ProviderRule>,
+        ask: Ask<'_>,
+    ) -> Examination {
+        let (method, request_headers) = match ask {
+            Ask::Get => (Method::GET, HeaderMap::new()),
+            Ask::Conditional(v) => (Method::GET, conditional_headers(v)),
+            Ask::Head(_) => (Method::HEAD, HeaderMap::new()),
+        };
+        let response = match self.fetcher.send(method, url, request_headers).await {
             Ok(r) => r,
             Err(e) => return Examination::decided(e.verdict(), "network"),
         };
         let status = response.status();
         let headers = relevant_headers(response.headers());
         let retry_after = parse_retry_after(response.headers());
+        let validators = validators_of(response.headers());
         let done = |verdict: Verdict, decided_by: String, image, bytes_read| Examination {
             verdict,
             decided_by,
@@ -318,7 +536,55 @@ impl Checker {
             fetch_time: Duration::ZERO,
             bytes_read,
             retry_after,
+            validators: validators.clone(),
+            reverified: None,
+            probe: None,
         };
+        let probed = |probe: Probe, verdict: Verdict, decided_by: &str, known: &Validators| {
+            let mut e = done(verdict, decided_by.into(), None, 0);
+            e.probe = Some(probe);
+            // A 304 may leave out what did not change: keep what we knew.
+            e.validators = merge(known, &validators);
+            e
+        };
+        let gone = classify::provider_expiry_header(response.headers()).is_some();
+        match ask {
+            Ask::Head(_) if matches!(status.as_u16(), 405 | 501) && !gone => {
+                return probed(
+                    Probe::HeadRejected,
+                    Verdict::new(Status::Failing, "head_rejected")
+                        .with_detail(status.as_u16().to_string()),
+                    &format!("HTTP {status} to HEAD"),
+                    &Validators::default(),
+                );
+            }
+            Ask::Conditional(known) if status == StatusCode::NOT_MODIFIED && !gone => {
+                return probed(
+                    Probe::Unchanged,
+                    Verdict::new(Status::Mirrored, "unchanged").with_detail("304 Not Modified"),
+                    "conditional GET: 304 Not Modified",
+                    known,
+                );
+            }
+            Ask::Head(known) if status.is_success() && !gone => {
+                return match same_picture(known, &validators) {
+                    Some(true) => probed(
+                        Probe::Unchanged,
+                        Verdict::new(Status::Mirrored, "unchanged")
+                            .with_detail("HEAD: validators match"),
+                        "HEAD: validators match",
+                        known,
+                    ),
+                    _ => probed(
+                        Probe::Download,
+                        Verdict::new(Status::Mirrored, "unchanged"),
+                        "HEAD: validators differ or say too little",
+                        &Validators::default(),
+                    ),
+                };
+            }
+            _ => {}
+        }
         if let HeadDecision::Final(v) = classify::classify_head(status, response.headers()) {
             let by = if v.code == "provider_notexist" {
                 "header rule X-ErrNo / X-Info: notexist (any host)".to_string()
@@ -393,6 +659,79 @@ fn strip(body: Body, format: media::ImageFormat) -> Body {
     }
 }
 
+/// `If-None-Match` / `If-Modified-Since` from what the source said last time.
+fn conditional_headers(v: &Validators) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    if let Some(value) = v
+        .etag
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        h.insert(IF_NONE_MATCH, value);
+    }
+    if let Some(value) = v
+        .last_modified
+        .as_deref()
+        .and_then(|t| HeaderValue::from_str(t).ok())
+    {
+        h.insert(IF_MODIFIED_SINCE, value);
+    }
+    h
+}
+
+/// The validators of a response; a value too long to store is left out
+/// (never an error: one odd header must not fail the batch's write).
+fn validators_of(h: &HeaderMap) -> Validators {
+    let text = |name, max: usize| {
+        h.get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty() && v.len() <= max)
+            .map(str::to_owned)
+    };
+    Validators {
+        etag: text(ETAG, Validators::MAX_ETAG),
+        last_modified: text(LAST_MODIFIED, Validators::MAX_LAST_MODIFIED),
+        length: h
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok()),
+    }
+}
+
+/// What a headers-only answer says, over what was known.
+fn merge(known: &Validators, got: &Validators) -> Validators {
+    Validators {
+        etag: got.etag.clone().or_else(|| known.etag.clone()),
+        last_modified: got
+            .last_modified
+            .clone()
+            .or_else(|| known.last_modified.clone()),
+        length: got.length.or(known.length),
+    }
+}
+
+/// Whether a HEAD's validators show the stored picture: `Some(false)` when
+/// anything differs, `None` when they say too little to tell. Weak and strong
+/// ETags compare by their opaque part (RFC 9110 weak comparison).
+fn same_picture(known: &Validators, got: &Validators) -> Option<bool> {
+    let opaque = |t: &str| t.trim_start_matches("W/").to_owned();
+    if let (Some(a), Some(b)) = (known.length, got.length)
+        && a != b
+    {
+        return Some(false);
+    }
+    match (&known.etag, &got.etag) {
+        (Some(a), Some(b)) => return Some(opaque(a) == opaque(b)),
+        (Some(_), None) => return None,
+        _ => {}
+    }
+    match (&known.last_modified, &got.last_modified) {
+        (Some(a), Some(b)) => Some(a == b),
+        _ => None,
+    }
+}
+
 fn relevant_headers(h: &HeaderMap) -> Vec<(String, String)> {
     RELEVANT_HEADERS
         .iter()
@@ -450,6 +789,85 @@ mod tests {
         );
         h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
         assert_eq!(parse_retry_after(&h), None);
+    }
+
+    fn v(etag: Option<&str>, lm: Option<&str>, len: Option<i64>) -> Validators {
+        Validators {
+            etag: etag.map(Into::into),
+            last_modified: lm.map(Into::into),
+            length: len,
+        }
+    }
+
+    #[test]
+    fn head_validators_decide_only_when_they_can() {
+        let lm = "Tue, 14 Nov 2023 22:13:20 GMT";
+        let known = v(Some("\"a\""), Some(lm), Some(100));
+        assert_eq!(
+            same_picture(&known, &v(Some("\"a\""), None, Some(100))),
+            Some(true)
+        );
+        assert_eq!(
+            same_picture(&known, &v(Some("W/\"a\""), None, None)),
+            Some(true),
+            "weak comparison"
+        );
+        assert_eq!(
+            same_picture(&known, &v(Some("\"b\""), Some(lm), Some(100))),
+            Some(false)
+        );
+        assert_eq!(
+            same_picture(&known, &v(Some("\"a\""), Some(lm), Some(101))),
+            Some(false),
+            "another length is another picture, whatever the ETag says"
+        );
+        assert_eq!(
+            same_picture(&known, &v(None, Some(lm), Some(100))),
+            None,
+            "the ETag went missing"
+        );
+        let dated = v(None, Some(lm), Some(100));
+        assert_eq!(
+            same_picture(&dated, &v(None, Some(lm), Some(100))),
+            Some(true)
+        );
+        assert_eq!(
+            same_picture(
+                &dated,
+                &v(None, Some("Wed, 15 Nov 2023 22:13:20 GMT"), Some(100))
+            ),
+            Some(false)
+        );
+        assert_eq!(
+            same_picture(&v(None, None, Some(100)), &v(None, None, Some(100))),
+            None,
+            "a length alone cannot tell"
+        );
+    }
+
+    #[test]
+    fn validators_too_long_to_store_are_left_out_and_a_304_keeps_what_was_known() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            ETAG,
+            HeaderValue::from_str(&format!("\"{}\"", "x".repeat(600))).unwrap(),
+        );
+        h.insert(
+            LAST_MODIFIED,
+            HeaderValue::from_static("Tue, 14 Nov 2023 22:13:20 GMT"),
+        );
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
+        let got = validators_of(&h);
+        assert_eq!(got.etag, None);
+        assert_eq!(got.length, Some(4096));
+        let known = v(Some("\"a\""), None, Some(10));
+        assert_eq!(
+            merge(&known, &v(None, Some("d"), None)),
+            v(Some("\"a\""), Some("d"), Some(10))
+        );
+        let sent = conditional_headers(&known);
+        assert_eq!(sent.get(IF_NONE_MATCH).unwrap(), "\"a\"");
+        assert!(sent.get(IF_MODIFIED_SINCE).is_none());
     }
 
     #[tokio::test]

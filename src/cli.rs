@@ -75,6 +75,10 @@ pub enum Command {
         /// Check now even if the next check is not due yet.
         #[arg(long)]
         force: bool,
+        /// Download every mirrored picture again instead of re-verifying it
+        /// with headers only (ETag / Last-Modified / HEAD).
+        #[arg(long)]
+        redownload: bool,
         /// Also write the summary to this file: JSON (.json) or Markdown (.md).
         #[arg(long, value_name = "PATH")]
         report: Option<PathBuf>,
@@ -114,6 +118,19 @@ pub enum Command {
     },
     /// Print the effective configuration (all layers applied), secrets redacted.
     Config,
+    /// Delete stored objects no avatar points at any more (old pictures
+    /// replaced by a changed one), once older than `gc.grace_hours`.
+    Gc {
+        /// List what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Override `gc.grace_hours`.
+        #[arg(long, value_name = "HOURS")]
+        grace_hours: Option<u64>,
+        /// Print the result as JSON (with up to 1000 keys).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show how many avatars are in each status.
     Status {
         #[arg(long)]
@@ -217,6 +234,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             users,
             provider,
             force,
+            redownload,
             only,
             report: report_path,
             metrics_file,
@@ -239,6 +257,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             opts.shard = shard;
             opts.limit = limit;
             opts.provider = provider;
+            opts.redownload = redownload;
             opts.selection = Selection {
                 force,
                 only,
@@ -329,10 +348,69 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             }
             Ok(EXIT_OK)
         }
+        Command::Gc {
+            dry_run,
+            grace_hours,
+            json,
+        } => {
+            let db = settings.profile.connect().await?;
+            db.migrate()
+                .await
+                .context("migrating the worker's tables")?;
+            let store = settings.storage.open().await?;
+            let opts = crate::gc::GcOptions {
+                grace: std::time::Duration::from_secs(
+                    grace_hours.unwrap_or(settings.gc.grace_hours) * 3600,
+                ),
+                dry_run,
+            };
+            let report =
+                crate::gc::collect_garbage(&db, store.as_ref(), &opts, pipeline::unix_now())
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_gc(&report, &opts);
+            }
+            Ok(if report.failed > 0 {
+                EXIT_ERROR
+            } else {
+                EXIT_OK
+            })
+        }
         Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
         Command::Config | Command::Origin { .. } => {
             unreachable!("handled before logging starts")
         }
+    }
+}
+
+fn print_gc(r: &crate::gc::GcReport, opts: &crate::gc::GcOptions) {
+    let hours = opts.grace.as_secs() / 3600;
+    println!(
+        "objects: {} listed, {} referenced, {} younger than {hours} h (kept)",
+        r.listed, r.referenced, r.too_young
+    );
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    let n = if r.dry_run { r.unreferenced } else { r.deleted };
+    println!(
+        "unreferenced: {} ({} bytes); {verb} {n}",
+        r.unreferenced, r.unreferenced_bytes
+    );
+    for key in r.keys.iter().take(20) {
+        println!("  {key}");
+    }
+    if r.unreferenced > 20 {
+        println!(
+            "  … ({} more; --json lists up to 1000)",
+            r.unreferenced - 20
+        );
+    }
+    if r.failed > 0 {
+        println!("{} deletes failed (logged); run gc again", r.failed);
+    }
+    if r.foreign > 0 {
+        println!("{} other objects under the prefix left alone", r.foreign);
     }
 }
 
@@ -476,6 +554,7 @@ pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOpt
         provider: None,
         shutdown,
         grace: std::time::Duration::from_secs(settings.shutdown.grace_secs),
+        redownload: false,
     }
 }
 
@@ -596,7 +675,8 @@ async fn export_jsonl(db: &Database, mut out: impl Write) -> anyhow::Result<u64>
 }
 
 /// The `export` contract: `user_id, source_url, status, reason, mirror_url,
-/// sha256, reauth_required, checked_at`, plus detail fields.
+/// sha256, reauth_required, checked_at`, plus detail fields and the source's
+/// validators (`source_etag`, `source_last_modified`, `source_length`).
 pub fn export_object(r: &AvatarRecord) -> serde_json::Value {
     let time = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|d| d.to_rfc3339());
     json!({
@@ -615,6 +695,9 @@ pub fn export_object(r: &AvatarRecord) -> serde_json::Value {
         "height": r.height,
         "size_bytes": r.size_bytes,
         "attempts": r.attempts,
+        "source_etag": r.validators.etag,
+        "source_last_modified": r.validators.last_modified,
+        "source_length": r.validators.length,
     })
 }
 
@@ -660,6 +743,18 @@ fn print_report(report: &ScanReport) {
         for (reason, n) in &report.by_reason {
             println!("  {reason:<40} {n:>8}");
         }
+    }
+    println!(
+        "pictures: {} first mirrors, {} re-verified unchanged, {} changed at the same URL",
+        report.first_mirrors, report.unchanged, report.changed
+    );
+    if !report.reverified.is_empty() {
+        let by: Vec<String> = report
+            .reverified
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        println!("re-verified by: {}", by.join(", "));
     }
     println!(
         "objects: {} uploaded ({} bytes), {} already stored; {} bytes downloaded",

@@ -53,6 +53,7 @@ pub struct Settings {
     pub reauth: ReauthSettings,
     pub providers: ProvidersSettings,
     pub outbox: OutboxSettings,
+    pub gc: GcSettings,
     /// Where verdicts go besides the state table: `[[sink]]` tables.
     #[serde(default)]
     pub sink: Vec<SinkSettings>,
@@ -220,6 +221,14 @@ pub struct MetricsSettings {
     /// Grouping key `instance`; empty: the shard (`0-of-4`) or `all`.
     pub push_instance: String,
     pub push_timeout_secs: u64,
+}
+
+/// `gc`: removal of objects no avatar references.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcSettings {
+    /// Only objects last written longer ago than this are deleted.
+    pub grace_hours: u64,
 }
 
 /// The delivery loop that drains the outbox to the sinks.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod db;
 pub mod demo;
 pub mod fetch;
+pub mod gc;
 pub mod media;
 pub mod metrics;
 pub mod pipeline;

@@ -26,6 +26,18 @@ impl ImageFormat {
         }
     }
 
+    /// The format an object key's extension names.
+    pub fn from_ext(ext: &str) -> Option<Self> {
+        [
+            ImageFormat::Jpeg,
+            ImageFormat::Png,
+            ImageFormat::Gif,
+            ImageFormat::Webp,
+        ]
+        .into_iter()
+        .find(|f| f.ext() == ext)
+    }
+
     pub fn mime(self) -> &'static str {
         match self {
             ImageFormat::Jpeg => "image/jpeg",

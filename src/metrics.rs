@@ -13,9 +13,10 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::check::Reverified;
 use crate::classify::Status;
 use crate::db::AvatarRecord;
-use crate::pipeline::ScanReport;
+use crate::pipeline::{MirrorKind, ScanReport};
 use crate::storage::{OpObserver, StoreOp, StoredObject};
 
 pub const PREFIX: &str = "avatar_warden";
@@ -47,6 +48,20 @@ struct StatusLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScanLabels {
     result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MirrorCheckLabels {
+    /// `first_mirror`, `unchanged` or `changed`.
+    outcome: &'static str,
+    /// How it was decided: `get`, `conditional` (If-None-Match / If-Modified-Since) or `head`.
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DownloadLabels {
+    /// `first_mirror`, `unchanged`, `changed` or `other` (no picture: expired, failing…).
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,6 +106,8 @@ struct Inner {
     deliveries: Family<DeliveryLabels, Counter>,
     outbox_pending: Family<SinkLabels, Gauge>,
     outbox_dead: Family<SinkLabels, Gauge>,
+    mirror_checks: Family<MirrorCheckLabels, Counter>,
+    downloaded_bytes: Family<DownloadLabels, Counter>,
     /// Avatars finished since start, for progress display (not exported).
     progress: AtomicU64,
 }
@@ -261,8 +278,22 @@ impl Metrics {
             "Deliveries given up on (permanent error or attempts exhausted), by sink",
             outbox_dead.clone(),
         );
+        let mirror_checks = Family::<MirrorCheckLabels, Counter>::default();
+        registry.register(
+            "mirror_checks",
+            "Pictures mirrored for the first time, re-verified unchanged, or found changed behind the same URL, by the request that decided",
+            mirror_checks.clone(),
+        );
+        let downloaded_bytes = Family::<DownloadLabels, Counter>::default();
+        registry.register(
+            "downloaded_bytes",
+            "Response body bytes downloaded from avatar sources, by what the check found",
+            downloaded_bytes.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                mirror_checks,
+                downloaded_bytes,
                 deliveries,
                 outbox_pending,
                 outbox_dead,
@@ -324,6 +355,30 @@ impl Metrics {
             }
             None => {}
         }
+    }
+
+    /// What a check found about the mirrored picture, and the bytes it cost.
+    pub fn observe_mirror_check(
+        &self,
+        kind: Option<MirrorKind>,
+        reverified: Option<Reverified>,
+        bytes: u64,
+    ) {
+        let outcome = kind.map_or("other", MirrorKind::as_str);
+        if let Some(kind) = kind {
+            let method = reverified.map_or("get", |r| r.method);
+            self.inner
+                .mirror_checks
+                .get_or_create(&MirrorCheckLabels {
+                    outcome: kind.as_str(),
+                    method,
+                })
+                .inc();
+        }
+        self.inner
+            .downloaded_bytes
+            .get_or_create(&DownloadLabels { outcome })
+            .inc_by(bytes);
     }
 
     /// One avatar URL fetched (not called when no request was needed).
@@ -516,6 +571,7 @@ mod tests {
             width: None,
             height: None,
             format: None,
+            validators: Default::default(),
             reauth_required: status.requires_reauth(),
             attempts: 0,
             expiry_signals: 0,
@@ -547,6 +603,29 @@ mod tests {
         );
         assert!(!text.contains("https://x/y"));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn mirror_checks_and_downloads_are_split_by_what_was_found() {
+        let m = Metrics::new();
+        let head = Reverified {
+            method: "head",
+            changed: false,
+        };
+        m.observe_mirror_check(Some(MirrorKind::First), None, 40_000);
+        m.observe_mirror_check(Some(MirrorKind::Unchanged), Some(head), 0);
+        m.observe_mirror_check(Some(MirrorKind::Unchanged), Some(head), 0);
+        m.observe_mirror_check(None, None, 5_000);
+        let text = m.encode();
+        for line in [
+            "avatar_warden_mirror_checks_total{outcome=\"first_mirror\",method=\"get\"} 1\n",
+            "avatar_warden_mirror_checks_total{outcome=\"unchanged\",method=\"head\"} 2\n",
+            "avatar_warden_downloaded_bytes_total{outcome=\"first_mirror\"} 40000\n",
+            "avatar_warden_downloaded_bytes_total{outcome=\"unchanged\"} 0\n",
+            "avatar_warden_downloaded_bytes_total{outcome=\"other\"} 5000\n",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

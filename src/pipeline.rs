@@ -11,12 +11,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::check::{Checker, HostLimiter};
+use crate::check::{Checker, HostLimiter, Known, Reverified};
 use crate::classify::{Status, Verdict};
 use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
     AvatarRecord, Claim, Database, DbError, DueAvatar, RunRecord, Selection, Shard, UrlFilter,
-    UserId, new_lease_token,
+    UserId, Validators, new_lease_token,
 };
 use crate::media::ImageInfo;
 use crate::metrics::Metrics;
@@ -72,6 +72,9 @@ pub struct ScanOptions {
     /// After shutdown, how long avatars in flight may take before they are
     /// abandoned (their leases are released; nothing half-done is recorded).
     pub grace: Duration,
+    /// Download every picture again instead of re-verifying with headers
+    /// (`scan --redownload`).
+    pub redownload: bool,
 }
 
 /// How many flagged users a report lists by name.
@@ -104,6 +107,14 @@ pub struct ScanReport {
     pub changes: BTreeMap<String, u64>,
     /// Sink deliveries made while the scan ran and in its drain.
     pub deliveries: crate::sinks::DeliveryCounts,
+    /// Avatars mirrored for the first time (new user or new URL).
+    pub first_mirrors: u64,
+    /// Re-verified and found unchanged (no new object).
+    pub unchanged: u64,
+    /// Re-verified and found to be a new picture behind the same URL.
+    pub changed: u64,
+    /// `method/outcome` of re-verifications, e.g. `head/unchanged`, `conditional/changed`.
+    pub reverified: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -121,6 +132,18 @@ impl ScanReport {
     fn add(&mut self, c: &Checked) {
         let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
         self.bytes_downloaded += c.downloaded;
+        match c.kind {
+            Some(MirrorKind::First) => self.first_mirrors += 1,
+            Some(MirrorKind::Unchanged) => self.unchanged += 1,
+            Some(MirrorKind::Changed) => self.changed += 1,
+            None => {}
+        }
+        if let (Some(r), Some(kind)) = (c.reverified, c.kind) {
+            *self
+                .reverified
+                .entry(format!("{}/{}", r.method, kind.as_str()))
+                .or_default() += 1;
+        }
         let before = c.previous.map_or("new", |s| s.as_str());
         if before != record.status.as_str() {
             *self
@@ -186,8 +209,57 @@ struct Examined {
     _in_flight: crate::metrics::InFlight,
 }
 
+/// What a mirrored avatar's check found about its picture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MirrorKind {
+    /// Mirrored for the first time (a new user, or a new URL).
+    First,
+    /// The same picture as the mirror.
+    Unchanged,
+    /// A new picture behind the same URL.
+    Changed,
+}
+
+impl MirrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MirrorKind::First => "first_mirror",
+            MirrorKind::Unchanged => "unchanged",
+            MirrorKind::Changed => "changed",
+        }
+    }
+
+    /// From the recorded outcome: `unchanged` and `source_changed` are
+    /// re-verifications, any other newly stored object is a first mirror.
+    fn of(record: &AvatarRecord, stored: bool) -> Option<Self> {
+        match record.reason.as_str() {
+            "unchanged" => Some(MirrorKind::Unchanged),
+            "source_changed" => Some(MirrorKind::Changed),
+            _ if stored => Some(MirrorKind::First),
+            _ => None,
+        }
+    }
+}
+
+/// The mirrored picture a re-check compares with: only for the same URL.
+fn known_picture(due: &DueAvatar) -> Option<Known> {
+    let prev = due.previous.as_ref()?;
+    if prev.source_url != due.avatar_url {
+        return None;
+    }
+    Some(Known {
+        sha256: prev.sha256.clone()?,
+        validators: prev.validators.clone(),
+    })
+}
+
 /// Stage one: fetch, classify and validate one avatar, in its own span.
-async fn examine_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Examined {
+async fn examine_avatar(
+    deps: &Deps,
+    due: DueAvatar,
+    hosts: &HostLimiter,
+    redownload: bool,
+) -> Examined {
     let span = tracing::info_span!(
         "avatar",
         user_id = %due.user_id,
@@ -199,9 +271,10 @@ async fn examine_avatar(deps: &Deps, due: DueAvatar, hosts: &HostLimiter) -> Exa
     let started = Instant::now();
     let in_flight = deps.metrics.in_flight_guard();
     let now = unix_now();
+    let known = known_picture(&due).filter(|_| !redownload);
     let exam = deps
         .checker
-        .examine(&due.avatar_url, now, hosts)
+        .reexamine(&due.avatar_url, now, hosts, known.as_ref())
         .instrument(span.clone())
         .await;
     if exam.requests > 0 {
@@ -259,6 +332,7 @@ async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Che
         exam.expires_at,
         mirror.as_ref(),
         size,
+        &exam.validators,
         now,
         &deps.policy,
         &mut rng,
@@ -273,8 +347,13 @@ async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Che
         requests = exam.requests,
         "avatar checked"
     );
+    let kind = MirrorKind::of(&record, mirror.is_some());
+    deps.metrics
+        .observe_mirror_check(kind, exam.reverified, exam.bytes_read);
     Checked {
         outbox: deps.sinks.outbox_rows(due.previous.as_ref(), &record),
+        kind,
+        reverified: exam.reverified,
         previous: due.previous.as_ref().map(|p| p.status),
         record,
         stored: mirror.map(|(_, _, s)| s),
@@ -292,19 +371,35 @@ const EXPIRY_MARGIN_SECS: i64 = 60;
 
 /// Turns a verdict into the row to record: what carries over from the last
 /// check, when to look again, and whether the user must re-authorize.
+/// `validators` are what the source said in this check (kept with a new
+/// mirror, or with one confirmed `unchanged`).
 #[allow(clippy::too_many_arguments)]
 pub fn build_record(
     due: &DueAvatar,
-    verdict: Verdict,
+    mut verdict: Verdict,
     expires_at: Option<i64>,
     mirror: Option<&Mirror>,
     size: u64,
+    validators: &Validators,
     now: i64,
     policy: &Policy,
     rng: &mut impl Rng,
 ) -> AvatarRecord {
     let prev = due.previous.as_ref();
     let same_url = prev.is_some_and(|p| p.source_url == due.avatar_url);
+    // The same URL downloaded again: name what the picture did.
+    if let (Some((_, sha, _)), Some(old)) = (mirror, prev.and_then(|p| p.sha256.as_deref()))
+        && same_url
+        && verdict.code == Verdict::mirrored().code
+    {
+        verdict = if old.eq_ignore_ascii_case(sha) {
+            Verdict::new(Status::Mirrored, "unchanged").with_detail("get: same sha256")
+        } else {
+            Verdict::new(Status::Mirrored, "source_changed")
+                .with_detail(format!("sha256 was {old}"))
+        };
+    }
+    let confirmed = verdict.code == "unchanged";
     let signals_before = if same_url {
         prev.map_or(0, |p| p.expiry_signals)
     } else {
@@ -320,10 +415,18 @@ pub fn build_record(
         mirror_url: prev.and_then(|p| p.mirror_url.clone()),
         object_key: prev.and_then(|p| p.object_key.clone()),
         sha256: prev.and_then(|p| p.sha256.clone()),
-        size_bytes: None,
-        width: None,
-        height: None,
-        format: None,
+        size_bytes: prev.and_then(|p| p.meta.size_bytes),
+        width: prev.and_then(|p| p.meta.width),
+        height: prev.and_then(|p| p.meta.height),
+        format: prev.and_then(|p| p.meta.format.clone()),
+        // Validators belong to the URL they came from.
+        validators: if mirror.is_some() || confirmed {
+            validators.clone()
+        } else if same_url {
+            prev.map(|p| p.validators.clone()).unwrap_or_default()
+        } else {
+            Validators::default()
+        },
         reauth_required: prev.is_some_and(|p| p.reauth_required),
         attempts: 0,
         expiry_signals: signals_before,
@@ -548,6 +651,9 @@ struct Checked {
     downloaded: u64,
     previous: Option<Status>,
     provider: Option<String>,
+    /// First mirror, unchanged or changed picture.
+    kind: Option<MirrorKind>,
+    reverified: Option<Reverified>,
     /// Sink deliveries this verdict causes, written in its batch.
     outbox: Vec<crate::db::OutboxRow>,
 }
@@ -561,6 +667,7 @@ async fn scan_with_lease(
     let (lease_secs, shard) = (opts.lease_secs as i64, opts.shard);
     let selection = Arc::new(opts.selection.clone());
     let dry_run = opts.selection.dry_run;
+    let redownload = opts.redownload;
     let keep_url = opts.provider.clone().map(|name| {
         Arc::new(ProviderFilter {
             checker: deps.checker.clone(),
@@ -630,7 +737,9 @@ async fn scan_with_lease(
         .try_flatten()
         .take(limit)
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(|due| async move { Ok::<_, ScanError>(examine_avatar(deps, due, hosts).await) })
+        .map_ok(|due| async move {
+            Ok::<_, ScanError>(examine_avatar(deps, due, hosts, redownload).await)
+        })
         .try_buffer_unordered(opts.concurrency.max(1))
         // Storing is a stage of its own with as many slots: a slow disk no
         // longer holds fetch slots (bodies held: at most 2 × concurrency).
@@ -761,7 +870,7 @@ async fn write_results(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::Previous;
+    use crate::db::{MirrorMeta, Previous};
     use crate::media::ImageFormat;
     use rand::SeedableRng;
 
@@ -798,6 +907,18 @@ mod tests {
             mirror_url: Some("https://cdn/avatars/ab/ab.jpg".into()),
             object_key: Some("avatars/ab/ab.jpg".into()),
             sha256: Some("ab".into()),
+            reason: "valid_image".into(),
+            meta: MirrorMeta {
+                size_bytes: Some(4000),
+                width: Some(132),
+                height: Some(132),
+                format: Some("jpeg".into()),
+            },
+            validators: Validators {
+                etag: Some("\"v1\"".into()),
+                last_modified: None,
+                length: Some(4000),
+            },
             attempts,
             expiry_signals: 0,
             reauth_required: false,
@@ -809,7 +930,17 @@ mod tests {
     }
 
     fn record(d: &DueAvatar, v: Verdict, p: &Policy) -> AvatarRecord {
-        build_record(d, v, None, None, 0, 100, p, &mut rng())
+        build_record(
+            d,
+            v,
+            None,
+            None,
+            0,
+            &Validators::default(),
+            100,
+            p,
+            &mut rng(),
+        )
     }
 
     fn mirror() -> Mirror {
@@ -864,6 +995,7 @@ mod tests {
             None,
             Some(&m),
             5000,
+            &Validators::default(),
             100,
             &policy(),
             &mut rng(),
@@ -904,6 +1036,7 @@ mod tests {
             None,
             Some(&m),
             1,
+            &Validators::default(),
             100,
             &p,
             &mut rng(),
@@ -922,6 +1055,96 @@ mod tests {
         changed.expiry_signals = 1;
         let r = record(&due(Some(changed)), expired(), &p);
         assert_eq!((r.status, r.expiry_signals), (Status::Failing, 1));
+    }
+
+    #[test]
+    fn an_unchanged_picture_keeps_its_mirror_and_what_is_known_of_it() {
+        let p = prev(Status::Mirrored, 0);
+        let seen = Validators {
+            etag: Some("\"v1\"".into()),
+            last_modified: Some("Tue, 14 Nov 2023 22:13:20 GMT".into()),
+            length: Some(4000),
+        };
+        let r = build_record(
+            &due(Some(p.clone())),
+            Verdict::new(Status::Mirrored, "unchanged"),
+            None,
+            None,
+            0,
+            &seen,
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (Status::Mirrored, "unchanged")
+        );
+        assert_eq!((&r.mirror_url, &r.sha256), (&p.mirror_url, &p.sha256));
+        assert_eq!(
+            (r.size_bytes, r.width, r.format.as_deref()),
+            (Some(4000), Some(132), Some("jpeg"))
+        );
+        assert_eq!(r.validators, seen, "a 304's news is kept");
+        let next = r.next_check_at.unwrap() - 100;
+        assert!((900..=1100).contains(&next), "the weekly cadence: {next}");
+    }
+
+    #[test]
+    fn a_download_of_the_same_url_says_whether_the_picture_changed() {
+        let m = mirror(); // sha "cd"; the previous mirror is "ab"
+        let fresh = Validators {
+            etag: Some("\"v2\"".into()),
+            ..Validators::default()
+        };
+        let build = |p: Previous| {
+            build_record(
+                &due(Some(p)),
+                Verdict::mirrored(),
+                None,
+                Some(&m),
+                5000,
+                &fresh,
+                100,
+                &policy(),
+                &mut rng(),
+            )
+        };
+        let r = build(prev(Status::Mirrored, 0));
+        assert_eq!(r.reason, "source_changed");
+        assert_eq!(r.reason_detail.as_deref(), Some("sha256 was ab"));
+        assert_eq!((r.sha256.as_deref(), &r.validators), (Some("cd"), &fresh));
+        let mut same = prev(Status::Mirrored, 0);
+        same.sha256 = Some("cd".into());
+        assert_eq!(build(same).reason, "unchanged");
+        let mut other_url = prev(Status::Mirrored, 0);
+        other_url.source_url = "https://thirdwx.qlogo.cn/mmopen/old/132".into();
+        assert_eq!(
+            build(other_url).reason,
+            "valid_image",
+            "a new URL is a first mirror"
+        );
+    }
+
+    #[test]
+    fn validators_stay_with_their_url() {
+        // A failing check keeps the mirror's validators for the next try...
+        let r = record(
+            &due(Some(prev(Status::Mirrored, 0))),
+            Verdict::new(Status::Failing, "timeout"),
+            &policy(),
+        );
+        assert_eq!(r.validators.etag.as_deref(), Some("\"v1\""));
+        // ...but a new URL that failed must not inherit the old URL's.
+        let mut moved = prev(Status::Mirrored, 0);
+        moved.source_url = "https://thirdwx.qlogo.cn/mmopen/old/132".into();
+        let r = record(
+            &due(Some(moved)),
+            Verdict::new(Status::Failing, "timeout"),
+            &policy(),
+        );
+        assert!(r.validators.is_empty(), "{:?}", r.validators);
+        assert!(r.mirror_url.is_some(), "the last good mirror stays visible");
     }
 
     #[test]
@@ -953,6 +1176,7 @@ mod tests {
             Some(100 + 400),
             None,
             0,
+            &Validators::default(),
             100,
             &policy(),
             &mut rng(),
@@ -970,6 +1194,7 @@ mod tests {
             None,
             Some(&m),
             10,
+            &Validators::default(),
             100,
             &policy(),
             &mut rng(),

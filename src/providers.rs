@@ -19,6 +19,30 @@ pub enum ExpiryFormat {
     Hex,
 }
 
+/// How an already mirrored avatar is re-verified (#9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reverify {
+    /// `GET` with `If-None-Match` / `If-Modified-Since`, expecting `304`.
+    #[default]
+    Conditional,
+    /// `HEAD`, compared with the stored validators; for hosts whose `HEAD`
+    /// carries the same signals as `GET` (WeChat's `X-ErrNo`).
+    Head,
+    /// A full `GET` every time, compared by sha256 (hosts whose validators lie).
+    Get,
+}
+
+impl Reverify {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reverify::Conditional => "conditional",
+            Reverify::Head => "head",
+            Reverify::Get => "get",
+        }
+    }
+}
+
 /// What avatar-warden knows about one avatar host. See `config/providers.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -40,6 +64,9 @@ pub struct ProviderRule {
     /// 404/410 mean the user changed their picture (reason `avatar_changed`).
     #[serde(default)]
     pub not_found_means_changed: bool,
+    /// How a mirrored avatar is re-verified.
+    #[serde(default)]
+    pub reverify: Reverify,
 }
 
 #[derive(Debug, Deserialize)]
@@ -296,6 +323,36 @@ mod tests {
         assert!(p.find(&default).unwrap().is_default_avatar(&default));
         let own = url("https://thirdwx.qlogo.cn/mmopen/vi_32/someoneelse/132");
         assert!(!p.find(&own).unwrap().is_default_avatar(&own));
+    }
+
+    #[test]
+    fn tencent_hosts_are_reverified_with_head_others_conditionally() {
+        let p = Providers::builtin();
+        let how = |u: &str| p.find(&url(u)).map(|r| r.reverify);
+        assert_eq!(
+            how("https://thirdwx.qlogo.cn/mmopen/a/132"),
+            Some(Reverify::Head)
+        );
+        assert_eq!(
+            how("https://thirdqq.qlogo.cn/g?b=oidb&k=a"),
+            Some(Reverify::Head)
+        );
+        assert_eq!(
+            how("https://cdn.discordapp.com/avatars/1/a.png"),
+            Some(Reverify::Conditional)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.toml");
+        std::fs::write(
+            &path,
+            "[[provider]]\nname = \"x\"\nhosts = [\"a.example\"]\nreverify = \"sometimes\"\n",
+        )
+        .unwrap();
+        let err = Providers::load(Some(&path)).unwrap_err().to_string();
+        assert!(
+            err.contains("sometimes") || err.contains("variant"),
+            "{err}"
+        );
     }
 
     #[test]

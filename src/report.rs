@@ -107,6 +107,10 @@ pub fn to_markdown(r: &ScanReport) -> String {
         }
     }
     out.push_str(&format!(
+        "\nPictures: {} first mirrors, {} re-verified unchanged, {} changed at the same URL; {} bytes downloaded.\n",
+        r.first_mirrors, r.unchanged, r.changed, r.bytes_downloaded
+    ));
+    out.push_str(&format!(
         "\nObjects: {} uploaded ({} bytes), {} already stored. Users flagged for re-authorization: {}.\n",
         r.objects_uploaded,
         r.bytes_uploaded,

@@ -27,6 +27,11 @@ pub const SQLITE: &[Migration] = &[
         name: "outbox",
         sql: include_str!("../../migrations/sqlite/0003_outbox.sql"),
     },
+    Migration {
+        version: 4,
+        name: "source_validators",
+        sql: include_str!("../../migrations/sqlite/0004_source_validators.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -45,6 +50,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "outbox",
         sql: include_str!("../../migrations/postgres/0003_outbox.sql"),
     },
+    Migration {
+        version: 4,
+        name: "source_validators",
+        sql: include_str!("../../migrations/postgres/0004_source_validators.sql"),
+    },
 ];
 
 pub const MYSQL: &[Migration] = &[
@@ -62,6 +72,11 @@ pub const MYSQL: &[Migration] = &[
         version: 3,
         name: "outbox",
         sql: include_str!("../../migrations/mysql/0003_outbox.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "source_validators",
+        sql: include_str!("../../migrations/mysql/0004_source_validators.sql"),
     },
 ];
 

@@ -98,14 +98,48 @@ impl fmt::Display for UserId {
     }
 }
 
+/// What the source said about the picture that was mirrored: a re-check
+/// asks with these instead of downloading it again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// The source's `Content-Length` (before any metadata was stripped).
+    pub length: Option<i64>,
+}
+
+impl Validators {
+    /// Longest ETag kept (the MySQL column's width); a longer one is not stored.
+    pub const MAX_ETAG: usize = 512;
+    /// Longest `Last-Modified` kept; an HTTP date is 29 characters.
+    pub const MAX_LAST_MODIFIED: usize = 64;
+
+    /// Nothing a re-check could compare with.
+    pub fn is_empty(&self) -> bool {
+        self.etag.is_none() && self.last_modified.is_none() && self.length.is_none()
+    }
+}
+
+/// The mirrored picture as last recorded: carried over while the mirror stays.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MirrorMeta {
+    pub size_bytes: Option<i64>,
+    pub width: Option<i64>,
+    pub height: Option<i64>,
+    pub format: Option<String>,
+}
+
 /// What the last check left behind for an avatar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Previous {
     pub source_url: String,
     pub status: Status,
+    pub reason: String,
     pub mirror_url: Option<String>,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
+    pub meta: MirrorMeta,
+    pub validators: Validators,
     pub attempts: i64,
     pub expiry_signals: i64,
     pub reauth_required: bool,
@@ -135,6 +169,8 @@ pub struct AvatarRecord {
     pub width: Option<i64>,
     pub height: Option<i64>,
     pub format: Option<String>,
+    /// The source's validators for the mirrored picture (re-verification).
+    pub validators: Validators,
     pub reauth_required: bool,
     /// Consecutive failing checks of this URL.
     pub attempts: i64,
@@ -443,7 +479,7 @@ impl ProfileNames {
 }
 
 /// The columns of the state table, in the order batches bind them.
-const STATE_COLUMNS: [&str; 17] = [
+const STATE_COLUMNS: [&str; 20] = [
     "user_id",
     "source_url",
     "status",
@@ -461,10 +497,13 @@ const STATE_COLUMNS: [&str; 17] = [
     "expiry_signals",
     "checked_at",
     "next_check_at",
+    "source_etag",
+    "source_last_modified",
+    "source_length",
 ];
 
 /// Columns read back into `Previous` when claiming.
-const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
+const LOCK_COLUMNS: &str = "user_id, source_url, status, reason, mirror_url, object_key, sha256, size_bytes, width, height, format, source_etag, source_last_modified, source_length, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
 
 /// Row decoders shared by every backend (the row type differs, the columns do not).
 macro_rules! row_readers {
@@ -494,15 +533,32 @@ macro_rules! row_readers {
                 previous: super::Previous {
                     source_url: text(row, "source_url")?,
                     status: super::parse_status(&text(row, "status")?)?,
+                    reason: text(row, "reason")?,
                     mirror_url: opt_text(row, "mirror_url")?,
                     object_key: opt_text(row, "object_key")?,
                     sha256: opt_text(row, "sha256")?,
+                    meta: super::MirrorMeta {
+                        size_bytes: row.try_get("size_bytes")?,
+                        width: row.try_get("width")?,
+                        height: row.try_get("height")?,
+                        format: opt_text(row, "format")?,
+                    },
+                    validators: validators_from_row(row)?,
                     attempts: row.try_get("attempts")?,
                     expiry_signals: row.try_get("expiry_signals")?,
                     reauth_required: row.try_get("reauth_required")?,
                 },
                 next_check_at: row.try_get("next_check_at")?,
                 lease_expires_at: row.try_get("lease_expires_at")?,
+            })
+        }
+
+        fn validators_from_row(row: &$row) -> Result<super::Validators, super::DbError> {
+            use sqlx::Row;
+            Ok(super::Validators {
+                etag: opt_text(row, "source_etag")?,
+                last_modified: opt_text(row, "source_last_modified")?,
+                length: row.try_get("source_length")?,
             })
         }
 
@@ -521,6 +577,7 @@ macro_rules! row_readers {
                 width: row.try_get("width")?,
                 height: row.try_get("height")?,
                 format: opt_text(row, "format")?,
+                validators: validators_from_row(row)?,
                 reauth_required: row.try_get("reauth_required")?,
                 attempts: row.try_get("attempts")?,
                 expiry_signals: row.try_get("expiry_signals")?,
@@ -535,7 +592,30 @@ pub(crate) use row_readers;
 /// `release` and `export_page`, the same on every backend but for the
 /// placeholder spelling: (release token, export cursor, export limit).
 macro_rules! state_statements {
-    ($token:literal, $after:literal, $limit:literal, $now:literal, $run:literal) => {
+    ($token:literal, $after:literal, $limit:literal, $now:literal, $run:literal, $list:path) => {
+        /// Which of `keys` a state row still points at (`gc`).
+        pub async fn referenced_keys(
+            &self,
+            keys: &[String],
+        ) -> Result<Vec<String>, super::DbError> {
+            let mut found = Vec::new();
+            for chunk in keys.chunks(super::KEYS_PER_STATEMENT) {
+                let sql = format!(
+                    "SELECT DISTINCT object_key FROM {} WHERE object_key IN ({})",
+                    super::STATE_TABLE,
+                    $list(chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for key in chunk {
+                    q = q.bind(key);
+                }
+                for row in q.fetch_all(&self.pool).await? {
+                    found.push(text(&row, "object_key")?);
+                }
+            }
+            Ok(found)
+        }
+
         /// Everything a scan would claim now (`status`, the backlog gauge).
         pub async fn count_due(&self, now: i64) -> Result<i64, super::DbError> {
             let sql = super::count_query(&self.due_query(false, &super::Selection::default()));
@@ -869,6 +949,14 @@ impl Database {
         })
     }
 
+    /// Which of `keys` some avatar's state still points at.
+    pub async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        dispatch!(self, db => db.referenced_keys(keys))
+    }
+
     /// Reachability, for readiness.
     pub async fn ping(&self) -> Result<(), DbError> {
         dispatch!(self, db => db.ping())
@@ -878,6 +966,22 @@ impl Database {
 fn parse_status(s: &str) -> Result<Status, DbError> {
     s.parse()
         .map_err(|e| DbError::Data(format!("{STATE_TABLE}.status: {e}")))
+}
+
+/// Object keys asked about in one `gc` statement.
+const KEYS_PER_STATEMENT: usize = 500;
+
+/// `?, ?, ?` for `n` parameters.
+fn question_list(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// `$1, $2, $3` for `n` parameters.
+fn dollar_list(n: usize) -> String {
+    (1..=n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `(?, ?, ?), (?, ?, ?)` for `rows` rows of `cols` columns.
@@ -901,9 +1005,12 @@ mod tests {
             previous: Previous {
                 source_url: url.into(),
                 status: Status::Mirrored,
+                reason: "valid_image".into(),
                 mirror_url: None,
                 object_key: None,
                 sha256: None,
+                meta: MirrorMeta::default(),
+                validators: Validators::default(),
                 attempts: 0,
                 expiry_signals: 0,
                 reauth_required: false,

@@ -17,7 +17,7 @@ use super::{
 };
 use crate::config::ProfileSettings;
 
-/// MySQL allows 65535 placeholders per statement; 1000 rows x 16 stays well below.
+/// MySQL allows 65535 placeholders per statement; 1000 rows x 20 stays well below.
 const ROWS_PER_STATEMENT: usize = 1000;
 
 pub struct MySql {
@@ -284,7 +284,14 @@ impl MySql {
         })
     }
 
-    super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
+    super::state_statements!(
+        "?",
+        "?",
+        "?",
+        "?",
+        "?, ?, ?, ?, ?, ?, ?",
+        super::question_list
+    );
     super::outbox::outbox_statements!(sqlx::MySql, String::from, "INSERT IGNORE INTO", "");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
@@ -372,7 +379,10 @@ fn upsert_state(records: &[&AvatarRecord]) -> Result<(String, MySqlArguments), D
             a.add(r.attempts)?;
             a.add(r.expiry_signals)?;
             a.add(r.checked_at)?;
-            a.add(r.next_check_at)
+            a.add(r.next_check_at)?;
+            a.add(r.validators.etag.clone())?;
+            a.add(r.validators.last_modified.clone())?;
+            a.add(r.validators.length)
         })?;
     }
     Ok((sql, args))

@@ -19,9 +19,9 @@ use crate::config::ProfileSettings;
 
 /// The batch upsert never changes: built once.
 static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
-    const TYPES: [&str; 17] = [
+    const TYPES: [&str; 20] = [
         "text", "text", "text", "text", "text", "text", "text", "text", "int8", "int8", "int8",
-        "text", "bool", "int8", "int8", "int8", "int8",
+        "text", "bool", "int8", "int8", "int8", "int8", "text", "text", "int8",
     ];
     let arrays: Vec<String> = TYPES
         .iter()
@@ -352,6 +352,9 @@ impl Postgres {
             .bind(num(|r| Some(r.expiry_signals)))
             .bind(num(|r| Some(r.checked_at)))
             .bind(num(|r| r.next_check_at))
+            .bind(col(|r| r.validators.etag.clone()))
+            .bind(col(|r| r.validators.last_modified.clone()))
+            .bind(num(|r| r.validators.length))
     }
 
     fn write_back_sql(&self) -> Option<String> {
@@ -380,7 +383,14 @@ impl Postgres {
         ))
     }
 
-    super::state_statements!("$1", "$1", "$2", "$1", "$1, $2, $3, $4, $5, $6, $7");
+    super::state_statements!(
+        "$1",
+        "$1",
+        "$2",
+        "$1",
+        "$1, $2, $3, $4, $5, $6, $7",
+        super::dollar_list
+    );
     super::outbox::outbox_statements!(
         sqlx::Postgres,
         super::outbox::numbered,

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::config::ProfileSettings;
 
-/// SQLite allows 32766 bound parameters per statement; 1000 rows x 16 stays well below.
+/// SQLite allows 32766 bound parameters per statement; 1000 rows x 20 stays well below.
 const ROWS_PER_STATEMENT: usize = 1000;
 
 pub struct Sqlite {
@@ -224,7 +224,14 @@ impl Sqlite {
         due_query(&self.names, with_cursor, selection)
     }
 
-    super::state_statements!("?", "?", "?", "?", "?, ?, ?, ?, ?, ?, ?");
+    super::state_statements!(
+        "?",
+        "?",
+        "?",
+        "?",
+        "?, ?, ?, ?, ?, ?, ?",
+        super::question_list
+    );
     super::outbox::outbox_statements!(sqlx::Sqlite, String::from, "INSERT OR IGNORE INTO", "");
 
     pub async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
@@ -351,7 +358,10 @@ fn upsert_state<'a>(
             a.add(r.attempts)?;
             a.add(r.expiry_signals)?;
             a.add(r.checked_at)?;
-            a.add(r.next_check_at)
+            a.add(r.next_check_at)?;
+            a.add(r.validators.etag.clone())?;
+            a.add(r.validators.last_modified.clone())?;
+            a.add(r.validators.length)
         })?;
     }
     Ok((sql, args))

@@ -127,8 +127,14 @@ impl Origin {
 async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let path = req.uri().path().to_string();
     state.total.fetch_add(1, Ordering::Relaxed);
+    let if_none_match = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let if_none_match = if_none_match.as_deref();
     if let Some(rest) = path.strip_prefix("/bench/") {
-        return serve_bench(state, rest).await;
+        return serve_bench(state, rest, if_none_match).await;
     }
     if path == "/__stats" {
         let body = format!(
@@ -149,7 +155,11 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match segments.as_slice() {
         ["avatar", kind, name] => match image_for(state, kind, name) {
-            Some(bytes) => respond(StatusCode::OK, mime_for(kind), bytes),
+            Some(bytes) => {
+                use sha2::Digest;
+                let etag = format!("\"{}\"", &hex::encode(sha2::Sha256::digest(&bytes))[..16]);
+                respond_image(if_none_match, &etag, mime_for(kind), bytes)
+            }
             None => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
@@ -337,7 +347,7 @@ pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
 /// rendered once so the origin stays cheap), `same` (one shared JPEG),
 /// `expired` (WeChat's placeholder and headers) or `gone` (404). Not counted
 /// per path: a million distinct paths would only measure the counter.
-async fn serve_bench(state: &State, rest: &str) -> Response<Body> {
+async fn serve_bench(state: &State, rest: &str, if_none_match: Option<&str>) -> Response<Body> {
     if !state.options.latency.is_zero() {
         tokio::time::sleep(state.options.latency).await;
     }
@@ -348,10 +358,14 @@ async fn serve_bench(state: &State, rest: &str) -> Response<Body> {
         .get_or_init(|| bench_pool(state.options.bench_image_bytes));
     match kind {
         "valid" => {
+            let etag = format!("\"v{id}\"");
+            if matches_etag(if_none_match, &etag) {
+                return not_modified(&etag);
+            }
             let base = &pool[(id % pool.len() as u64) as usize];
-            respond(StatusCode::OK, "image/jpeg", unique_jpeg(base, id))
+            respond_image(None, &etag, "image/jpeg", unique_jpeg(base, id))
         }
-        "same" => respond(StatusCode::OK, "image/jpeg", pool[0].clone()),
+        "same" => respond_image(if_none_match, "\"same\"", "image/jpeg", pool[0].clone()),
         "expired" => wechat_expired(state),
         _ => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()),
     }
@@ -415,6 +429,46 @@ fn wechat_expired(state: &State) -> Response<Body> {
         .insert("X-ErrNo", HeaderValue::from_static(WECHAT_ERRNO));
     r.headers_mut()
         .insert("X-Info", HeaderValue::from_static(WECHAT_INFO));
+    r
+}
+
+/// When every picture of the origin was last changed (they never change).
+pub const LAST_MODIFIED: &str = "Tue, 14 Nov 2023 22:13:20 GMT";
+
+fn matches_etag(if_none_match: Option<&str>, etag: &str) -> bool {
+    if_none_match.is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag))
+}
+
+fn not_modified(etag: &str) -> Response<Body> {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::NOT_MODIFIED;
+    add_validators(&mut r, etag);
+    r
+}
+
+fn add_validators(r: &mut Response<Body>, etag: &str) {
+    if let Ok(v) = HeaderValue::from_str(etag) {
+        r.headers_mut().insert(header::ETAG, v);
+    }
+    r.headers_mut().insert(
+        header::LAST_MODIFIED,
+        HeaderValue::from_static(LAST_MODIFIED),
+    );
+}
+
+/// A picture with the validators real CDNs send (`ETag`, `Last-Modified`),
+/// and `304 Not Modified` to an `If-None-Match` naming its ETag.
+fn respond_image(
+    if_none_match: Option<&str>,
+    etag: &str,
+    content_type: &'static str,
+    body: Bytes,
+) -> Response<Body> {
+    if matches_etag(if_none_match, etag) {
+        return not_modified(etag);
+    }
+    let mut r = respond(StatusCode::OK, content_type, body);
+    add_validators(&mut r, etag);
     r
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+use reqwest::header::HeaderMap;
 use reqwest::redirect;
 use sha2::{Digest, Sha256};
 use url::{Host, Url};
@@ -239,6 +240,17 @@ impl Fetcher {
     /// Sends a GET and returns once the headers are in; the body is read
     /// separately so a verdict from the headers never downloads it.
     pub async fn get(&self, url: &Url) -> Result<reqwest::Response, FetchError> {
+        self.send(reqwest::Method::GET, url, HeaderMap::new()).await
+    }
+
+    /// Sends `method` with extra request headers (validators for a
+    /// conditional GET), under the same guard, limits and redirect policy.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        url: &Url,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, FetchError> {
         if !self.allow_private
             && let Some(class) = literal_host_class(url)
         {
@@ -246,7 +258,8 @@ impl Fetcher {
         }
         self.url_policy.check(url).map_err(FetchError::NotAllowed)?;
         self.client
-            .get(url.clone())
+            .request(method, url.clone())
+            .headers(headers)
             .send()
             .await
             .map_err(map_reqwest_error)

@@ -60,6 +60,53 @@ pub trait ObjectStore: Send + Sync {
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
+    /// One page of the objects under `<prefix>avatars/`, in key order,
+    /// continuing after `cursor` (`gc`).
+    async fn list_avatars(&self, cursor: Option<String>) -> Result<ObjectPage, StoreError>;
+    /// Removes one object; a missing object is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    pub key: String,
+    pub size: u64,
+    /// Unix seconds of the last write.
+    pub modified: i64,
+}
+
+/// A page of a listing and where the next one starts.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectPage {
+    pub objects: Vec<ListedObject>,
+    pub next: Option<String>,
+}
+
+/// Whether `key` is one this worker writes: `<prefix>avatars/<2 hex>/<sha256>.<ext>`.
+/// `gc` never touches anything else in a shared bucket or directory.
+pub fn is_avatar_key(prefix: &str, key: &str) -> bool {
+    let Some(rest) = key
+        .strip_prefix(prefix)
+        .and_then(|k| k.strip_prefix("avatars/"))
+    else {
+        return false;
+    };
+    let Some((shard, file)) = rest.split_once('/') else {
+        return false;
+    };
+    let Some((sha, ext)) = file.split_once('.') else {
+        return false;
+    };
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    shard.len() == 2
+        && sha.len() == 64
+        && hex(sha)
+        && sha.starts_with(shard)
+        && ImageFormat::from_ext(ext).is_some()
 }
 
 /// `avatars/<first two hex>/<sha256>.<ext>`: two hex characters spread keys
@@ -235,6 +282,23 @@ mod tests {
             object_key("prod/", SHA, ImageFormat::Webp),
             format!("prod/avatars/9f/{SHA}.webp")
         );
+    }
+
+    #[test]
+    fn only_keys_of_our_own_shape_are_avatar_keys() {
+        let ours = object_key("prod/", SHA, ImageFormat::Png);
+        assert!(is_avatar_key("prod/", &ours));
+        assert!(!is_avatar_key("", &ours), "another prefix's object");
+        for other in [
+            format!("prod/avatars/9f/{SHA}.exe"),
+            format!("prod/avatars/00/{SHA}.jpg"),
+            format!("prod/avatars/9f/{}.jpg", &SHA[..63]),
+            "prod/avatars/9f/readme.txt".to_string(),
+            format!("prod/backups/9f/{SHA}.jpg"),
+            format!("prod/avatars/9f/sub/{SHA}.jpg"),
+        ] {
+            assert!(!is_avatar_key("prod/", &other), "{other}");
+        }
     }
 
     #[test]

@@ -13,7 +13,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 use secrecy::ExposeSecret;
 
-use super::{CACHE_CONTROL, ObjectStore, StoreError, join_url};
+use super::{CACHE_CONTROL, ListedObject, ObjectPage, ObjectStore, StoreError, join_url};
 use crate::config::S3Settings;
 
 pub struct S3Store {
@@ -170,5 +170,46 @@ impl ObjectStore for S3Store {
 
     fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    async fn list_avatars(&self, cursor: Option<String>) -> Result<ObjectPage, StoreError> {
+        let page = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}avatars/", self.prefix))
+            .set_continuation_token(cursor)
+            .max_keys(1000)
+            .send()
+            .await
+            .map_err(map_sdk_error)?;
+        let objects = page
+            .contents()
+            .iter()
+            .filter_map(|o| {
+                Some(ListedObject {
+                    key: o.key()?.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o.last_modified().map_or(0, |t| t.secs()),
+                })
+            })
+            .collect();
+        let next = page
+            .is_truncated()
+            .unwrap_or(false)
+            .then(|| page.next_continuation_token().map(str::to_owned))
+            .flatten();
+        Ok(ObjectPage { objects, next })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(map_sdk_error)?;
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod guard;
 mod helpers;
 mod ops;
+mod reverify;
 mod rules;
 mod s3;
 mod scan;

@@ -257,6 +257,66 @@ async fn wrong_credentials_fail_at_start_with_a_clear_error(server: Server) {
     assert!(err.to_string().contains("403"), "{err}");
 }
 
+async fn gc_deletes_unreferenced_objects_and_nothing_else(server: Server) {
+    let Some(s3) = S3Target::start(server).await else {
+        return;
+    };
+    let mut app = TestApp::spawn().await;
+    s3.configure(&mut app);
+    app.scan().await;
+    let store = app.settings().storage.open().await.unwrap();
+    let referenced: Vec<String> = app
+        .states()
+        .await
+        .into_iter()
+        .filter_map(|r| r.object_key)
+        .collect();
+    assert!(referenced.len() >= 3);
+    let orphan_bytes = b"an old picture".to_vec();
+    let orphan = avatar_warden::storage::object_key(
+        &s3.prefix,
+        &sha256_hex(&orphan_bytes),
+        ImageFormat::Png,
+    );
+    store
+        .put(&orphan, orphan_bytes.into(), "image/png")
+        .await
+        .unwrap();
+    let foreign = format!("{}avatars/README.txt", s3.prefix);
+    store
+        .put(&foreign, "not an avatar".into(), "text/plain")
+        .await
+        .unwrap();
+    let db = app.settings().profile.connect().await.unwrap();
+    // Everything counts as old: the grace period is over for all of them.
+    let later = avatar_warden::pipeline::unix_now() + 60;
+    let mut opts = avatar_warden::gc::GcOptions {
+        grace: std::time::Duration::ZERO,
+        dry_run: true,
+    };
+    let dry = avatar_warden::gc::collect_garbage(&db, store.as_ref(), &opts, later)
+        .await
+        .unwrap();
+    assert_eq!(dry.keys, vec![orphan.clone()]);
+    assert_eq!((dry.deleted, dry.foreign), (0, 1));
+    assert!(store.exists(&orphan).await.unwrap());
+    opts.dry_run = false;
+    let done = avatar_warden::gc::collect_garbage(&db, store.as_ref(), &opts, later)
+        .await
+        .unwrap();
+    assert_eq!((done.deleted, done.failed), (1, 0));
+    assert!(!store.exists(&orphan).await.unwrap());
+    assert!(store.exists(&foreign).await.unwrap());
+    for key in &referenced {
+        assert!(store.exists(key).await.unwrap(), "{key} is referenced");
+    }
+    // A second pass finds nothing left.
+    let again = avatar_warden::gc::collect_garbage(&db, store.as_ref(), &opts, later)
+        .await
+        .unwrap();
+    assert_eq!(again.unreferenced, 0);
+}
+
 macro_rules! on_every_s3_server {
     ($($name:ident),* $(,)?) => {
         mod in_process {
@@ -275,4 +335,5 @@ on_every_s3_server!(
     an_object_already_in_the_bucket_is_not_uploaded_again,
     dedupe_does_not_depend_on_conditional_puts,
     wrong_credentials_fail_at_start_with_a_clear_error,
+    gc_deletes_unreferenced_objects_and_nothing_else,
 );

@@ -375,6 +375,7 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
                 None,
                 None,
                 0,
+                &Default::default(),
                 now,
                 &avatar_warden::pipeline::Policy::from_settings(&app.settings()),
                 &mut rand::rng(),

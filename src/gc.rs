@@ -1,0 +1,130 @@
+//! `gc`: removes stored avatar objects that no avatar points at any more
+//! (a changed picture leaves its old object behind), once they are older
+//! than a grace period. Objects are never deleted by a scan.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use serde::Serialize;
+
+use crate::db::{Database, DbError};
+use crate::storage::{ObjectStore, StoreError, is_avatar_key};
+
+/// Deletes at once: enough to keep an S3 endpoint busy, few enough to stay polite.
+const PARALLEL_DELETES: usize = 8;
+/// How many candidate keys a report lists by name.
+pub const REPORT_KEYS_LIMIT: usize = 1000;
+
+#[derive(Debug, Clone)]
+pub struct GcOptions {
+    /// Only objects last written longer ago than this. Covers objects stored
+    /// by a scan whose rows are not written yet, and a restore of the state
+    /// table from a recent backup.
+    pub grace: Duration,
+    /// List what would be deleted; delete nothing.
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Objects of this worker's shape listed.
+    pub listed: u64,
+    /// Old enough, but still pointed at by some avatar.
+    pub referenced: u64,
+    /// Younger than the grace period: kept without asking.
+    pub too_young: u64,
+    /// Unreferenced and old enough: deleted (or, in a dry run, would be).
+    pub unreferenced: u64,
+    pub unreferenced_bytes: u64,
+    pub deleted: u64,
+    /// Deletes that failed (logged; the next `gc` tries again).
+    pub failed: u64,
+    /// Other objects under the prefix, never touched.
+    pub foreign: u64,
+    /// The first `REPORT_KEYS_LIMIT` unreferenced keys.
+    pub keys: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("listing the object store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl GcError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            GcError::Db(e) => e.is_retryable(),
+            GcError::Store(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// Walks the store page by page; per page, asks the state table which keys
+/// are referenced right before deleting the rest (memory stays one page).
+pub async fn collect_garbage(
+    db: &Database,
+    store: &dyn ObjectStore,
+    opts: &GcOptions,
+    now: i64,
+) -> Result<GcReport, GcError> {
+    let mut report = GcReport {
+        dry_run: opts.dry_run,
+        ..GcReport::default()
+    };
+    let cutoff = now - opts.grace.as_secs() as i64;
+    let mut cursor = None;
+    loop {
+        let page = store.list_avatars(cursor.take()).await?;
+        let (ours, foreign): (Vec<_>, Vec<_>) = page
+            .objects
+            .into_iter()
+            .partition(|o| is_avatar_key(store.prefix(), &o.key));
+        report.foreign += foreign.len() as u64;
+        report.listed += ours.len() as u64;
+        let (old, young): (Vec<_>, Vec<_>) = ours.into_iter().partition(|o| o.modified <= cutoff);
+        let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();
+        let referenced: HashSet<String> = db.referenced_keys(&keys).await?.into_iter().collect();
+        report.referenced += referenced.len() as u64;
+        // Not asked about: referenced or not, they stay.
+        report.too_young += young.len() as u64;
+        let doomed: Vec<_> = old
+            .into_iter()
+            .filter(|o| !referenced.contains(&o.key))
+            .collect();
+        report.unreferenced += doomed.len() as u64;
+        report.unreferenced_bytes += doomed.iter().map(|o| o.size).sum::<u64>();
+        for o in &doomed {
+            if report.keys.len() < REPORT_KEYS_LIMIT {
+                report.keys.push(o.key.clone());
+            }
+        }
+        if !opts.dry_run {
+            let results: Vec<(String, Result<(), StoreError>)> = stream::iter(doomed)
+                .map(|o| async move {
+                    let r = store.delete(&o.key).await;
+                    (o.key, r)
+                })
+                .buffer_unordered(PARALLEL_DELETES)
+                .collect()
+                .await;
+            for (key, r) in results {
+                match r {
+                    Ok(()) => report.deleted += 1,
+                    Err(e) => {
+                        tracing::warn!(key, error = %e, "could not delete an unreferenced object");
+                        report.failed += 1;
+                    }
+                }
+            }
+        }
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(report),
+        }
+    }
+}

@@ -851,6 +851,7 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
     println!();
     print_demo_users(&deps.db, &db_url).await?;
     print_mirror_files(&mirror_root)?;
+    demo_week_later(&deps, &settings, &db_url).await?;
 
     let expired_url = origin.url("/wechat/expired/gao");
     if serve {
@@ -868,6 +869,30 @@ async fn run_demo(mut settings: Settings, dir: Option<PathBuf>, serve: bool) -> 
         );
     }
     Ok(EXIT_OK)
+}
+
+/// The demo's second pass: the mirrored avatars come due again and are
+/// re-verified with headers only (the origin sends ETags and answers 304).
+async fn demo_week_later(deps: &Deps, settings: &Settings, db_url: &str) -> anyhow::Result<()> {
+    let pool = sqlx::SqlitePool::connect(db_url).await?;
+    sqlx::query(
+        "UPDATE avatar_warden_avatars SET next_check_at = 0 WHERE next_check_at IS NOT NULL",
+    )
+    .execute(&pool)
+    .await?;
+    pool.close().await;
+    let report =
+        pipeline::scan_once(deps, &scan_options(settings, CancellationToken::new())).await?;
+    println!();
+    println!(
+        "A week later, {} avatars were due again: {} re-verified unchanged, {} changed, {} mirrored for the first time; {} bytes downloaded.",
+        report.processed,
+        report.unchanged,
+        report.changed,
+        report.first_mirrors,
+        report.bytes_downloaded
+    );
+    Ok(())
 }
 
 async fn print_demo_users(db: &Database, db_url: &str) -> anyhow::Result<()> {

@@ -138,10 +138,12 @@ impl ScanReport {
             Some(MirrorKind::Changed) => self.changed += 1,
             None => {}
         }
-        if let (Some(r), Some(kind)) = (c.reverified, c.kind) {
+        if let Some(kind) = c.kind.filter(|k| *k != MirrorKind::First) {
+            // No re-verification request: a full download of the same URL decided.
+            let method = c.reverified.map_or("get", |r| r.method);
             *self
                 .reverified
-                .entry(format!("{}/{}", r.method, kind.as_str()))
+                .entry(format!("{method}/{}", kind.as_str()))
                 .or_default() += 1;
         }
         let before = c.previous.map_or("new", |s| s.as_str());

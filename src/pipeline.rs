@@ -909,7 +909,6 @@ mod tests {
             mirror_url: Some("https://cdn/avatars/ab/ab.jpg".into()),
             object_key: Some("avatars/ab/ab.jpg".into()),
             sha256: Some("ab".into()),
-            reason: "valid_image".into(),
             meta: MirrorMeta {
                 size_bytes: Some(4000),
                 width: Some(132),

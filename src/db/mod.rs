@@ -134,7 +134,6 @@ pub struct MirrorMeta {
 pub struct Previous {
     pub source_url: String,
     pub status: Status,
-    pub reason: String,
     pub mirror_url: Option<String>,
     pub object_key: Option<String>,
     pub sha256: Option<String>,
@@ -503,7 +502,7 @@ const STATE_COLUMNS: [&str; 20] = [
 ];
 
 /// Columns read back into `Previous` when claiming.
-const LOCK_COLUMNS: &str = "user_id, source_url, status, reason, mirror_url, object_key, sha256, size_bytes, width, height, format, source_etag, source_last_modified, source_length, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
+const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, size_bytes, width, height, format, source_etag, source_last_modified, source_length, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
 
 /// Row decoders shared by every backend (the row type differs, the columns do not).
 macro_rules! row_readers {
@@ -533,7 +532,6 @@ macro_rules! row_readers {
                 previous: super::Previous {
                     source_url: text(row, "source_url")?,
                     status: super::parse_status(&text(row, "status")?)?,
-                    reason: text(row, "reason")?,
                     mirror_url: opt_text(row, "mirror_url")?,
                     object_key: opt_text(row, "object_key")?,
                     sha256: opt_text(row, "sha256")?,
@@ -1005,7 +1003,6 @@ mod tests {
             previous: Previous {
                 source_url: url.into(),
                 status: Status::Mirrored,
-                reason: "valid_image".into(),
                 mirror_url: None,
                 object_key: None,
                 sha256: None,

@@ -550,7 +550,6 @@ mod tests {
             mirror_url: mirror.map(Into::into),
             object_key: None,
             sha256: None,
-            reason: "r".into(),
             meta: Default::default(),
             validators: Default::default(),
             attempts: 0,

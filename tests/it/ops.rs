@@ -405,6 +405,53 @@ async fn the_cronjob_manifest_runs_as_written() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
 
+/// The gc CronJob's exact arguments: after a picture changed behind its URL
+/// and the grace period passed, the old object goes and the current ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gc_cronjob_manifest_runs_as_written() {
+    let (args, env, _) = container("deploy/kubernetes/gc-cronjob.yaml");
+    assert_eq!(args, vec!["gc"]);
+    let app = TestApp::spawn().await;
+    app.scan().await;
+    let referenced: Vec<String> = app
+        .states()
+        .await
+        .into_iter()
+        .filter_map(|r| r.object_key)
+        .collect();
+    // An object nobody points at, last written long before the grace period.
+    let orphan = format!("avatars/ab/{}.jpg", "ab".repeat(32));
+    let path = app.mirror_root().join(&orphan);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"old picture").unwrap();
+    let month = std::time::Duration::from_secs(30 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - month)
+        .unwrap();
+    let mut cmd = command(&app, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    for (k, v) in &env {
+        if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
+            cmd.env(k, v);
+        }
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("deleted 1"), "{}", stdout(&out));
+    assert!(!path.exists());
+    for key in referenced {
+        assert!(app.mirror_root().join(&key).exists(), "{key}");
+    }
+}
+
 /// The Deployment's args, port and probe paths against the real binary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deployment_manifest_serves_its_probes_on_its_port() {

@@ -241,7 +241,7 @@ crate::on_every_backend!(validators_are_stored_and_a_conditional_get_costs_no_bo
 
 async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Backend) {
     let origin = ValidatorOrigin::spawn().await;
-    let Some(app) = app_on(
+    let Some(mut app) = app_on(
         backend,
         &origin,
         &["/honours/a", "/honours/b", "/honours/c"],
@@ -250,6 +250,10 @@ async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Back
     else {
         return;
     };
+    // Sink events wait in the outbox (nothing delivers them in this test).
+    app.config_toml(
+        "[[sink]]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\nsecret = \"s\"\n",
+    );
     let first = app.scan().await;
     let seen = origin.take_seen();
     assert!(
@@ -270,6 +274,10 @@ async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Back
         Some("Tue, 14 Nov 2023 22:13:20 GMT")
     );
     assert_eq!(a.validators.length, Some(origin.picture("a").len() as i64));
+
+    let last_event = "SELECT event_id FROM avatar_warden_outbox ORDER BY id DESC LIMIT 1";
+    let events_after_first = app.text(last_event).await;
+    assert!(events_after_first.is_some());
 
     // A week later nothing changed: three conditional GETs, three 304s, no body.
     app.time_passes().await;
@@ -322,23 +330,42 @@ async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Back
             "next check moved on"
         );
     }
+    assert_eq!(
+        app.text(last_event).await,
+        events_after_first,
+        "unchanged is no news"
+    );
 
     // The picture behind b's stable URL changes: downloaded, stored under its
-    // new key, the old object kept.
+    // new key, the old object kept. c's URL dies meanwhile (WeChat's headers,
+    // answered to the conditional GET): expired as ever, its mirror kept.
     origin.change("b");
+    origin.expire("c");
     app.time_passes().await;
     let old_b = app.state("2").await;
     let third = app.scan().await;
     let seen = origin.take_seen();
     assert_eq!(
-        methods(&seen)
-            .iter()
-            .filter(|m| m.ends_with(" 200"))
-            .collect::<Vec<_>>(),
-        vec!["GET /honours/b 200"]
+        {
+            let mut m = methods(&seen);
+            m.sort();
+            m
+        },
+        vec![
+            "GET /honours/a 304",
+            "GET /honours/b 200",
+            "GET /honours/c 200"
+        ]
     );
-    assert_eq!((third.unchanged, third.changed), (2, 1));
+    assert_eq!((third.unchanged, third.changed), (1, 1));
+    let c = app.state("3").await;
+    assert_eq!(
+        (c.status, c.reason.as_str(), c.reauth_required),
+        (Status::Expired, "provider_notexist", true)
+    );
+    assert!(c.mirror_url.is_some());
     let new_picture = origin.picture("b");
+    // The expired answer's placeholder body is never read.
     assert_eq!(third.bytes_downloaded, new_picture.len() as u64);
     let b = app.state("2").await;
     assert_eq!(
@@ -357,6 +384,17 @@ async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Back
     );
     assert_ne!(b.validators.etag, old_b.validators.etag);
     assert_eq!(app.profile(2).await, (b.mirror_url.clone(), false));
+    // The sinks hear of the new picture, and why.
+    let event = app
+        .text(
+            "SELECT payload FROM avatar_warden_outbox WHERE user_id = '2' \
+             AND kind = 'avatar.mirrored' ORDER BY id DESC LIMIT 1",
+        )
+        .await
+        .unwrap();
+    let event: serde_json::Value = serde_json::from_str(&event).unwrap();
+    assert_eq!(event["reason"], "source_changed");
+    assert_eq!(event["mirror_url"].as_str(), b.mirror_url.as_deref());
 }
 
 #[tokio::test]

@@ -409,6 +409,12 @@ fn print_gc(r: &crate::gc::GcReport, opts: &crate::gc::GcOptions) {
     if r.failed > 0 {
         println!("{} deletes failed (logged); run gc again", r.failed);
     }
+    if r.healed > 0 {
+        println!(
+            "{} avatars started using a deleted object meanwhile: due again, the next scan stores their picture",
+            r.healed
+        );
+    }
     if r.foreign > 0 {
         println!("{} other objects under the prefix left alone", r.foreign);
     }

@@ -41,6 +41,10 @@ pub struct GcReport {
     pub deleted: u64,
     /// Deletes that failed (logged; the next `gc` tries again).
     pub failed: u64,
+    /// Deleted objects a scan began to use meanwhile (it found the object
+    /// still there and stored nothing): those avatars were made due to store
+    /// their picture again.
+    pub healed: u64,
     /// Other objects under the prefix, never touched.
     pub foreign: u64,
     /// The first `REPORT_KEYS_LIMIT` unreferenced keys.
@@ -112,14 +116,26 @@ pub async fn collect_garbage(
                 .buffer_unordered(PARALLEL_DELETES)
                 .collect()
                 .await;
+            let mut deleted = Vec::new();
             for (key, r) in results {
                 match r {
-                    Ok(()) => report.deleted += 1,
+                    Ok(()) => deleted.push(key),
                     Err(e) => {
                         tracing::warn!(key, error = %e, "could not delete an unreferenced object");
                         report.failed += 1;
                     }
                 }
+            }
+            report.deleted += deleted.len() as u64;
+            // A scan may have found one of these objects (same picture) between
+            // the reference check and its delete: have it stored again.
+            let raced = db.referenced_keys(&deleted).await?;
+            if !raced.is_empty() {
+                tracing::warn!(
+                    objects = raced.len(),
+                    "objects deleted while a scan started using them: their avatars are due again"
+                );
+                report.healed += db.forget_objects(&raced).await?;
             }
         }
         match page.next {

@@ -614,6 +614,26 @@ macro_rules! state_statements {
             Ok(found)
         }
 
+        /// Avatars pointing at `keys` (objects that are gone) forget their
+        /// picture and are due now: the next scan downloads and stores it again.
+        pub async fn forget_objects(&self, keys: &[String]) -> Result<u64, super::DbError> {
+            let mut changed = 0;
+            for chunk in keys.chunks(super::KEYS_PER_STATEMENT) {
+                let sql = format!(
+                    "UPDATE {} SET sha256 = NULL, source_etag = NULL, source_last_modified = NULL, \
+                     source_length = NULL, next_check_at = 0 WHERE object_key IN ({})",
+                    super::STATE_TABLE,
+                    $list(chunk.len())
+                );
+                let mut q = sqlx::query(&sql);
+                for key in chunk {
+                    q = q.bind(key);
+                }
+                changed += q.execute(&self.pool).await?.rows_affected();
+            }
+            Ok(changed)
+        }
+
         /// Everything a scan would claim now (`status`, the backlog gauge).
         pub async fn count_due(&self, now: i64) -> Result<i64, super::DbError> {
             let sql = super::count_query(&self.due_query(false, &super::Selection::default()));
@@ -953,6 +973,15 @@ impl Database {
             return Ok(Vec::new());
         }
         dispatch!(self, db => db.referenced_keys(keys))
+    }
+
+    /// Avatars whose object is gone forget their picture and become due, so
+    /// the next scan stores it again (`gc` losing a race with a scan).
+    pub async fn forget_objects(&self, keys: &[String]) -> Result<u64, DbError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        dispatch!(self, db => db.forget_objects(keys))
     }
 
     /// Reachability, for readiness.

@@ -635,3 +635,110 @@ async fn gc_removes_only_unreferenced_objects_past_the_grace_period() {
     }
     assert!(foreign.exists(), "gc touches only objects of its own shape");
 }
+
+/// A store whose deletes first let "a scan" start using the object: the race
+/// between `gc`'s reference check and its delete, made to happen every time.
+struct RacingStore {
+    inner: std::sync::Arc<dyn avatar_warden::storage::ObjectStore>,
+    db_url: String,
+    /// The avatar user 3 has, which "the scan" found already stored.
+    url: String,
+}
+
+#[async_trait::async_trait]
+impl avatar_warden::storage::ObjectStore for RacingStore {
+    async fn exists(&self, key: &str) -> Result<bool, avatar_warden::storage::StoreError> {
+        self.inner.exists(key).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        body: bytes::Bytes,
+        content_type: &str,
+    ) -> Result<(), avatar_warden::storage::StoreError> {
+        self.inner.put(key, body, content_type).await
+    }
+    fn public_url(&self, key: &str) -> String {
+        self.inner.public_url(key)
+    }
+    async fn ping(&self) -> Result<(), avatar_warden::storage::StoreError> {
+        self.inner.ping().await
+    }
+    fn prefix(&self) -> &str {
+        self.inner.prefix()
+    }
+    async fn list_avatars(
+        &self,
+        cursor: Option<String>,
+    ) -> Result<avatar_warden::storage::ObjectPage, avatar_warden::storage::StoreError> {
+        self.inner.list_avatars(cursor).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), avatar_warden::storage::StoreError> {
+        let pool = sqlx::SqlitePool::connect(&self.db_url).await.unwrap();
+        sqlx::query(
+            "INSERT OR IGNORE INTO avatar_warden_avatars \
+             (user_id, source_url, status, reason, object_key, sha256, checked_at, next_check_at) \
+             VALUES ('3', ?, 'mirrored', 'valid_image', ?, 'sha', 1, 9999999999)",
+        )
+        .bind(&self.url)
+        .bind(key)
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        self.inner.delete(key).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_gc_deletes_while_a_scan_starts_using_it_is_stored_again() {
+    let (origin, app) = mirrored(&["/honours/h1", "/honours/h2"], None).await;
+    origin.change("h1");
+    app.time_passes().await;
+    app.scan().await;
+    let month = std::time::Duration::from_secs(30 * 86_400);
+    for key in stored_keys(&app) {
+        std::fs::File::options()
+            .write(true)
+            .open(app.mirror_root().join(&key))
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - month)
+            .unwrap();
+    }
+    // User 3 signs up; a scan of theirs will find the old object in place.
+    let url = origin.url("/honours/h3");
+    app.sql(&[&format!(
+        "INSERT INTO users (id, avatar_url) VALUES (3, '{url}')"
+    )])
+    .await;
+    let store = RacingStore {
+        inner: app.settings().storage.open().await.unwrap(),
+        db_url: app.db_url.clone(),
+        url,
+    };
+    let db = app.settings().profile.connect().await.unwrap();
+    let opts = avatar_warden::gc::GcOptions {
+        grace: std::time::Duration::from_secs(7 * 86_400),
+        dry_run: false,
+    };
+    let report =
+        avatar_warden::gc::collect_garbage(&db, &store, &opts, avatar_warden::pipeline::unix_now())
+            .await
+            .unwrap();
+    assert_eq!((report.deleted, report.healed), (1, 1));
+    let raced = app.state("3").await;
+    assert_eq!(raced.sha256, None, "the picture is forgotten");
+    assert_eq!(raced.next_check_at, Some(0), "and due at once");
+    // The next scan downloads and stores it again: the mirror URL works.
+    origin.take_seen();
+    app.scan().await;
+    let healed = app.state("3").await;
+    assert_eq!(
+        healed.sha256.as_deref(),
+        Some(sha256_hex(&origin.picture("h3")).as_str())
+    );
+    assert!(app.mirror_root().join(healed.object_key.unwrap()).exists());
+    let seen = origin.take_seen();
+    assert_eq!(methods(&seen), vec!["GET /honours/h3 200"]);
+    assert!(seen[0].if_none_match.is_none());
+}

@@ -373,6 +373,15 @@ impl TestApp {
         db.export_page(None, 100_000).await.unwrap()
     }
 
+    /// The object keys the state table points at.
+    pub async fn object_keys(&self) -> Vec<String> {
+        self.states()
+            .await
+            .into_iter()
+            .filter_map(|r| r.object_key)
+            .collect()
+    }
+
     pub async fn state(&self, user_id: &str) -> AvatarRecord {
         self.states()
             .await
@@ -383,6 +392,16 @@ impl TestApp {
 }
 
 /// A SQL string literal (test data only).
+/// Sets a file's modification time `age` into the past (an object stored long ago).
+pub fn backdate(path: &std::path::Path, age: std::time::Duration) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+}
+
 pub fn sql_string(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }

@@ -357,6 +357,18 @@ fn container(path: &str) -> (Vec<String>, Vec<(String, String)>, serde_yaml::Val
     (args, env, c)
 }
 
+/// The binary with a manifest's arguments and its own settings, except where
+/// they point at cluster services (storage is the test's).
+fn manifest_command(app: &TestApp, args: &[String], env: &[(String, String)]) -> Command {
+    let mut cmd = command(app, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    for (k, v) in env {
+        if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
+            cmd.env(k, v);
+        }
+    }
+    cmd
+}
+
 /// The CronJob's exact arguments against the local stand-ins: the Pushgateway
 /// address replaced by a real local one, storage by the test's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,14 +389,7 @@ async fn the_cronjob_manifest_runs_as_written() {
             }
         })
         .collect();
-    let mut cmd = command(&app, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    // The manifest's own settings, except where it points at cluster services.
-    for (k, v) in &env {
-        if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
-            cmd.env(k, v);
-        }
-    }
-    let out = cmd.output().unwrap();
+    let out = manifest_command(&app, &args, &env).output().unwrap();
     // Failing avatars do not fail the Job: the next run retries them.
     assert_eq!(
         out.status.code(),
@@ -413,31 +418,14 @@ async fn the_gc_cronjob_manifest_runs_as_written() {
     assert_eq!(args, vec!["gc"]);
     let app = TestApp::spawn().await;
     app.scan().await;
-    let referenced: Vec<String> = app
-        .states()
-        .await
-        .into_iter()
-        .filter_map(|r| r.object_key)
-        .collect();
+    let referenced = app.object_keys().await;
     // An object nobody points at, last written long before the grace period.
     let orphan = format!("avatars/ab/{}.jpg", "ab".repeat(32));
     let path = app.mirror_root().join(&orphan);
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, b"old picture").unwrap();
-    let month = std::time::Duration::from_secs(30 * 86_400);
-    std::fs::File::options()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() - month)
-        .unwrap();
-    let mut cmd = command(&app, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    for (k, v) in &env {
-        if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
-            cmd.env(k, v);
-        }
-    }
-    let out = cmd.output().unwrap();
+    crate::helpers::backdate(&path, std::time::Duration::from_secs(30 * 86_400));
+    let out = manifest_command(&app, &args, &env).output().unwrap();
     assert_eq!(
         out.status.code(),
         Some(0),

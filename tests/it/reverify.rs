@@ -566,6 +566,16 @@ fn stored_keys(app: &TestApp) -> Vec<String> {
     keys
 }
 
+/// Every stored file, last written `days` ago.
+fn age_all(app: &TestApp, days: u64) {
+    for key in stored_keys(app) {
+        crate::helpers::backdate(
+            &app.mirror_root().join(&key),
+            std::time::Duration::from_secs(days * 86_400),
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_only_unreferenced_objects_past_the_grace_period() {
     use crate::cli::{run, stdout};
@@ -574,12 +584,7 @@ async fn gc_removes_only_unreferenced_objects_past_the_grace_period() {
     origin.change("g1");
     app.time_passes().await;
     app.scan().await;
-    let current: Vec<String> = app
-        .states()
-        .await
-        .into_iter()
-        .map(|r| r.object_key.unwrap())
-        .collect();
+    let current = app.object_keys().await;
     // Something else living in the mirror directory.
     let foreign = app
         .mirror_root()
@@ -600,15 +605,7 @@ async fn gc_removes_only_unreferenced_objects_past_the_grace_period() {
     );
 
     // Ten days later.
-    let ten_days = std::time::Duration::from_secs(10 * 86_400);
-    for key in stored_keys(&app) {
-        let file = std::fs::File::options()
-            .write(true)
-            .open(app.mirror_root().join(&key))
-            .unwrap();
-        file.set_modified(std::time::SystemTime::now() - ten_days)
-            .unwrap();
-    }
+    age_all(&app, 10);
     let out = run(&app, &["gc", "--dry-run", "--json"]);
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(report["keys"], serde_json::json!([old]), "{report}");
@@ -696,15 +693,7 @@ async fn an_object_gc_deletes_while_a_scan_starts_using_it_is_stored_again() {
     origin.change("h1");
     app.time_passes().await;
     app.scan().await;
-    let month = std::time::Duration::from_secs(30 * 86_400);
-    for key in stored_keys(&app) {
-        std::fs::File::options()
-            .write(true)
-            .open(app.mirror_root().join(&key))
-            .unwrap()
-            .set_modified(std::time::SystemTime::now() - month)
-            .unwrap();
-    }
+    age_all(&app, 30);
     // User 3 signs up; a scan of theirs will find the old object in place.
     let url = origin.url("/honours/h3");
     app.sql(&[&format!(

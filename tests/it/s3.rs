@@ -265,12 +265,7 @@ async fn gc_deletes_unreferenced_objects_and_nothing_else(server: Server) {
     s3.configure(&mut app);
     app.scan().await;
     let store = app.settings().storage.open().await.unwrap();
-    let referenced: Vec<String> = app
-        .states()
-        .await
-        .into_iter()
-        .filter_map(|r| r.object_key)
-        .collect();
+    let referenced = app.object_keys().await;
     assert!(referenced.len() >= 3);
     let orphan_bytes = b"an old picture".to_vec();
     let orphan = avatar_warden::storage::object_key(

@@ -382,7 +382,7 @@ impl Drop for GarageProcess {
 
 fn start_garage(dir: &Path) -> GarageProcess {
     let state = dir.join("garage");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/garage-up");
+    let script = project_dir().join("scripts/garage-up");
     let out = Command::new("bash")
         .arg(script)
         .arg(&state)
@@ -701,6 +701,13 @@ fn machine() -> Value {
     })
 }
 
+/// The checkout being measured: cargo runs benchmarks from the package root.
+/// Not `CARGO_MANIFEST_DIR`: with a target directory shared between clones
+/// (CI's cache), a binary built in another clone would write there.
+fn project_dir() -> PathBuf {
+    std::env::current_dir().expect("a working directory")
+}
+
 fn git_commit() -> String {
     Command::new("git")
         .args(["describe", "--always", "--dirty"])
@@ -770,7 +777,7 @@ async fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
-    let out_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    let out_dir = project_dir().join("target/bench");
     std::fs::create_dir_all(&out_dir).unwrap();
     let file = out_dir.join(format!(
         "pipeline-{}.json",
@@ -783,7 +790,7 @@ async fn main() {
     eprintln!("results: {}", file.display());
     if args.append {
         use std::io::Write;
-        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("BENCHMARKS.md");
+        let path = project_dir().join("BENCHMARKS.md");
         let mut f = std::fs::OpenOptions::new()
             .append(true)
             .create(true)

@@ -76,12 +76,11 @@ pub struct Known {
     pub validators: Validators,
 }
 
-/// A re-verification that ended in a picture: how it asked, what it found.
+/// A re-verification that ended in a picture, and how it asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reverified {
     /// `conditional`, `head` or `get`: the request that decided.
     pub method: &'static str,
-    pub changed: bool,
 }
 
 /// What one request of a re-verification asks for.
@@ -412,10 +411,7 @@ impl Checker {
                 .await;
             match e.probe {
                 Some(Probe::Unchanged) => {
-                    e.reverified = Some(Reverified {
-                        method: "head",
-                        changed: false,
-                    });
+                    e.reverified = Some(Reverified { method: "head" });
                     return e;
                 }
                 Some(Probe::HeadRejected) => {
@@ -438,17 +434,13 @@ impl Checker {
             e = e.absorb(earlier);
         }
         if e.probe == Some(Probe::Unchanged) {
-            e.reverified = Some(Reverified {
-                method,
-                changed: false,
-            });
+            e.reverified = Some(Reverified { method });
             return e;
         }
         let Some((_, body)) = &e.image else {
             return e;
         };
-        let changed = !body.sha256.eq_ignore_ascii_case(&known.sha256);
-        if !changed {
+        if body.sha256.eq_ignore_ascii_case(&known.sha256) {
             if matches!(ask, Ask::Conditional(_)) {
                 // A 200 with the very same picture: this host does not honour
                 // validators, so stop sending them for the rest of the scan.
@@ -462,7 +454,7 @@ impl Checker {
             e.verdict = Verdict::new(Status::Mirrored, "source_changed")
                 .with_detail(format!("sha256 was {}", known.sha256));
         }
-        e.reverified = Some(Reverified { method, changed });
+        e.reverified = Some(Reverified { method });
         e
     }
 
@@ -575,9 +567,10 @@ impl Checker {
                         "HEAD: validators match",
                         known,
                     ),
+                    // Never recorded: `reverify` downloads instead.
                     _ => probed(
                         Probe::Download,
-                        Verdict::new(Status::Mirrored, "unchanged"),
+                        Verdict::new(Status::Failing, "head_inconclusive"),
                         "HEAD: validators differ or say too little",
                         &Validators::default(),
                     ),
@@ -662,19 +655,13 @@ fn strip(body: Body, format: media::ImageFormat) -> Body {
 /// `If-None-Match` / `If-Modified-Since` from what the source said last time.
 fn conditional_headers(v: &Validators) -> HeaderMap {
     let mut h = HeaderMap::new();
-    if let Some(value) = v
-        .etag
-        .as_deref()
-        .and_then(|t| HeaderValue::from_str(t).ok())
-    {
-        h.insert(IF_NONE_MATCH, value);
-    }
-    if let Some(value) = v
-        .last_modified
-        .as_deref()
-        .and_then(|t| HeaderValue::from_str(t).ok())
-    {
-        h.insert(IF_MODIFIED_SINCE, value);
+    for (name, value) in [
+        (IF_NONE_MATCH, &v.etag),
+        (IF_MODIFIED_SINCE, &v.last_modified),
+    ] {
+        if let Some(value) = value.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
+            h.insert(name, value);
+        }
     }
     h
 }
@@ -715,14 +702,15 @@ fn merge(known: &Validators, got: &Validators) -> Validators {
 /// anything differs, `None` when they say too little to tell. Weak and strong
 /// ETags compare by their opaque part (RFC 9110 weak comparison).
 fn same_picture(known: &Validators, got: &Validators) -> Option<bool> {
-    let opaque = |t: &str| t.trim_start_matches("W/").to_owned();
     if let (Some(a), Some(b)) = (known.length, got.length)
         && a != b
     {
         return Some(false);
     }
     match (&known.etag, &got.etag) {
-        (Some(a), Some(b)) => return Some(opaque(a) == opaque(b)),
+        (Some(a), Some(b)) => {
+            return Some(a.trim_start_matches("W/") == b.trim_start_matches("W/"));
+        }
         (Some(_), None) => return None,
         _ => {}
     }

@@ -608,10 +608,7 @@ mod tests {
     #[test]
     fn mirror_checks_and_downloads_are_split_by_what_was_found() {
         let m = Metrics::new();
-        let head = Reverified {
-            method: "head",
-            changed: false,
-        };
+        let head = Reverified { method: "head" };
         m.observe_mirror_check(Some(MirrorKind::First), None, 40_000);
         m.observe_mirror_check(Some(MirrorKind::Unchanged), Some(head), 0);
         m.observe_mirror_check(Some(MirrorKind::Unchanged), Some(head), 0);

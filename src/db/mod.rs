@@ -113,11 +113,6 @@ impl Validators {
     pub const MAX_ETAG: usize = 512;
     /// Longest `Last-Modified` kept; an HTTP date is 29 characters.
     pub const MAX_LAST_MODIFIED: usize = 64;
-
-    /// Nothing a re-check could compare with.
-    pub fn is_empty(&self) -> bool {
-        self.etag.is_none() && self.last_modified.is_none() && self.length.is_none()
-    }
 }
 
 /// The mirrored picture as last recorded: carried over while the mirror stays.
@@ -999,7 +994,7 @@ fn parse_status(s: &str) -> Result<Status, DbError> {
 const KEYS_PER_STATEMENT: usize = 500;
 
 /// `?, ?, ?` for `n` parameters.
-fn question_list(n: usize) -> String {
+pub(crate) fn question_list(n: usize) -> String {
     vec!["?"; n].join(", ")
 }
 
@@ -1013,7 +1008,7 @@ fn dollar_list(n: usize) -> String {
 
 /// `(?, ?, ?), (?, ?, ?)` for `rows` rows of `cols` columns.
 fn question_marks(rows: usize, cols: usize) -> String {
-    let row = format!("({})", vec!["?"; cols].join(", "));
+    let row = format!("({})", question_list(cols));
     vec![row.as_str(); rows].join(", ")
 }
 

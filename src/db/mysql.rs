@@ -227,7 +227,7 @@ impl MySql {
         for chunk in claimed.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE {STATE_TABLE} SET lease_token = ?, lease_expires_at = ? WHERE user_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+                super::question_list(chunk.len())
             );
             let mut q = sqlx::query(&sql).bind(c.token).bind(c.lease_until);
             for d in chunk {
@@ -251,7 +251,7 @@ impl MySql {
             // Locked until commit: a lease cannot be taken over between this check and the writes.
             let sql = format!(
                 "SELECT user_id FROM {STATE_TABLE} WHERE lease_token = ? AND user_id IN ({}) FOR UPDATE",
-                vec!["?"; chunk.len()].join(", ")
+                super::question_list(chunk.len())
             );
             let mut q = sqlx::query(&sql).bind(token);
             for r in chunk {
@@ -325,7 +325,7 @@ async fn lock_rows(
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({}){lock}",
-            vec!["?"; chunk.len()].join(", ")
+            super::question_list(chunk.len())
         );
         let mut q = sqlx::query(&sql);
         for id in chunk {

@@ -166,7 +166,7 @@ impl Sqlite {
         for chunk in claimed.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE {STATE_TABLE} SET lease_token = ?, lease_expires_at = ? WHERE user_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+                super::question_list(chunk.len())
             );
             let mut q = sqlx::query(&sql).bind(c.token).bind(c.lease_until);
             for d in chunk {
@@ -189,7 +189,7 @@ impl Sqlite {
         for chunk in records.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT user_id FROM {STATE_TABLE} WHERE lease_token = ? AND user_id IN ({})",
-                vec!["?"; chunk.len()].join(", ")
+                super::question_list(chunk.len())
             );
             let mut q = sqlx::query_scalar::<_, String>(&sql).bind(token);
             for r in chunk {
@@ -279,7 +279,7 @@ async fn lock_rows(
     for chunk in ids.chunks(ROWS_PER_STATEMENT) {
         let sql = format!(
             "SELECT {LOCK_COLUMNS} FROM {STATE_TABLE} WHERE user_id IN ({})",
-            vec!["?"; chunk.len()].join(", ")
+            super::question_list(chunk.len())
         );
         let mut q = sqlx::query(&sql);
         for id in chunk {

@@ -63,9 +63,6 @@ fn media_stages(c: &mut Criterion) {
                 .unwrap()
         })
     });
-    g.bench_function("jpeg segment walk", |b| {
-        b.iter(|| media::walk_jpeg(black_box(&jpeg)))
-    });
     let structure = settings(VerifyMode::Structure);
     g.bench_function("validate (structure, default)", |b| {
         b.iter(|| media::validate(black_box(&jpeg), &structure).unwrap())

@@ -626,8 +626,10 @@ impl Checker {
                 } else {
                     body
                 };
+                let mut verdict = Verdict::mirrored();
+                verdict.detail = info.tolerated.describe();
                 done(
-                    Verdict::mirrored(),
+                    verdict,
                     "image validation".into(),
                     Some((info, body)),
                     bytes_read,

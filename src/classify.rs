@@ -80,8 +80,10 @@ impl Verdict {
         }
     }
 
+    /// Adds the human detail, cut to `MAX_DETAIL_BYTES`: it often quotes a
+    /// remote server, which must not be able to make the row unwritable.
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
+        self.detail = Some(bounded(detail.into(), MAX_DETAIL_BYTES));
         self
     }
 
@@ -101,6 +103,27 @@ impl fmt::Display for Verdict {
 
 /// URLs longer than this are junk, not avatars.
 pub const MAX_URL_LEN: usize = 2048;
+
+/// Longest reason detail kept (stored in `reason_detail`, sent in events).
+/// Remote text longer than this is cut with a marker; it fits every
+/// backend's column with room to spare.
+pub const MAX_DETAIL_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes (on a character boundary) with a marker
+/// saying how long it was; unchanged when it fits.
+pub fn bounded(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let marker = format!("… [cut from {} bytes]", text.len());
+    let mut cut = max.saturating_sub(marker.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    text.truncate(cut);
+    text.push_str(&marker);
+    text
+}
 
 /// Parses an avatar URL as stored in the profile table. `Err` is the verdict
 /// for a URL that can never make an avatar.
@@ -298,6 +321,19 @@ mod tests {
         for bad in ["ftp://x/y", "/rel"] {
             assert_eq!(parse_avatar_url(bad).unwrap_err().status, Status::Invalid);
         }
+    }
+
+    #[test]
+    fn remote_text_is_bounded_on_a_character_boundary_with_a_marker() {
+        assert_eq!(bounded("short".into(), 10), "short");
+        let long = "é".repeat(40_000); // 80,000 bytes of two-byte characters
+        let cut = bounded(long, MAX_DETAIL_BYTES);
+        assert!(cut.len() <= MAX_DETAIL_BYTES, "{}", cut.len());
+        assert!(cut.ends_with("… [cut from 80000 bytes]"), "{cut}");
+        let HeadDecision::Final(v) = head(200, &[("x-errno", &"9".repeat(70_000))]) else {
+            panic!()
+        };
+        assert!(v.detail.unwrap().len() <= MAX_DETAIL_BYTES);
     }
 
     #[test]

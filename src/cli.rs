@@ -787,6 +787,12 @@ fn print_report(report: &ScanReport) {
             report.lease_lost
         );
     }
+    if report.unrecorded > 0 {
+        println!(
+            "{} results refused by the database even as record_error: not written, due again (see the log for their users)",
+            report.unrecorded
+        );
+    }
     let d = report.deliveries;
     if d.delivered + d.retried + d.dead > 0 {
         println!(

@@ -526,6 +526,9 @@ impl Settings {
         if self.fetch.max_bytes == 0 {
             return bad("fetch.max_bytes must be at least 1");
         }
+        if let Some(proxy) = &self.fetch.proxy {
+            parse_proxy(proxy).map_err(ConfigError::Invalid)?;
+        }
         if let StorageSettings::S3(s3) = &self.storage
             && s3.bucket.trim().is_empty()
         {
@@ -533,6 +536,27 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Proxy schemes reqwest speaks (with its `socks` feature). `socks5`
+/// resolves names here, through the guard; `socks5h` lets the proxy resolve.
+pub const PROXY_SCHEMES: &[&str] = &["http", "https", "socks4", "socks4a", "socks5", "socks5h"];
+
+/// Checks `fetch.proxy` at start-up: a proxy that cannot work is refused
+/// before the first avatar, never discovered by every fetch failing.
+pub fn parse_proxy(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw.trim()).map_err(|e| format!("fetch.proxy is not a URL: {e}"))?;
+    if !PROXY_SCHEMES.contains(&url.scheme()) {
+        return Err(format!(
+            "fetch.proxy scheme {:?} is not supported (use one of {})",
+            url.scheme(),
+            PROXY_SCHEMES.join(", ")
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("fetch.proxy has no host".into());
+    }
+    Ok(url)
 }
 
 pub const REDACTED: &str = "REDACTED";

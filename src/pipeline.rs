@@ -91,6 +91,9 @@ pub struct ScanReport {
     pub bytes_uploaded: u64,
     /// Results not written because their lease had passed to another worker.
     pub lease_lost: u64,
+    /// Results the database refused even as `record_error`: not written,
+    /// left leased for a later scan (logged with their user id).
+    pub unrecorded: u64,
     /// Users flagged for re-authorization by this scan (first `REPORT_FLAGGED_LIMIT`).
     pub flagged: Vec<FlaggedUser>,
     /// How many avatars this scan recorded as needing re-authorization.
@@ -357,6 +360,7 @@ async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Che
         kind,
         reverified: exam.reverified,
         previous: due.previous.as_ref().map(|p| p.status),
+        was_flagged: due.previous.as_ref().is_some_and(|p| p.reauth_required),
         record,
         stored: mirror.map(|(_, _, s)| s),
         size,
@@ -511,6 +515,10 @@ pub fn build_record(
         }
         Status::Blocked | Status::Pending => {}
     }
+    // The composed detail quotes remote text: bound it once more as a whole.
+    record.reason_detail = record
+        .reason_detail
+        .map(|d| crate::classify::bounded(d, crate::classify::MAX_DETAIL_BYTES));
     record
 }
 
@@ -652,6 +660,8 @@ struct Checked {
     /// Response bytes downloaded to decide.
     downloaded: u64,
     previous: Option<Status>,
+    /// The user's re-auth flag before this check.
+    was_flagged: bool,
     provider: Option<String>,
     /// First mirror, unchanged or changed picture.
     kind: Option<MirrorKind>,
@@ -842,6 +852,7 @@ async fn write_results(
         if buf.is_empty() {
             continue;
         }
+        let mut unwritten = Vec::new();
         if !dry_run {
             let records: Vec<AvatarRecord> = buf.iter().map(|c| c.record.clone()).collect();
             let outbox: Vec<crate::db::OutboxRow> =
@@ -852,11 +863,28 @@ async fn write_results(
                 deps.images.sync().await?;
             }
             let write_started = Instant::now();
-            let recorded = deps.db.record_batch(&records, &outbox, &token).await?;
+            let refused = |i: usize, e: &crate::db::DbError| {
+                records[i].refused(e, buf[i].was_flagged)
+            };
+            let recorded = deps
+                .db
+                .record_batch_with(&records, &outbox, &token, &refused)
+                .await?;
             deps.metrics.observe_db_batch(write_started.elapsed());
             report.lease_lost += recorded.discarded as u64;
+            // Rows the database refused are reported as what was written instead.
+            for (index, replacement) in recorded.replaced {
+                match replacement {
+                    Some(record) => buf[index].record = record,
+                    None => unwritten.push(index),
+                }
+            }
         }
-        for c in buf.drain(..) {
+        report.unrecorded += unwritten.len() as u64;
+        for (index, c) in buf.drain(..).enumerate() {
+            if unwritten.contains(&index) {
+                continue;
+            }
             report.add(&c);
             deps.metrics.record_outcome(
                 &c.record,
@@ -949,6 +977,7 @@ mod tests {
             format: ImageFormat::Jpeg,
             width: 132,
             height: 132,
+            tolerated: crate::media::Tolerated::default(),
         };
         let stored = StoredObject {
             key: "avatars/cd/cd.jpg".into(),

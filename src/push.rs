@@ -133,7 +133,7 @@ async fn push_once(client: &reqwest::Client, url: &Url, text: &str) -> Result<()
     if status.is_success() {
         return Ok(());
     }
-    let body = response.text().await.unwrap_or_default();
+    let body = crate::fetch::capped_text(response, 4096).await;
     Err(PushError::Rejected {
         url: url.to_string(),
         status: status.as_u16(),

@@ -78,6 +78,11 @@ pub const MYSQL: &[Migration] = &[
         name: "source_validators",
         sql: include_str!("../../migrations/mysql/0004_source_validators.sql"),
     },
+    Migration {
+        version: 5,
+        name: "long_source_urls",
+        sql: include_str!("../../migrations/mysql/0005_long_source_urls.sql"),
+    },
 ];
 
 /// Splits a migration file into statements (our files keep `;` out of literals).

@@ -58,6 +58,34 @@ impl DbError {
         }
     }
 
+    /// The server refused the values of a row (too long, a constraint, a
+    /// bad string), not the connection or the statement: other rows of the
+    /// same batch may well be fine.
+    pub fn is_data_error(&self) -> bool {
+        let DbError::Query(sqlx::Error::Database(e)) = self else {
+            return false;
+        };
+        if self.is_retryable() {
+            return false;
+        }
+        if !matches!(e.kind(), sqlx::error::ErrorKind::Other) {
+            return true; // unique, foreign key, not null, check
+        }
+        if let Some(my) = e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+            // 1406 data too long, 1366 incorrect string value, 1264 out of
+            // range, 1292 truncated value, 3819/4025 check constraint, 1644 SIGNAL.
+            return matches!(my.number(), 1406 | 1366 | 1264 | 1292 | 3819 | 4025 | 1644);
+        }
+        let code = e.code().unwrap_or_default();
+        // SQLSTATE class 22 (data exception) and 23 (integrity constraint);
+        // SQLite's primary codes 18 (TOOBIG), 19 (CONSTRAINT), 20 (MISMATCH).
+        code.starts_with("22")
+            || code.starts_with("23")
+            || code
+                .parse::<i32>()
+                .is_ok_and(|c| matches!(c & 0xFF, 18..=20))
+    }
+
     pub fn is_retryable(&self) -> bool {
         match self {
             DbError::Timeout(_) | DbError::Connect(_) => true,
@@ -404,11 +432,45 @@ fn select_claims(
 }
 
 /// Outcome of writing a batch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Recorded {
     pub written: usize,
     /// Results whose lease expired or was taken over: not written.
     pub discarded: usize,
+    /// Rows the database refused, by index in the batch: written instead as
+    /// this `record_error` record, or (`None`) not written at all.
+    pub replaced: Vec<(usize, Option<AvatarRecord>)>,
+}
+
+impl Recorded {
+    fn add(&mut self, other: Recorded) {
+        self.written += other.written;
+        self.discarded += other.discarded;
+    }
+}
+
+impl AvatarRecord {
+    /// What is recorded for a row the database refused: `failing` with
+    /// reason `record_error` and the server's words, checked again in an
+    /// hour; the remote-derived values that could be the cause (detail,
+    /// validators) are not written. Like any `failing`, it never changes
+    /// the user's re-auth flag: `was_flagged` is what it was before.
+    pub fn refused(&self, error: &DbError, was_flagged: bool) -> AvatarRecord {
+        const RETRY_SECS: i64 = 3600;
+        AvatarRecord {
+            status: Status::Failing,
+            reason: "record_error".into(),
+            reason_detail: Some(crate::classify::bounded(
+                format!("the database refused this row: {error}"),
+                crate::classify::MAX_DETAIL_BYTES,
+            )),
+            validators: Validators::default(),
+            reauth_required: was_flagged,
+            attempts: self.attempts + 1,
+            next_check_at: Some(self.checked_at + RETRY_SECS),
+            ..self.clone()
+        }
+    }
 }
 
 /// Validated, quoted names of the user's table and columns.
@@ -890,12 +952,86 @@ impl Database {
         outbox: &[OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
+        self.record_batch_with(records, outbox, token, &|i, e| {
+            records[i].refused(e, false)
+        })
+        .await
+    }
+
+    /// As `record_batch`; a row the database refuses is replaced by
+    /// `refused(index, error)` (see `AvatarRecord::refused`).
+    pub async fn record_batch_with(
+        &self,
+        records: &[AvatarRecord],
+        outbox: &[OutboxRow],
+        token: &str,
+        refused: &(dyn Fn(usize, &DbError) -> AvatarRecord + Sync),
+    ) -> Result<Recorded, DbError> {
         if records.is_empty() {
             return Ok(Recorded::default());
         }
+        match self.record_once(records, outbox, token).await {
+            Err(e) if e.is_data_error() => {
+                tracing::warn!(error = %e, rows = records.len(), "a row of the batch was refused: writing them one by one");
+                self.record_one_by_one(records, outbox, token, refused).await
+            }
+            other => other,
+        }
+    }
+
+    async fn record_once(
+        &self,
+        records: &[AvatarRecord],
+        outbox: &[OutboxRow],
+        token: &str,
+    ) -> Result<Recorded, DbError> {
         // A replayed batch changes nothing, so a deadlock victim is simply rerun.
         rerun_deadlocks(|| async { dispatch!(self, db => db.record_batch(records, outbox, token)) })
             .await
+    }
+
+    /// The second line behind bounded values: each row on its own, so the
+    /// good rows land; a refused row is recorded as `failing`/`record_error`
+    /// instead (its events dropped), or, if even that is refused, left
+    /// leased and counted, to be tried again by a later scan.
+    async fn record_one_by_one(
+        &self,
+        records: &[AvatarRecord],
+        outbox: &[OutboxRow],
+        token: &str,
+        refused_as: &(dyn Fn(usize, &DbError) -> AvatarRecord + Sync),
+    ) -> Result<Recorded, DbError> {
+        let mut total = Recorded::default();
+        for (index, record) in records.iter().enumerate() {
+            let user_id = record.user_id.to_string();
+            let events: Vec<OutboxRow> = outbox
+                .iter()
+                .filter(|o| o.user_id == record.user_id)
+                .cloned()
+                .collect();
+            let refused = match self.record_once(std::slice::from_ref(record), &events, token).await {
+                Ok(r) => {
+                    total.add(r);
+                    continue;
+                }
+                Err(e) if e.is_data_error() => e,
+                Err(e) => return Err(e),
+            };
+            let replacement = refused_as(index, &refused);
+            match self.record_once(std::slice::from_ref(&replacement), &[], token).await {
+                Ok(r) => {
+                    total.add(r);
+                    tracing::warn!(user_id, error = %refused, "row refused by the database: recorded as record_error");
+                    total.replaced.push((index, Some(replacement)));
+                }
+                Err(e) if e.is_data_error() => {
+                    tracing::error!(user_id, error = %e, "row refused by the database even as record_error: left for a later scan");
+                    total.replaced.push((index, None));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(total)
     }
 
     /// Leases due deliveries of one sink (oldest first, one per user at a time).

@@ -281,6 +281,7 @@ impl MySql {
         Ok(Recorded {
             written: mine.len(),
             discarded: records.len() - mine.len(),
+            replaced: Vec::new(),
         })
     }
 

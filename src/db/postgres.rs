@@ -316,6 +316,7 @@ impl Postgres {
         Ok(Recorded {
             written: mine.len(),
             discarded: records.len() - mine.len(),
+            replaced: Vec::new(),
         })
     }
 

@@ -217,6 +217,7 @@ impl Sqlite {
         Ok(Recorded {
             written: mine.len(),
             discarded: records.len() - mine.len(),
+            replaced: Vec::new(),
         })
     }
 

@@ -299,6 +299,8 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             let full = image_for(state, "jpeg", name).unwrap_or_default();
             respond(StatusCode::OK, "image/jpeg", full.slice(..full.len() / 2))
         }
+        // Hostile headers: `/hostile/<what>/<name>` (see `hostile`).
+        ["hostile", what, name] => hostile(state, what, name),
         // 302 to any URL given as `?to=...` (for redirect-hop tests).
         ["bounce"] => {
             let to = req
@@ -329,6 +331,55 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
 }
 
 /// Inserts an APP1 EXIF segment with a GPS position right after SOI.
+/// Responses a hostile or broken server sends: header values of 70 KB
+/// (`errno`, `info`, `validators`), a value the test database is told to
+/// refuse (`poison`), terminal control characters (`escape`).
+fn hostile(state: &State, what: &str, name: &str) -> Response<Body> {
+    let huge = "x".repeat(70_000);
+    let (mut r, headers): (Response<Body>, Vec<(&str, Vec<u8>)>) = match what {
+        "errno" => (
+            respond(StatusCode::OK, "image/png", state.placeholder.clone()),
+            vec![("x-errno", format!("-6101 {huge}").into_bytes())],
+        ),
+        "info" => (
+            respond(StatusCode::OK, "image/png", state.placeholder.clone()),
+            vec![("x-info", format!("notexist:{huge}").into_bytes())],
+        ),
+        "poison" => (
+            respond(StatusCode::OK, "image/png", state.placeholder.clone()),
+            vec![("x-errno", b"-6101 poison".to_vec())],
+        ),
+        "validators" => (
+            respond(
+                StatusCode::OK,
+                "image/jpeg",
+                image_for(state, "jpeg", name).unwrap_or_default(),
+            ),
+            vec![
+                ("etag", format!("\"{huge}\"").into_bytes()),
+                ("last-modified", huge.clone().into_bytes()),
+            ],
+        ),
+        // C1 CSI (U+009B) and an ANSI colour sequence spelled with it: an
+        // 8-bit terminal would act on them if printed raw.
+        "escape" => (
+            respond(
+                StatusCode::OK,
+                "image/jpeg",
+                image_for(state, "jpeg", name).unwrap_or_default(),
+            ),
+            vec![("x-info", "\u{9b}31mred\u{9b}0m\u{9b}2J".as_bytes().to_vec())],
+        ),
+        _ => (respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()), vec![]),
+    };
+    for (name, value) in headers {
+        if let Ok(v) = HeaderValue::from_bytes(&value) {
+            r.headers_mut().insert(name, v);
+        }
+    }
+    r
+}
+
 pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
     let payload = b"Exif\0\0MM\0*GPSLatitude 39.9042 N GPSLongitude 116.4074 E";
     let mut app1 = vec![0xFF, 0xE1];

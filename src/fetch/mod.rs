@@ -111,25 +111,55 @@ impl std::fmt::Display for RedirectRefused {
 }
 impl StdError for RedirectRefused {}
 
-/// Resolves with the system resolver and drops every non-public answer, so the
-/// address checked is the address connected to (no DNS-rebinding window).
-struct GuardedResolver;
+/// Where names are looked up: the system resolver, or (in tests) a fixed
+/// table standing in for DNS answers.
+#[derive(Clone, Default)]
+enum Lookup {
+    #[default]
+    System,
+    #[cfg(test)]
+    Fixed(std::collections::HashMap<String, Vec<IpAddr>>),
+}
+
+impl Lookup {
+    async fn addrs(&self, host: &str) -> std::io::Result<Vec<SocketAddr>> {
+        match self {
+            Lookup::System => Ok(tokio::net::lookup_host((host, 0)).await?.collect()),
+            #[cfg(test)]
+            Lookup::Fixed(table) => table
+                .get(host)
+                .map(|ips| ips.iter().map(|ip| SocketAddr::new(*ip, 0)).collect())
+                .ok_or_else(|| std::io::Error::other("no such host")),
+        }
+    }
+}
+
+/// Resolves and drops every non-public answer, so the address checked is the
+/// address connected to (no DNS-rebinding window). The operator's own proxy
+/// is exempt: an in-cluster egress proxy has a private address by design.
+struct GuardedResolver {
+    lookup: Lookup,
+    proxy_host: Option<String>,
+}
 
 impl Resolve for GuardedResolver {
     fn resolve(&self, name: Name) -> Resolving {
         let host = name.as_str().to_string();
+        let lookup = self.lookup.clone();
+        let exempt = self
+            .proxy_host
+            .as_deref()
+            .is_some_and(|p| p.eq_ignore_ascii_case(host.trim_end_matches('.')));
         Box::pin(async move {
-            let answers = tokio::net::lookup_host((host.as_str(), 0))
-                .await
-                .map_err(|e| {
-                    Box::new(DnsFailure(format!("{host}: {e}"))) as Box<dyn StdError + Send + Sync>
-                })?;
+            let answers = lookup.addrs(&host).await.map_err(|e| {
+                Box::new(DnsFailure(format!("{host}: {e}"))) as Box<dyn StdError + Send + Sync>
+            })?;
             let mut allowed: Vec<SocketAddr> = Vec::new();
             let mut refused = None;
             for addr in answers {
                 match guard::non_public_class(addr.ip()) {
-                    Some(class) => refused = refused.or(Some(class)),
-                    None => allowed.push(addr),
+                    Some(class) if !exempt => refused = refused.or(Some(class)),
+                    _ => allowed.push(addr),
                 }
             }
             if allowed.is_empty() {
@@ -171,15 +201,32 @@ pub struct Fetcher {
     max_bytes: u64,
     allow_private: bool,
     url_policy: guard::UrlPolicy,
+    /// The configured proxy's host: never an avatar destination.
+    proxy_host: Option<String>,
 }
 
 impl FetchSettings {
     /// Builds the one HTTP client of the process.
     pub fn client(&self) -> Result<Fetcher, FetchError> {
+        self.client_with(Lookup::System)
+    }
+
+    fn client_with(&self, lookup: Lookup) -> Result<Fetcher, FetchError> {
         let max_redirects = self.max_redirects;
         let allow_private = self.allow_private_networks;
         let url_policy = self.url_policy();
         let hop_policy = url_policy.clone();
+        let proxy = self
+            .proxy
+            .as_deref()
+            .map(crate::config::parse_proxy)
+            .transpose()
+            .map_err(FetchError::Other)?;
+        let proxy_host = proxy
+            .as_ref()
+            .and_then(|p| p.host_str())
+            .map(|h| h.trim_end_matches('.').to_ascii_lowercase());
+        let hop_proxy_host = proxy_host.clone();
         let policy = redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() > max_redirects {
                 return attempt.error(RedirectRefused(FetchError::TooManyRedirects(max_redirects)));
@@ -187,8 +234,8 @@ impl FetchSettings {
             if !matches!(attempt.url().scheme(), "http" | "https") {
                 return attempt.error(RedirectRefused(FetchError::BadRedirect));
             }
-            if !allow_private && let Some(class) = literal_host_class(attempt.url()) {
-                return attempt.error(RedirectRefused(FetchError::Blocked(class)));
+            if !allow_private && let Err(e) = guard_destination(attempt.url(), hop_proxy_host.as_deref()) {
+                return attempt.error(RedirectRefused(e));
             }
             if let Err(why) = hop_policy.check(attempt.url()) {
                 return attempt.error(RedirectRefused(FetchError::NotAllowed(why)));
@@ -205,9 +252,12 @@ impl FetchSettings {
             .pool_max_idle_per_host(self.concurrency.max(1))
             .tcp_nodelay(true);
         if !allow_private {
-            builder = builder.dns_resolver(Arc::new(GuardedResolver));
+            builder = builder.dns_resolver(Arc::new(GuardedResolver {
+                lookup,
+                proxy_host: proxy_host.clone(),
+            }));
         }
-        if let Some(proxy) = &self.proxy {
+        if let Some(proxy) = &proxy {
             let proxy = reqwest::Proxy::all(proxy.as_str())
                 .map_err(|e| FetchError::Other(format!("fetch.proxy: {e}")))?;
             builder = builder.proxy(proxy);
@@ -220,6 +270,7 @@ impl FetchSettings {
             max_bytes: self.max_bytes,
             allow_private,
             url_policy,
+            proxy_host,
         })
     }
 
@@ -230,6 +281,22 @@ impl FetchSettings {
             denied_hosts: self.denied_hosts.clone(),
         }
     }
+}
+
+/// The checks a destination gets before any connection: IP literals and
+/// `localhost` names by address class, and never the proxy itself (its
+/// name is exempt from the resolver's guard).
+fn guard_destination(url: &Url, proxy_host: Option<&str>) -> Result<(), FetchError> {
+    if let Some(class) = literal_host_class(url) {
+        return Err(FetchError::Blocked(class));
+    }
+    let host = url.host_str().unwrap_or_default().trim_end_matches('.');
+    if proxy_host.is_some_and(|p| p.eq_ignore_ascii_case(host)) {
+        return Err(FetchError::NotAllowed(format!(
+            "host {host} is the configured fetch.proxy"
+        )));
+    }
+    Ok(())
 }
 
 impl Fetcher {
@@ -251,10 +318,8 @@ impl Fetcher {
         url: &Url,
         headers: HeaderMap,
     ) -> Result<reqwest::Response, FetchError> {
-        if !self.allow_private
-            && let Some(class) = literal_host_class(url)
-        {
-            return Err(FetchError::Blocked(class));
+        if !self.allow_private {
+            guard_destination(url, self.proxy_host.as_deref())?;
         }
         self.url_policy.check(url).map_err(FetchError::NotAllowed)?;
         self.client
@@ -291,6 +356,23 @@ impl Fetcher {
             sha256: hex::encode(hasher.finalize()),
         })
     }
+}
+
+/// Reads at most `max` bytes of a body as text (lossy): for replies and
+/// error bodies of servers we talk to (sinks, the Pushgateway), which must
+/// not be able to exhaust memory with an endless answer.
+pub async fn capped_text(mut response: reqwest::Response, max: usize) -> String {
+    let mut buf = Vec::new();
+    while buf.len() < max {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = max - buf.len();
+                buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 fn map_reqwest_error(err: reqwest::Error) -> FetchError {
@@ -387,6 +469,155 @@ mod tests {
             if let Err(v) = crate::classify::parse_avatar_url(&raw) {
                 proptest::prop_assert_eq!(v.status, Status::Invalid);
             }
+        }
+    }
+
+    fn settings() -> FetchSettings {
+        let mut s = crate::config::Settings::from_layers(None, Vec::new())
+            .unwrap()
+            .fetch;
+        s.allowed_ports.clear();
+        s.timeout_secs = 5;
+        s
+    }
+
+    fn fixed(pairs: &[(&str, &str)]) -> Lookup {
+        let mut table = std::collections::HashMap::<String, Vec<IpAddr>>::new();
+        for (host, ip) in pairs {
+            table
+                .entry((*host).to_string())
+                .or_default()
+                .push(ip.parse().unwrap());
+        }
+        Lookup::Fixed(table)
+    }
+
+    #[tokio::test]
+    async fn dns_answers_in_refused_ranges_never_reach_connect() {
+        let cases = [
+            ("::ffff:0:7f00:1", "ipv4_translated"),
+            ("::ffff:0:a9fe:a9fe", "ipv4_translated"),
+            ("64:ff9b:1:a00:0:100:808:808", "nat64_local_use"),
+            ("168.63.129.16", "cloud_metadata"),
+            ("fec0::1", "site_local"),
+        ];
+        for (ip, class) in cases {
+            let fetcher = settings()
+                .client_with(fixed(&[("avatar.test", ip)]))
+                .unwrap();
+            let url = Url::parse("http://avatar.test/a.jpg").unwrap();
+            let err = fetcher.get(&url).await.unwrap_err();
+            // Refused inside the resolver: no address was handed to connect().
+            assert_eq!(err, FetchError::Blocked(class), "{ip}");
+        }
+    }
+
+    #[tokio::test]
+    async fn new_ip_literal_forms_are_refused_before_any_request() {
+        let fetcher = settings().client().unwrap();
+        for (raw, class) in [
+            ("http://[::ffff:0:7f00:1]/", "ipv4_translated"),
+            ("http://[::ffff:0:a9fe:a9fe]/", "ipv4_translated"),
+            ("http://[64:ff9b:1:a00:0:100:808:808]/", "nat64_local_use"),
+            ("http://168.63.129.16/machine?comp=goalstate", "cloud_metadata"),
+            ("http://[fec0::1]/", "site_local"),
+        ] {
+            let err = fetcher.get(&Url::parse(raw).unwrap()).await.unwrap_err();
+            assert_eq!(err, FetchError::Blocked(class), "{raw}");
+        }
+    }
+
+    /// A one-shot HTTP forward proxy on loopback: answers every request with
+    /// 200 and reports the request line it was sent.
+    async fn recording_proxy() -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let n = conn.read(&mut buf).await.unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]);
+                    let _ = tx.send(head.lines().next().unwrap_or_default().to_string());
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .await;
+                });
+            }
+        });
+        (addr, rx)
+    }
+
+    #[tokio::test]
+    async fn a_proxy_named_by_host_is_reachable_although_its_address_is_private() {
+        let (addr, mut requests) = recording_proxy().await;
+        let mut s = settings();
+        s.proxy = Some(format!("http://egress-proxy:{}", addr.port()));
+        // The proxy's name resolves to loopback, as an in-cluster proxy
+        // resolves to a private address; the avatar host is never resolved here.
+        let fetcher = s
+            .client_with(fixed(&[("egress-proxy", "127.0.0.1")]))
+            .unwrap();
+        let url = Url::parse("http://thirdwx.qlogo.cn/mmopen/a/132").unwrap();
+        let response = fetcher.get(&url).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            requests.recv().await.unwrap(),
+            "GET http://thirdwx.qlogo.cn/mmopen/a/132 HTTP/1.1"
+        );
+        // IP literals are still judged here, and the proxy itself is no avatar host.
+        let err = fetcher
+            .get(&Url::parse("http://10.0.0.1/a").unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err, FetchError::Blocked("private"));
+        let own = Url::parse(&format!("http://egress-proxy:{}/admin", addr.port())).unwrap();
+        assert!(matches!(
+            fetcher.get(&own).await.unwrap_err(),
+            FetchError::NotAllowed(why) if why.contains("fetch.proxy")
+        ));
+        assert!(requests.try_recv().is_err(), "nothing else reached the proxy");
+    }
+
+    #[tokio::test]
+    async fn socks5_resolves_destinations_here_through_the_guard() {
+        let (addr, mut requests) = recording_proxy().await;
+        let mut s = settings();
+        s.proxy = Some(format!("socks5://socks-proxy:{}", addr.port()));
+        let fetcher = s
+            .client_with(fixed(&[
+                ("socks-proxy", "127.0.0.1"),
+                ("evil.test", "169.254.169.254"),
+            ]))
+            .unwrap();
+        let err = fetcher
+            .get(&Url::parse("http://evil.test/latest/meta-data").unwrap())
+            .await
+            .unwrap_err();
+        assert_eq!(err, FetchError::Blocked("link_local"));
+        assert!(requests.try_recv().is_err(), "the proxy was never asked");
+    }
+
+    #[test]
+    fn a_proxy_that_cannot_work_is_refused_at_start_up() {
+        let mut s = settings();
+        for (raw, why) in [
+            ("ftp://proxy:21", "not supported"),
+            ("proxy:3128", "not supported"),
+            ("not a url", "not a URL"),
+        ] {
+            s.proxy = Some(raw.into());
+            let Err(FetchError::Other(e)) = s.client() else {
+                panic!("{raw} accepted")
+            };
+            assert!(e.contains(why), "{raw}: {e}");
+        }
+        for ok in ["http://p:3128", "https://p", "socks5://p:1080", "socks5h://u:pw@p:1080"] {
+            s.proxy = Some(ok.into());
+            assert!(s.client().is_ok(), "{ok}");
         }
     }
 

@@ -127,7 +127,11 @@ impl Event {
             kind,
             occurred_at: rec.checked_at,
             user_id,
-            source_url: rec.source_url.clone(),
+            // A profile may hold any text as its avatar URL: bound what is sent.
+            source_url: crate::classify::bounded(
+                rec.source_url.clone(),
+                crate::classify::MAX_URL_LEN + 64,
+            ),
             mirror_url: rec.mirror_url.clone(),
             status: rec.status.to_string(),
             reason: rec.reason.clone(),
@@ -156,9 +160,10 @@ impl SinkError {
         !matches!(self, SinkError::Permanent(_))
     }
 
-    /// Transport errors: timeouts and connection trouble pass.
+    /// Transport errors: timeouts and connection trouble pass. The URL is
+    /// left out: a webhook URL may carry a token in its query.
     pub(crate) fn transport(e: reqwest::Error) -> Self {
-        SinkError::Retryable(format!("request failed: {e}"))
+        SinkError::Retryable(format!("request failed: {}", error_chain(&e.without_url())))
     }
 }
 
@@ -436,18 +441,20 @@ impl Deliverer {
 
     fn settle_for(&self, d: &Delivery, result: Result<(), SinkError>) -> Settle {
         let s = &self.settings;
+        // The error quotes the sink's reply: bounded like any remote text.
+        let bound = |e: String| crate::classify::bounded(e, crate::classify::MAX_DETAIL_BYTES);
         match result {
             Ok(()) => Settle::Delivered,
             Err(e) if !e.is_retryable() => Settle::Dead {
-                error: e.to_string(),
+                error: bound(e.to_string()),
             },
             Err(e) if d.attempts + 1 >= s.max_attempts => Settle::Dead {
-                error: format!("{} attempts, last: {e}", d.attempts + 1),
+                error: bound(format!("{} attempts, last: {e}", d.attempts + 1)),
             },
             Err(e) => Settle::Retry {
                 at: crate::pipeline::unix_now()
                     + backoff_secs(d.attempts, s, &mut rand::rng()) as i64,
-                error: e.to_string(),
+                error: bound(e.to_string()),
             },
         }
     }
@@ -497,10 +504,32 @@ pub(crate) fn http_client(timeout_secs: u64) -> Result<reqwest::Client, ConfigEr
         .timeout(Duration::from_secs(timeout_secs.max(1)))
         .connect_timeout(Duration::from_secs(timeout_secs.clamp(1, 10)))
         .redirect(reqwest::redirect::Policy::none())
+        // Signed bodies and admin secrets go only where the config says,
+        // never through a proxy that happens to be in the environment.
+        .no_proxy()
         .user_agent(concat!("avatar-warden/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| ConfigError::Invalid(format!("sink HTTP client: {e}")))
 }
+
+/// A reqwest error with its causes (reqwest's own text says only "error
+/// sending request"; the cause says connection refused, reset...).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// Longest reply read from a sink: far more than any API's JSON reply.
+pub(crate) const MAX_REPLY_BYTES: usize = 64 * 1024;
 
 /// Retryable for 408/429/5xx, permanent for other non-success statuses.
 pub(crate) fn status_error(status: reqwest::StatusCode, body: &str) -> SinkError {

@@ -79,7 +79,7 @@ impl OpenImSink {
         }
         let resp = req.send().await.map_err(SinkError::transport)?;
         let status = resp.status();
-        let text = resp.text().await.map_err(SinkError::transport)?;
+        let text = crate::fetch::capped_text(resp, super::MAX_REPLY_BYTES).await;
         if !status.is_success() {
             return Err(status_error(status, &text));
         }

@@ -84,7 +84,7 @@ impl Sink for WebhookSink {
         if status.is_success() {
             return Ok(());
         }
-        let text = resp.text().await.unwrap_or_default();
+        let text = crate::fetch::capped_text(resp, super::MAX_REPLY_BYTES).await;
         Err(status_error(status, &text))
     }
 }

@@ -93,7 +93,7 @@ impl Sink for YunxinSink {
             .await
             .map_err(SinkError::transport)?;
         let status = resp.status();
-        let text = resp.text().await.map_err(SinkError::transport)?;
+        let text = crate::fetch::capped_text(resp, super::MAX_REPLY_BYTES).await;
         if !status.is_success() {
             return Err(status_error(status, &text));
         }

@@ -5,6 +5,7 @@
 mod cli;
 mod guard;
 mod helpers;
+mod hostile;
 mod ops;
 mod reverify;
 mod rules;

@@ -3,6 +3,9 @@
 //! container's own integrity, which catches truncated and malformed files at a
 //! few percent of the cost of decoding pixels.
 
+mod jpeg;
+mod png;
+
 use std::io::Cursor;
 
 use crate::classify::{Status, Verdict};
@@ -71,6 +74,39 @@ pub struct ImageInfo {
     pub format: ImageFormat,
     pub width: u32,
     pub height: u32,
+    /// Damage that viewers tolerate and so do we (said in the reason detail).
+    pub tolerated: Tolerated,
+}
+
+/// Flaws libjpeg, libpng and browsers skip with at most a warning: counted,
+/// never a reason to refuse the picture (and flag its user).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tolerated {
+    /// JPEG bytes skipped before a marker ("extraneous bytes"), stuffing
+    /// outside a scan, broken zero-length APPn/COM segments.
+    pub skipped_bytes: u64,
+    /// PNG ancillary chunks whose CRC failed (ignored, as libpng does).
+    pub bad_ancillary_crcs: u32,
+}
+
+impl Tolerated {
+    /// Words for the reason detail; `None` for a flawless file.
+    pub fn describe(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.skipped_bytes > 0 {
+            parts.push(format!(
+                "{} extraneous JPEG bytes skipped",
+                self.skipped_bytes
+            ));
+        }
+        if self.bad_ancillary_crcs > 0 {
+            parts.push(format!(
+                "{} ancillary PNG chunks with a bad CRC ignored",
+                self.bad_ancillary_crcs
+            ));
+        }
+        (!parts.is_empty()).then(|| format!("tolerated: {}", parts.join(", ")))
+    }
 }
 
 /// Why bytes are not an acceptable avatar. Each becomes the `reason` users see.
@@ -92,6 +128,10 @@ pub enum MediaError {
     Svg,
     #[error("animation has {0} frames, over the limit")]
     TooManyFrames(u32),
+    /// The decoder ran into its own resource limit on a picture within the
+    /// configured limits: the operator's setting, never the user's fault.
+    #[error("decoder resource limit: {0}")]
+    DecodeLimit(String),
 }
 
 impl MediaError {
@@ -105,6 +145,7 @@ impl MediaError {
             MediaError::Undecodable(_) => "undecodable",
             MediaError::Svg => "svg_not_allowed",
             MediaError::TooManyFrames(_) => "too_many_frames",
+            MediaError::DecodeLimit(_) => "decode_limit",
         }
     }
 
@@ -114,6 +155,10 @@ impl MediaError {
     }
 
     pub fn verdict(&self) -> Verdict {
+        if let MediaError::DecodeLimit(d) = self {
+            // Not the picture's fault: never a flagging verdict.
+            return Verdict::new(Status::Failing, self.code()).with_detail(d.clone());
+        }
         let v = Verdict::new(Status::Invalid, self.code());
         match self {
             MediaError::NotAnImage(what) => v.with_detail(*what),
@@ -122,7 +167,10 @@ impl MediaError {
                 v.with_detail(format!("{width}x{height}"))
             }
             MediaError::TooManyFrames(n) => v.with_detail(format!("{n} frames")),
-            MediaError::Empty | MediaError::Truncated | MediaError::Svg => v,
+            MediaError::Empty
+            | MediaError::Truncated
+            | MediaError::Svg
+            | MediaError::DecodeLimit(_) => v,
         }
     }
 }
@@ -173,93 +221,112 @@ fn describe_non_image(bytes: &[u8]) -> &'static str {
     }
 }
 
-/// Validates an avatar: sniff, header dimensions within limits, then either the
-/// container walk (default) or a full pixel decode.
+/// What a container walk found, before any pixel is decoded.
+struct Walked {
+    width: u32,
+    height: u32,
+    frames: u32,
+    tolerated: Tolerated,
+    /// The bytes a decoder is given when the walk had to skip something.
+    cleaned: Option<Vec<u8>>,
+}
+
+fn walk(bytes: &[u8], format: ImageFormat) -> Result<Walked, MediaError> {
+    Ok(match format {
+        ImageFormat::Jpeg => {
+            let l = jpeg::walk(bytes)?;
+            let cleaned =
+                (l.tolerated.skipped_bytes > 0).then(|| jpeg::rebuild(bytes, &l, true));
+            Walked {
+                width: l.width,
+                height: l.height,
+                frames: 1,
+                tolerated: l.tolerated,
+                cleaned,
+            }
+        }
+        ImageFormat::Png => {
+            let l = png::walk(bytes)?;
+            let cleaned =
+                (l.tolerated.bad_ancillary_crcs > 0).then(|| png::rebuild(bytes, &l, true));
+            Walked {
+                width: l.width,
+                height: l.height,
+                frames: 1,
+                tolerated: l.tolerated,
+                cleaned,
+            }
+        }
+        ImageFormat::Gif => {
+            let g = gif_layout(bytes)?;
+            let cleaned = (!g.unknown_extensions.is_empty()).then(|| {
+                let mut out = Vec::with_capacity(bytes.len());
+                let mut at = 0;
+                for r in &g.unknown_extensions {
+                    out.extend_from_slice(&bytes[at..r.start]);
+                    at = r.end;
+                }
+                out.extend_from_slice(&bytes[at..]);
+                out
+            });
+            Walked {
+                width: g.width,
+                height: g.height,
+                frames: g.frames,
+                tolerated: Tolerated::default(),
+                cleaned,
+            }
+        }
+        ImageFormat::Webp => {
+            let (width, height, frames) = walk_webp(bytes)?;
+            Walked {
+                width,
+                height,
+                frames,
+                tolerated: Tolerated::default(),
+                cleaned: None,
+            }
+        }
+    })
+}
+
+/// Validates an avatar: sniff, the container walk (structure and the header
+/// dimensions, no pixels), our limits, then in `decode` mode a full decode.
 pub fn validate(bytes: &[u8], settings: &MediaSettings) -> Result<ImageInfo, MediaError> {
     let format = sniff(bytes)?;
-    // Structure first: a truncated header must say "truncated", not "undecodable".
-    let frames = match format {
-        ImageFormat::Jpeg => walk_jpeg(bytes).map(|_| 1)?,
-        ImageFormat::Png => walk_png(bytes).map(|_| 1)?,
-        ImageFormat::Gif => walk_gif(bytes)?,
-        ImageFormat::Webp => walk_webp(bytes)?,
-    };
+    let walked = walk(bytes, format)?;
     // Every frame is decoded by whoever shows an animation: cap them.
-    if frames > settings.max_frames {
-        return Err(MediaError::TooManyFrames(frames));
+    if walked.frames > settings.max_frames {
+        return Err(MediaError::TooManyFrames(walked.frames));
     }
-    let limits = image_limits(settings);
-    // Reading the header allocates no pixels: read the real size first so the
-    // reason can name it, then let our own limits decide.
-    let mut header_limits = limits.clone();
-    header_limits.max_image_width = None;
-    header_limits.max_image_height = None;
-    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.to_image());
-    reader.limits(header_limits);
-    let (width, height) = reader
-        .into_dimensions()
-        .map_err(|e| map_image_error(e, settings))?;
-    check_dimensions(width, height, settings)?;
+    check_dimensions(walked.width, walked.height, settings)?;
     if settings.verify == VerifyMode::Decode {
-        let mut reader = image::ImageReader::with_format(Cursor::new(bytes), format.to_image());
-        reader.limits(limits);
-        reader.decode().map_err(|e| map_image_error(e, settings))?;
+        let input = walked.cleaned.as_deref().unwrap_or(bytes);
+        let mut reader = image::ImageReader::with_format(Cursor::new(input), format.to_image());
+        reader.limits(image_limits(settings));
+        reader.decode().map_err(map_image_error)?;
     }
     Ok(ImageInfo {
         format,
-        width,
-        height,
+        width: walked.width,
+        height: walked.height,
+        tolerated: walked.tolerated,
     })
 }
 
 /// Removes metadata — EXIF (GPS!), XMP, IPTC, comments, text chunks — without
 /// touching a pixel: segments and chunks are dropped, nothing is re-encoded.
-/// `None` when there was nothing to remove (or the format has no such metadata).
+/// The same walk as validation decides what is a segment, so metadata hidden
+/// behind fill bytes or after the scan data goes too; so does anything after
+/// the end marker. `None` when nothing was removed (or for GIF).
 pub fn strip_metadata(bytes: &[u8], format: ImageFormat) -> Option<Vec<u8>> {
     let out = match format {
-        ImageFormat::Jpeg => strip_jpeg(bytes)?,
-        ImageFormat::Png => strip_png(bytes)?,
+        ImageFormat::Jpeg => jpeg::rebuild(bytes, &jpeg::walk(bytes).ok()?, false),
+        ImageFormat::Png => png::rebuild(bytes, &png::walk(bytes).ok()?, false),
         ImageFormat::Webp => strip_webp(bytes)?,
         ImageFormat::Gif => return None,
     };
     (out.len() != bytes.len()).then_some(out)
-}
-
-fn strip_jpeg(b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(b.len());
-    out.extend_from_slice(&b[..2]);
-    let mut i = 2;
-    while i + 4 <= b.len() && b[i] == 0xFF {
-        let marker = b[i + 1];
-        if marker == 0xDA {
-            break; // scan data and everything after it is copied as is
-        }
-        let len = be16(b, i + 2)?;
-        let end = (i + 2 + len).min(b.len());
-        // APP1 (Exif, XMP), APP13 (IPTC), COM: metadata. APP0/APP2 (ICC)/APP14 stay.
-        if !matches!(marker, 0xE1 | 0xED | 0xFE) {
-            out.extend_from_slice(&b[i..end]);
-        }
-        i = end;
-    }
-    out.extend_from_slice(&b[i.min(b.len())..]);
-    Some(out)
-}
-
-fn strip_png(b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(b.len());
-    out.extend_from_slice(&b[..8]);
-    let mut i = 8;
-    while i + 12 <= b.len() {
-        let len = be32(b, i)? as usize;
-        let end = (i + 12 + len).min(b.len());
-        let kind = &b[i + 4..i + 8];
-        if !matches!(kind, b"eXIf" | b"tEXt" | b"zTXt" | b"iTXt" | b"tIME") {
-            out.extend_from_slice(&b[i..end]);
-        }
-        i = end;
-    }
-    Some(out)
 }
 
 fn strip_webp(b: &[u8]) -> Option<Vec<u8>> {
@@ -287,16 +354,18 @@ fn strip_webp(b: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The decoder's own limits, sized from ours: 16-bit RGBA (8 bytes a pixel)
+/// of the largest picture we accept, plus room for the decoder's buffers.
+/// Our limits were checked on the header already.
 fn image_limits(settings: &MediaSettings) -> image::Limits {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(settings.max_width);
     limits.max_image_height = Some(settings.max_height);
-    // RGBA8 of the largest allowed picture, plus slack for decoder buffers.
     limits.max_alloc = Some(
         settings
             .max_pixels
-            .saturating_mul(4)
-            .saturating_add(16 << 20),
+            .saturating_mul(8)
+            .saturating_add(64 << 20),
     );
     limits
 }
@@ -316,12 +385,11 @@ fn check_dimensions(width: u32, height: u32, settings: &MediaSettings) -> Result
     Ok(())
 }
 
-fn map_image_error(e: image::ImageError, settings: &MediaSettings) -> MediaError {
+fn map_image_error(e: image::ImageError) -> MediaError {
     match e {
-        image::ImageError::Limits(_) => MediaError::DimensionsTooLarge {
-            width: settings.max_width,
-            height: settings.max_height,
-        },
+        image::ImageError::Limits(l) => MediaError::DecodeLimit(format!(
+            "{l} (the picture is within media.max_* limits; the decoder needs more memory than it may use)"
+        )),
         image::ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
             MediaError::Truncated
         }
@@ -329,12 +397,12 @@ fn map_image_error(e: image::ImageError, settings: &MediaSettings) -> MediaError
     }
 }
 
-fn be16(b: &[u8], at: usize) -> Option<usize> {
+pub(crate) fn be16(b: &[u8], at: usize) -> Option<usize> {
     b.get(at..at + 2)
         .map(|s| usize::from(u16::from_be_bytes([s[0], s[1]])))
 }
 
-fn be32(b: &[u8], at: usize) -> Option<u32> {
+pub(crate) fn be32(b: &[u8], at: usize) -> Option<u32> {
     b.get(at..at + 4)
         .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
@@ -344,118 +412,33 @@ fn le32(b: &[u8], at: usize) -> Option<u32> {
         .map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
 
-/// JPEG: SOI, then marker segments; after each SOS the entropy-coded data runs
-/// to the next real marker; the file must reach EOI.
-pub fn walk_jpeg(b: &[u8]) -> Result<(), MediaError> {
-    let mut i = 2; // after SOI
-    let mut seen_frame = false;
-    loop {
-        // Markers may be preceded by fill bytes 0xFF.
-        if i >= b.len() {
-            return Err(MediaError::Truncated);
-        }
-        if b[i] != 0xFF {
-            return Err(MediaError::Malformed(format!(
-                "expected a JPEG marker at byte {i}"
-            )));
-        }
-        while i < b.len() && b[i] == 0xFF {
-            i += 1;
-        }
-        let Some(&marker) = b.get(i) else {
-            return Err(MediaError::Truncated);
-        };
-        i += 1;
-        match marker {
-            0xD9 => {
-                return if seen_frame {
-                    Ok(())
-                } else {
-                    Err(MediaError::Malformed("JPEG has no frame header".into()))
-                };
-            }
-            0x01 | 0xD0..=0xD7 => continue, // standalone markers
-            0x00 => {
-                return Err(MediaError::Malformed(
-                    "stray 0xFF00 outside scan data".into(),
-                ));
-            }
-            _ => {}
-        }
-        let len = be16(b, i).ok_or(MediaError::Truncated)?;
-        if len < 2 {
-            return Err(MediaError::Malformed(format!("JPEG segment length {len}")));
-        }
-        if i + len > b.len() {
-            return Err(MediaError::Truncated);
-        }
-        if matches!(marker, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF) {
-            seen_frame = true;
-        }
-        i += len;
-        if marker == 0xDA {
-            // Entropy-coded data: 0xFF00 is a stuffed byte, 0xFFD0..D7 restart markers.
-            loop {
-                let Some(pos) = memchr_ff(&b[i..]) else {
-                    return Err(MediaError::Truncated);
-                };
-                i += pos;
-                match b.get(i + 1) {
-                    None => return Err(MediaError::Truncated),
-                    Some(0x00) | Some(0xD0..=0xD7) | Some(0xFF) => i += 1,
-                    Some(_) => break,
-                }
-            }
-        }
-    }
+/// GIF: header, screen descriptor, then image/extension blocks through the
+/// trailer. Any extension block is skipped by its sub-blocks, known or not
+/// (GIF89a §23: a decoder skips extensions it does not understand).
+/// Returns the logical screen size and the number of frames.
+pub fn walk_gif(b: &[u8]) -> Result<(u32, u32, u32), MediaError> {
+    gif_layout(b).map(|g| (g.width, g.height, g.frames))
 }
 
-fn memchr_ff(b: &[u8]) -> Option<usize> {
-    // SIMD search: the byte loop was the walk's whole cost (stages benchmark).
-    memchr::memchr(0xFF, b)
+struct GifLayout {
+    width: u32,
+    height: u32,
+    frames: u32,
+    /// Extension blocks of labels the `gif` decoder refuses (it errors where
+    /// the spec says skip): left out of the copy a decoder is given.
+    unknown_extensions: Vec<std::ops::Range<usize>>,
 }
 
-/// PNG: chunks with CRCs, IHDR first, through IEND.
-pub fn walk_png(b: &[u8]) -> Result<(), MediaError> {
-    let mut i = 8;
-    let mut first = true;
-    loop {
-        let len = be32(b, i).ok_or(MediaError::Truncated)? as usize;
-        let kind = b.get(i + 4..i + 8).ok_or(MediaError::Truncated)?;
-        let end = i
-            .checked_add(12)
-            .and_then(|x| x.checked_add(len))
-            .ok_or_else(|| MediaError::Malformed("PNG chunk length overflows".into()))?;
-        if end > b.len() {
-            return Err(MediaError::Truncated);
-        }
-        if first && kind != b"IHDR" {
-            return Err(MediaError::Malformed("PNG does not start with IHDR".into()));
-        }
-        first = false;
-        let stored = be32(b, i + 8 + len).ok_or(MediaError::Truncated)?;
-        let actual = crc32fast::hash(&b[i + 4..i + 8 + len]);
-        if stored != actual {
-            return Err(MediaError::Malformed(format!(
-                "PNG chunk {} has a bad CRC",
-                String::from_utf8_lossy(kind)
-            )));
-        }
-        if kind == b"IEND" {
-            return Ok(());
-        }
-        i = end;
-    }
-}
-
-/// GIF: header, screen descriptor, then image/extension blocks through the trailer.
-pub fn walk_gif(b: &[u8]) -> Result<u32, MediaError> {
+fn gif_layout(b: &[u8]) -> Result<GifLayout, MediaError> {
+    let width = u32::from(u16::from_le_bytes([b.get(6).copied().ok_or(MediaError::Truncated)?, b.get(7).copied().ok_or(MediaError::Truncated)?]));
+    let height = u32::from(u16::from_le_bytes([b.get(8).copied().ok_or(MediaError::Truncated)?, b.get(9).copied().ok_or(MediaError::Truncated)?]));
     let flags = *b.get(10).ok_or(MediaError::Truncated)?;
     let mut i = 13;
     if flags & 0x80 != 0 {
         i += 3 * (1usize << ((flags & 0x07) + 1));
     }
     let mut frames = 0u32;
+    let mut unknown_extensions = Vec::new();
     loop {
         let Some(&block) = b.get(i) else {
             return Err(MediaError::Truncated);
@@ -463,7 +446,12 @@ pub fn walk_gif(b: &[u8]) -> Result<u32, MediaError> {
         match block {
             0x3B => {
                 return if frames > 0 {
-                    Ok(frames)
+                    Ok(GifLayout {
+                        width,
+                        height,
+                        frames,
+                        unknown_extensions,
+                    })
                 } else {
                     Err(MediaError::Malformed("GIF has no image".into()))
                 };
@@ -479,7 +467,13 @@ pub fn walk_gif(b: &[u8]) -> Result<u32, MediaError> {
                 frames += 1;
             }
             0x21 => {
-                i = skip_sub_blocks(b, i + 2)?;
+                let label = *b.get(i + 1).ok_or(MediaError::Truncated)?;
+                let end = skip_sub_blocks(b, i + 2)?;
+                // Graphic control, comment, plain text, application: GIF89a's own.
+                if !matches!(label, 0xF9 | 0xFE | 0x01 | 0xFF) {
+                    unknown_extensions.push(i..end);
+                }
+                i = end;
             }
             other => {
                 return Err(MediaError::Malformed(format!(
@@ -503,8 +497,10 @@ fn skip_sub_blocks(b: &[u8], mut i: usize) -> Result<usize, MediaError> {
     }
 }
 
-/// WebP: the RIFF size must cover the chunks, each chunk inside it.
-pub fn walk_webp(b: &[u8]) -> Result<u32, MediaError> {
+/// WebP: the RIFF size must cover the chunks, each chunk inside it; the
+/// first chunk (VP8X, VP8 or VP8L) gives the canvas size.
+/// Returns width, height and the number of frames.
+pub fn walk_webp(b: &[u8]) -> Result<(u32, u32, u32), MediaError> {
     let riff = le32(b, 4).ok_or(MediaError::Truncated)? as usize;
     let end = riff
         .checked_add(8)
@@ -515,6 +511,7 @@ pub fn walk_webp(b: &[u8]) -> Result<u32, MediaError> {
     let mut i = 12;
     let mut chunks = 0;
     let mut frames = 0u32;
+    let mut size_wh = None;
     while i < end {
         let size = le32(b, i + 4).ok_or(MediaError::Truncated)? as usize;
         let next = (i + 8)
@@ -526,13 +523,46 @@ pub fn walk_webp(b: &[u8]) -> Result<u32, MediaError> {
         if b.get(i..i + 4) == Some(b"ANMF") {
             frames += 1;
         }
+        if chunks == 0 {
+            size_wh = webp_canvas(&b[i..i + 4], &b[i + 8..(i + 8 + size).min(end)]);
+        }
         chunks += 1;
         i = next;
     }
     if chunks == 0 {
         return Err(MediaError::Malformed("WebP has no chunks".into()));
     }
-    Ok(frames.max(1))
+    let (width, height) =
+        size_wh.ok_or_else(|| MediaError::Malformed("WebP has no image header".into()))?;
+    Ok((width, height, frames.max(1)))
+}
+
+/// The canvas size from the first chunk's header (WebP container spec, RFC 9649).
+fn webp_canvas(kind: &[u8], data: &[u8]) -> Option<(u32, u32)> {
+    let le24 = |at: usize| {
+        data.get(at..at + 3)
+            .map(|s| u32::from_le_bytes([s[0], s[1], s[2], 0]) + 1)
+    };
+    match kind {
+        b"VP8X" => Some((le24(4)?, le24(7)?)),
+        b"VP8 " => {
+            // Frame tag (3 bytes), start code 9d 01 2a, then 14-bit sizes.
+            if data.get(3..6)? != [0x9d, 0x01, 0x2a] {
+                return None;
+            }
+            let w = u16::from_le_bytes([data[6], *data.get(7)?]) & 0x3fff;
+            let h = u16::from_le_bytes([*data.get(8)?, *data.get(9)?]) & 0x3fff;
+            Some((u32::from(w), u32::from(h)))
+        }
+        b"VP8L" => {
+            if *data.first()? != 0x2f {
+                return None;
+            }
+            let bits = le32(data, 1)?;
+            Some(((bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1))
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -580,7 +610,8 @@ pub(crate) mod tests {
                 ImageInfo {
                     format: ours,
                     width: 64,
-                    height: 48
+                    height: 48,
+                    tolerated: Tolerated::default(),
                 }
             );
             let mut decode = settings();
@@ -715,7 +746,7 @@ pub(crate) mod tests {
                 enc.encode_frame(image::Frame::new(frame)).unwrap();
             }
         }
-        assert_eq!(walk_gif(&out).unwrap(), 5);
+        assert_eq!(walk_gif(&out).unwrap(), (8, 8, 5));
         let mut few = settings();
         few.max_frames = 4;
         assert_eq!(
@@ -791,5 +822,241 @@ pub(crate) mod tests {
             (Status::Invalid, "not_an_image", Some("html"))
         );
         assert_eq!(MediaError::Truncated.verdict().code, "truncated");
+    }
+
+    /// A baseline JPEG as encoders write it: SOI, APP0, DQT, SOF0, DHT, SOS, data, EOI.
+    fn jpeg() -> Vec<u8> {
+        encode(image::ImageFormat::Jpeg, 40, 24)
+    }
+
+    /// Where the first segment after SOI ends (APP0 JFIF or DQT).
+    fn after_first_segment(j: &[u8]) -> usize {
+        4 + usize::from(u16::from_be_bytes([j[4], j[5]]))
+    }
+
+    fn insert(j: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
+        [&j[..at], bytes, &j[at..]].concat()
+    }
+
+    fn segment(marker: u8, payload: &[u8], declared: usize) -> Vec<u8> {
+        let mut s = vec![0xFF, marker];
+        s.extend_from_slice(&(declared as u16).to_be_bytes());
+        s.extend_from_slice(payload);
+        s
+    }
+
+    fn pixels(bytes: &[u8]) -> image::RgbImage {
+        image::load_from_memory_with_format(bytes, image::ImageFormat::Jpeg)
+            .unwrap()
+            .to_rgb8()
+    }
+
+    /// What libjpeg and browsers display is valid, whatever they had to skip.
+    #[test]
+    fn jpegs_that_libjpeg_displays_with_a_warning_are_valid() {
+        let j = jpeg();
+        let at = after_first_segment(&j);
+        let comment = b"hello world";
+        let cases: Vec<(&str, Vec<u8>, u64)> = vec![
+            ("stray bytes between segments", insert(&j, at, b"\x00\x13\x37"), 3),
+            ("fill 0xFF run then 0x00", insert(&j, at, b"\xFF\xFF\x00"), 3),
+            (
+                "junk after a segment declared 3 bytes short",
+                insert(&j, at, &segment(0xFE, comment, comment.len() + 2 - 3)),
+                3,
+            ),
+            ("COM of length 0", insert(&j, at, &segment(0xFE, b"", 0)), 4),
+            ("COM of length 1", insert(&j, at, &segment(0xFE, b"", 1)), 4),
+            ("APP5 of length 0", insert(&j, at, &segment(0xE5, b"", 0)), 4),
+            ("fill bytes before a marker", insert(&j, at, b"\xFF\xFF\xFF"), 0),
+            ("junk after EOI", [&j[..], b"trailing junk"].concat(), 0),
+        ];
+        for (what, bytes, skipped) in cases {
+            let info = validate(&bytes, &settings()).unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!((info.width, info.height), (40, 24), "{what}");
+            assert_eq!(info.tolerated.skipped_bytes, skipped, "{what}");
+            if skipped > 0 {
+                assert!(
+                    info.tolerated.describe().unwrap().contains("extraneous"),
+                    "{what}"
+                );
+            }
+            let mut decode = settings();
+            decode.verify = VerifyMode::Decode;
+            validate(&bytes, &decode).unwrap_or_else(|e| panic!("{what} (decode): {e}"));
+        }
+    }
+
+    /// The other side of tolerance: what no viewer can show stays invalid.
+    #[test]
+    fn broken_jpegs_stay_invalid() {
+        let j = jpeg();
+        let eoi = j.len() - 2;
+        let sof = j.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        let sos = j.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+        let mut bad_sof = j.clone();
+        bad_sof[sof + 3] += 1; // declared length no longer matches the components
+        let mut bad_sos = j.clone();
+        bad_sos[sos + 3] += 1;
+        let mut huge_dqt = j.clone();
+        let dqt = j.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        huge_dqt[dqt + 2] = 0xFF; // runs past the end of the file
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("data ending before EOI", j[..eoi].to_vec(), "truncated"),
+            ("cut inside the scan", j[..sos + 40].to_vec(), "truncated"),
+            ("no frame header", [&j[..2], &j[eoi..]].concat(), "malformed"),
+            ("SOF length lies", bad_sof, "malformed"),
+            ("SOS length lies", bad_sos, "malformed"),
+            ("segment past the end", huge_dqt, "truncated"),
+            ("second SOI", insert(&j, 2, b"\xFF\xD8"), "malformed"),
+            (
+                "DQT of length 1",
+                insert(&j, after_first_segment(&j), &segment(0xDB, b"", 1)),
+                "malformed",
+            ),
+        ];
+        for (what, bytes, code) in cases {
+            let err = validate(&bytes, &settings()).unwrap_err();
+            assert_eq!(err.code(), code, "{what}: {err}");
+            assert_eq!(err.verdict().status, Status::Invalid, "{what}");
+        }
+        let mut lossless = j.clone();
+        lossless[sof + 1] = 0xC3;
+        assert_eq!(
+            validate(&lossless, &settings()).unwrap_err().code(),
+            "undecodable"
+        );
+    }
+
+    /// EXIF wherever the walk accepts it is EXIF the stripper removes.
+    #[test]
+    fn exif_is_stripped_wherever_the_validator_finds_a_segment() {
+        let j = jpeg();
+        let exif = &crate::demo::origin::with_gps_exif(&[0xFF, 0xD8])[2..];
+        let eoi = j.len() - 2;
+        let at = after_first_segment(&j);
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("after SOI", insert(&j, 2, exif)),
+            ("behind a fill byte", insert(&j, at, &[&[0xFF][..], exif].concat())),
+            ("behind stray bytes", insert(&j, at, &[&b"junk"[..], exif].concat())),
+            ("between the scan data and EOI", insert(&j, eoi, exif)),
+            ("after EOI", [&j[..], exif].concat()),
+        ];
+        for (what, bytes) in cases {
+            assert!(validate(&bytes, &settings()).is_ok(), "{what}");
+            let clean = strip_metadata(&bytes, ImageFormat::Jpeg).expect(what);
+            assert!(
+                !clean.windows(11).any(|w| w == b"GPSLatitude"),
+                "{what}: GPS left in"
+            );
+            assert!(validate(&clean, &settings()).is_ok(), "{what}: still valid");
+            assert_eq!(pixels(&clean), pixels(&j), "{what}: same pixels");
+        }
+    }
+
+    fn png_chunk(kind: &[u8; 4], data: &[u8], crc_ok: bool) -> Vec<u8> {
+        let mut c = (data.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(kind);
+        c.extend_from_slice(data);
+        let crc = crc32fast::hash(&c[4..]) ^ if crc_ok { 0 } else { 1 };
+        c.extend_from_slice(&crc.to_be_bytes());
+        c
+    }
+
+    #[test]
+    fn png_ancillary_chunks_with_bad_crcs_are_ignored_and_critical_ones_are_not() {
+        let png = encode(image::ImageFormat::Png, 8, 8);
+        for kind in [b"iCCP", b"cLLI", b"mDCV", b"tEXt"] {
+            let bytes = insert(&png, 33, &png_chunk(kind, b"junk data", false));
+            let info = validate(&bytes, &settings())
+                .unwrap_or_else(|e| panic!("{}: {e}", String::from_utf8_lossy(kind)));
+            assert_eq!(info.tolerated.bad_ancillary_crcs, 1);
+            let mut decode = settings();
+            decode.verify = VerifyMode::Decode;
+            assert!(validate(&bytes, &decode).is_ok(), "decode mode too");
+        }
+        let bad_plte = insert(&png, 33, &png_chunk(b"PLTE", &[0; 6], false));
+        assert_eq!(
+            validate(&bad_plte, &settings()).unwrap_err().code(),
+            "malformed"
+        );
+    }
+
+    #[test]
+    fn png_metadata_after_iend_is_not_kept() {
+        let png = encode(image::ImageFormat::Png, 8, 8);
+        let exif = png_chunk(b"eXIf", b"MM\0*GPSLatitude 39.9", true);
+        let bytes = [&png[..], &exif[..]].concat();
+        assert!(validate(&bytes, &settings()).is_ok());
+        assert_eq!(strip_metadata(&bytes, ImageFormat::Png).unwrap(), png);
+    }
+
+    #[test]
+    fn gif_extensions_of_unknown_kinds_are_skipped() {
+        let mut out = Vec::new();
+        {
+            let mut enc = image::codecs::gif::GifEncoder::new(&mut out);
+            let frame = image::RgbaImage::from_pixel(8, 8, image::Rgba([200, 0, 0, 255]));
+            enc.encode_frame(image::Frame::new(frame)).unwrap();
+        }
+        // Past the header, screen descriptor and global colour table, and any
+        // extensions the encoder wrote: the first image descriptor.
+        let mut image_block = 13;
+        if out[10] & 0x80 != 0 {
+            image_block += 3 * (1 << ((out[10] & 7) + 1));
+        }
+        while out[image_block] == 0x21 {
+            image_block = skip_sub_blocks(&out, image_block + 2).unwrap();
+        }
+        assert_eq!(out[image_block], 0x2C);
+        // Extension label 0x99, two sub-blocks, terminator.
+        let ext = b"\x21\x99\x03abc\x02de\x00";
+        let bytes = insert(&out, image_block, ext);
+        assert_eq!(validate(&bytes, &settings()).unwrap().width, 8);
+        let mut decode = settings();
+        decode.verify = VerifyMode::Decode;
+        validate(&bytes, &decode).unwrap();
+    }
+
+    #[test]
+    fn the_reason_names_the_real_header_dimensions() {
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = i32::MAX.to_be_bytes().to_vec();
+        ihdr.extend_from_slice(&i32::MAX.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+        png.extend_from_slice(&png_chunk(b"IHDR", &ihdr, true));
+        png.extend_from_slice(&png_chunk(b"IDAT", b"\x78\x9c\x03\x00\x00\x00\x00\x01", true));
+        png.extend_from_slice(&png_chunk(b"IEND", b"", true));
+        let v = validate(&png, &settings()).unwrap_err().verdict();
+        assert_eq!(
+            (v.code, v.detail.as_deref()),
+            ("dimensions_too_large", Some("2147483647x2147483647"))
+        );
+    }
+
+    /// Within our limits, the decoder's own allocation limit is not the
+    /// user's fault: a big 16-bit RGBA PNG decodes, and a decoder limit hit
+    /// anyway is `failing`, never a flag.
+    #[test]
+    fn decode_mode_sizes_the_decoder_from_our_limits() {
+        let side = 4096;
+        use image::ImageEncoder;
+        // All-zero 16-bit RGBA: 128 MiB of pixels, a small file.
+        let raw = vec![0u8; (side * side * 8) as usize];
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new_with_quality(
+            &mut png,
+            image::codecs::png::CompressionType::Fast,
+            image::codecs::png::FilterType::NoFilter,
+        )
+        .write_image(&raw, side, side, image::ExtendedColorType::Rgba16)
+        .unwrap();
+        let mut decode = settings();
+        decode.verify = VerifyMode::Decode;
+        let info = validate(&png, &decode).unwrap();
+        assert_eq!((info.width, info.height), (side, side));
+        let limit = MediaError::DecodeLimit("x".into()).verdict();
+        assert_eq!(limit.status, Status::Failing);
+        assert!(!limit.status.requires_reauth());
     }
 }

@@ -66,6 +66,18 @@ pub struct Examination {
     pub reverified: Option<Reverified>,
     /// How a `HEAD` or conditional request ended, before any body was read.
     probe: Option<Probe>,
+    /// The network error behind a `failing` verdict: it says whether asking
+    /// again can help (`FetchError::is_transient`).
+    fetch_error: Option<FetchError>,
+}
+
+/// Whether another attempt within this scan may help.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    Never,
+    Again,
+    /// A timeout: asked again at most once per scan (a slow host stays slow).
+    AfterTimeout,
 }
 
 /// What a re-verification compares with: the mirrored picture and what its
@@ -123,7 +135,15 @@ impl Examination {
             validators: Validators::default(),
             reverified: None,
             probe: None,
+            fetch_error: None,
         }
+    }
+
+    /// A request that produced no usable response.
+    fn failed(error: FetchError, decided_by: &str) -> Self {
+        let mut e = Examination::decided(error.verdict(), decided_by);
+        e.fetch_error = Some(error);
+        e
     }
 
     /// Counts an earlier attempt's requests, time and bytes into this one.
@@ -134,19 +154,19 @@ impl Examination {
         self
     }
 
-    /// Worth another attempt within this run.
-    fn retryable(&self) -> bool {
-        self.verdict.status == Status::Failing
-            && matches!(
-                self.verdict.code,
-                "server_error"
-                    | "request_timeout"
-                    | "rate_limited"
-                    | "timeout"
-                    | "connect_error"
-                    | "body_error"
-                    | "dns_error"
-            )
+    /// Whether another attempt within this run may help, from the error's
+    /// type or the HTTP status class — never from the reason's words.
+    fn retry(&self) -> Retry {
+        if self.verdict.status != Status::Failing {
+            return Retry::Never;
+        }
+        match (&self.fetch_error, self.http_status) {
+            (Some(FetchError::Timeout), _) => Retry::AfterTimeout,
+            (Some(e), _) if e.is_transient() => Retry::Again,
+            (Some(_), _) => Retry::Never,
+            (None, Some(status)) if classify::is_transient_status(status) => Retry::Again,
+            (None, _) => Retry::Never,
+        }
     }
 }
 
@@ -468,11 +488,20 @@ impl Checker {
         let host = url.host_str().unwrap_or_default().to_string();
         let mut requests = 0;
         let mut attempt = 0;
+        let mut timed_out = false;
         let (mut fetch_time, mut bytes_read) = (Duration::ZERO, 0);
+        // The most one avatar may spend in requests and the waits between
+        // them (it holds a fetch slot all that time), counted from its first request.
+        let mut deadline = None;
         loop {
             let permit = hosts.acquire(&host).await;
             let started = Instant::now();
-            let mut e = self.fetch_once(url, rule, ask).await;
+            let deadline = *deadline.get_or_insert(started + self.retry.budget());
+            let left = deadline.saturating_duration_since(started);
+            let mut e = match tokio::time::timeout(left, self.fetch_once(url, rule, ask)).await {
+                Ok(e) => e,
+                Err(_) => Examination::failed(FetchError::Timeout, "retry.budget_secs"),
+            };
             drop(permit);
             requests += 1;
             fetch_time += started.elapsed();
@@ -480,16 +509,24 @@ impl Checker {
             e.requests = requests;
             e.fetch_time = fetch_time;
             e.bytes_read = bytes_read;
-            if e.verdict.code == "rate_limited" {
+            if e.http_status == Some(StatusCode::TOO_MANY_REQUESTS) {
                 hosts.slow_down(&host);
             }
-            if !e.retryable() || attempt >= self.retry.in_run {
+            let again = match e.retry() {
+                Retry::Never => false,
+                Retry::Again => true,
+                Retry::AfterTimeout => !std::mem::replace(&mut timed_out, true),
+            };
+            if !again || attempt >= self.retry.in_run {
                 return e;
             }
             let backoff =
                 Duration::from_millis(self.retry.backoff_ms.saturating_mul(1 << attempt.min(16)));
             let cap = Duration::from_secs(self.retry.retry_after_cap_secs);
             let wait = e.retry_after.map_or(backoff, |ra| ra.min(cap).max(backoff));
+            if Instant::now() + wait >= deadline {
+                return e;
+            }
             tracing::debug!(%url, code = e.verdict.code, ?wait, "retrying within the run");
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -509,7 +546,7 @@ impl Checker {
         };
         let response = match self.fetcher.send(method, url, request_headers).await {
             Ok(r) => r,
-            Err(e) => return Examination::decided(e.verdict(), "network"),
+            Err(e) => return Examination::failed(e, "network"),
         };
         let status = response.status();
         let headers = relevant_headers(response.headers());
@@ -531,6 +568,7 @@ impl Checker {
             validators: validators.clone(),
             reverified: None,
             probe: None,
+            fetch_error: None,
         };
         let probed = |probe: Probe, verdict: Verdict, decided_by: &str, known: &Validators| {
             let mut e = done(verdict, decided_by.into(), None, 0);
@@ -604,7 +642,11 @@ impl Checker {
         }
         let body = match self.fetcher.read_body(response).await {
             Ok(b) => b,
-            Err(e) => return done(e.verdict(), "body".into(), None, 0),
+            Err(e) => {
+                let mut failed = done(e.verdict(), "body".into(), None, 0);
+                failed.fetch_error = Some(e);
+                return failed;
+            }
         };
         let bytes_read = body.bytes.len() as u64;
         if let Some(r) = rule

@@ -180,6 +180,12 @@ pub fn provider_expiry_header(headers: &HeaderMap) -> Option<String> {
     None
 }
 
+/// Statuses that may pass on another attempt: 408, 429 and 5xx. (401/403
+/// are `failing` too, but asking again at once does not change a WAF's mind.)
+pub fn is_transient_status(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429) || status.is_server_error()
+}
+
 /// Classifies a response by status and headers.
 pub fn classify_head(status: StatusCode, headers: &HeaderMap) -> HeadDecision {
     // The provider's own signal wins over everything, including a 200.

@@ -66,6 +66,14 @@ pub struct RetrySettings {
     pub backoff_ms: u64,
     pub retry_after_cap_secs: u64,
     pub max_attempts: i64,
+    /// The most one avatar may spend in requests and waits within a scan.
+    pub budget_secs: u64,
+}
+
+impl RetrySettings {
+    pub fn budget(&self) -> Duration {
+        Duration::from_secs(self.budget_secs.max(1))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -7,6 +7,7 @@ mod guard;
 mod helpers;
 mod hostile;
 mod ops;
+mod retries;
 mod reverify;
 mod rules;
 mod s3;

@@ -332,10 +332,14 @@ impl Checker {
             Ok(u) => u,
             Err(v) => return Examination::decided(v, "URL rules"),
         };
+        let mut deadline = None;
         let Some(rule) = self.providers.find(&url) else {
             return match known {
-                Some(k) => self.reverify(&url, None, k, hosts).await,
-                None => self.fetch_with_retries(&url, None, hosts, Ask::Get).await,
+                Some(k) => self.reverify(&url, None, k, hosts, &mut deadline).await,
+                None => {
+                    self.fetch_with_retries(&url, None, hosts, Ask::Get, &mut deadline)
+                        .await
+                }
             };
         };
         let by = |what: &str| format!("provider {}: {what}", rule.name);
@@ -377,9 +381,12 @@ impl Checker {
         let mut earlier = None;
         if let Some(target) = largest.as_ref().or(known.map(|_| &url)) {
             let e = match known {
-                Some(k) => self.reverify(target, Some(rule), k, hosts).await,
+                Some(k) => {
+                    self.reverify(target, Some(rule), k, hosts, &mut deadline)
+                        .await
+                }
                 None => {
-                    self.fetch_with_retries(target, Some(rule), hosts, Ask::Get)
+                    self.fetch_with_retries(target, Some(rule), hosts, Ask::Get, &mut deadline)
                         .await
                 }
             };
@@ -394,7 +401,7 @@ impl Checker {
             earlier = Some(e);
         }
         let mut e = with_provider(
-            self.fetch_with_retries(&url, Some(rule), hosts, Ask::Get)
+            self.fetch_with_retries(&url, Some(rule), hosts, Ask::Get, &mut deadline)
                 .await,
         );
         if let Some(earlier) = &earlier {
@@ -413,6 +420,7 @@ impl Checker {
         rule: Option<&ProviderRule>,
         known: &Known,
         hosts: &HostLimiter,
+        deadline: &mut Option<Instant>,
     ) -> Examination {
         let host = url.host_str().unwrap_or_default();
         let v = &known.validators;
@@ -427,7 +435,7 @@ impl Checker {
         let mut earlier: Option<Examination> = None;
         if mode == Reverify::Head {
             let mut e = self
-                .fetch_with_retries(url, rule, hosts, Ask::Head(v))
+                .fetch_with_retries(url, rule, hosts, Ask::Head(v), deadline)
                 .await;
             match e.probe {
                 Some(Probe::Unchanged) => {
@@ -449,7 +457,9 @@ impl Checker {
             Reverify::Conditional => (Ask::Conditional(v), "conditional"),
             _ => (Ask::Get, "get"),
         };
-        let mut e = self.fetch_with_retries(url, rule, hosts, ask).await;
+        let mut e = self
+            .fetch_with_retries(url, rule, hosts, ask, deadline)
+            .await;
         if let Some(earlier) = &earlier {
             e = e.absorb(earlier);
         }
@@ -478,24 +488,27 @@ impl Checker {
         e
     }
 
+    /// One request and its retries. `deadline` is the avatar's budget
+    /// (`retry.budget_secs`), set by its first request and shared by every
+    /// request made for it (sizes, HEAD then GET).
     async fn fetch_with_retries(
         &self,
         url: &Url,
         rule: Option<&ProviderRule>,
         hosts: &HostLimiter,
         ask: Ask<'_>,
+        deadline: &mut Option<Instant>,
     ) -> Examination {
         let host = url.host_str().unwrap_or_default().to_string();
         let mut requests = 0;
         let mut attempt = 0;
         let mut timed_out = false;
         let (mut fetch_time, mut bytes_read) = (Duration::ZERO, 0);
-        // The most one avatar may spend in requests and the waits between
-        // them (it holds a fetch slot all that time), counted from its first request.
-        let mut deadline = None;
         loop {
             let permit = hosts.acquire(&host).await;
             let started = Instant::now();
+            // The most one avatar may spend in requests and the waits between
+            // them (it holds a fetch slot all that time), from its first request.
             let deadline = *deadline.get_or_insert(started + self.retry.budget());
             let left = deadline.saturating_duration_since(started);
             let mut e = match tokio::time::timeout(left, self.fetch_once(url, rule, ask)).await {
@@ -771,7 +784,10 @@ fn relevant_headers(h: &HeaderMap) -> Vec<(String, String)> {
             let v = h.get(*name)?;
             Some((
                 name.to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                classify::bounded(
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    classify::MAX_DETAIL_BYTES,
+                ),
             ))
         })
         .collect()

@@ -625,11 +625,11 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("url:        {url}");
+        println!("url:        {}", printable(url));
         println!("verdict:    {}", v.status);
         println!("reason:     {}", v.code);
         if let Some(d) = &v.detail {
-            println!("detail:     {d}");
+            println!("detail:     {}", printable(d));
         }
         println!("decided by: {}", exam.decided_by);
         if let Some(p) = &exam.provider {
@@ -642,7 +642,7 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
             println!("fetched:    {u}");
         }
         for (name, value) in &exam.headers {
-            println!("header:     {name}: {value}");
+            println!("header:     {name}: {}", printable(value));
         }
         if let Some((info, body)) = &exam.image {
             println!(
@@ -660,6 +660,24 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
     } else {
         EXIT_OK
     })
+}
+
+/// Remote text for a terminal: control characters (C0, DEL, C1 such as
+/// U+009B CSI, hence ANSI escapes) are shown escaped, never sent raw.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 /// One JSON object per avatar, streamed page by page.

@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use secrecy::SecretString;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub use crate::secret::{REDACTED, Secret, SecretUrl, redact_url};
 use toml::{Table, Value};
 
 /// Compiled in so the binary runs with documented defaults from any directory.
@@ -35,7 +36,7 @@ impl ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub profile: ProfileSettings,
@@ -59,7 +60,7 @@ pub struct Settings {
     pub sink: Vec<SinkSettings>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySettings {
     pub in_run: u32,
@@ -76,38 +77,38 @@ impl RetrySettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExpirySettings {
     pub confirmations: i64,
     pub min_interval_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenMirrorExists {
     Flag,
     Keep,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReauthSettings {
     pub when_mirror_exists: WhenMirrorExists,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProvidersSettings {
     #[serde(deserialize_with = "empty_is_none")]
     pub file: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileSettings {
-    /// May carry a password: never printed.
-    pub url: SecretString,
+    /// May carry a password: printed redacted.
+    pub url: SecretUrl,
     pub table: String,
     pub id_column: String,
     pub avatar_column: String,
@@ -129,14 +130,14 @@ impl ProfileSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScanSettings {
     pub batch_size: usize,
     pub lease_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FetchSettings {
     pub timeout_secs: u64,
@@ -152,18 +153,19 @@ pub struct FetchSettings {
     pub allowed_ports: Vec<u16>,
     pub allowed_hosts: Vec<String>,
     pub denied_hosts: Vec<String>,
-    #[serde(deserialize_with = "empty_is_none")]
-    pub proxy: Option<String>,
+    /// May carry credentials (`http://user:pw@proxy:3128`).
+    #[serde(deserialize_with = "empty_url_is_none")]
+    pub proxy: Option<SecretUrl>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyMode {
     Structure,
     Decode,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MediaSettings {
     pub verify: VerifyMode,
@@ -174,7 +176,7 @@ pub struct MediaSettings {
     pub strip_metadata: bool,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecheckSettings {
     pub mirrored_secs: u64,
@@ -183,44 +185,45 @@ pub struct RecheckSettings {
 }
 
 /// Which object store mirrors go to; each variant builds its own store.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StorageSettings {
     Fs(FsSettings),
     S3(S3Settings),
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct FsSettings {
     pub root: PathBuf,
     #[serde(deserialize_with = "empty_is_none")]
     pub public_base_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct S3Settings {
     pub bucket: String,
-    #[serde(deserialize_with = "empty_is_none")]
-    pub endpoint: Option<String>,
+    /// May carry credentials in its user-info or query.
+    #[serde(deserialize_with = "empty_url_is_none")]
+    pub endpoint: Option<SecretUrl>,
     pub region: String,
     pub force_path_style: bool,
     pub prefix: String,
     #[serde(deserialize_with = "empty_is_none")]
     pub public_base_url: Option<String>,
     #[serde(deserialize_with = "empty_secret_is_none")]
-    pub access_key_id: Option<SecretString>,
+    pub access_key_id: Option<Secret>,
     #[serde(deserialize_with = "empty_secret_is_none")]
-    pub secret_access_key: Option<SecretString>,
+    pub secret_access_key: Option<Secret>,
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSettings {
     pub cron: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsSettings {
     pub listen: String,
@@ -232,7 +235,7 @@ pub struct MetricsSettings {
 }
 
 /// `gc`: removal of objects no avatar references.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GcSettings {
     /// Only objects last written longer ago than this are deleted.
@@ -240,7 +243,7 @@ pub struct GcSettings {
 }
 
 /// The delivery loop that drains the outbox to the sinks.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutboxSettings {
     pub poll_interval_ms: u64,
@@ -256,7 +259,7 @@ pub struct OutboxSettings {
 }
 
 /// One `[[sink]]` table.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum SinkSettings {
     /// The profile table's write-back columns (`profile.mirror_url_column`,
@@ -268,7 +271,7 @@ pub enum SinkSettings {
 }
 
 /// What an IM sink does when the avatar is gone (`expired`/`invalid`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OnExpired {
     /// Leave the IM profile alone (it keeps the last mirror, if any).
@@ -286,7 +289,7 @@ fn default_openim_admin() -> String {
     "imAdmin".into()
 }
 
-fn default_yunxin_base() -> String {
+fn default_yunxin_base() -> SecretUrl {
     "https://api.netease.im/nimserver".into()
 }
 
@@ -294,15 +297,15 @@ fn default_signature_header() -> String {
     "X-Avatar-Warden-Signature".into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpenImSettings {
     /// Outbox and metrics label; defaults to the kind.
     pub name: Option<String>,
     /// `http://openim-api:10002`
-    pub api: String,
+    pub api: SecretUrl,
     /// `secret` of OpenIM's share.yml (or `env:VAR`).
-    pub secret: SecretString,
+    pub secret: Secret,
     #[serde(default = "default_openim_admin")]
     pub admin_user_id: String,
     #[serde(default)]
@@ -311,28 +314,29 @@ pub struct OpenImSettings {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct YunxinSettings {
     pub name: Option<String>,
     #[serde(default = "default_yunxin_base")]
-    pub base_url: String,
+    pub base_url: SecretUrl,
     pub app_key: String,
     /// AppSecret (or `env:VAR`).
-    pub app_secret: SecretString,
+    pub app_secret: Secret,
     #[serde(default)]
     pub on_expired: OnExpired,
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookSettings {
     pub name: Option<String>,
-    pub url: String,
+    /// May carry a token in its query: printed redacted, logged without query.
+    pub url: SecretUrl,
     /// HMAC-SHA256 key (or `env:VAR`).
-    pub secret: SecretString,
+    pub secret: Secret,
     /// Event types to send; empty = all.
     #[serde(default)]
     pub events: Vec<String>,
@@ -366,31 +370,30 @@ impl SinkSettings {
 
 /// A secret given as `env:VAR` is read from the environment (Kubernetes
 /// secrets arrive that way); anything else is the secret itself.
-pub fn resolve_secret(secret: &SecretString) -> Result<SecretString, ConfigError> {
-    use secrecy::ExposeSecret;
-    match secret.expose_secret().strip_prefix("env:") {
+pub fn resolve_secret(secret: &Secret) -> Result<Secret, ConfigError> {
+    match secret.expose().strip_prefix("env:") {
         Some(var) => std::env::var(var)
-            .map(SecretString::from)
+            .map(Secret::from)
             .map_err(|_| ConfigError::Invalid(format!("sink secret: ${var} is not set"))),
         None => Ok(secret.clone()),
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownSettings {
     /// After SIGTERM, how long avatars in flight may take to finish.
     pub grace_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Pretty,
     Json,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -401,8 +404,12 @@ fn empty_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::E
     Ok(s.filter(|s| !s.trim().is_empty()))
 }
 
-fn empty_secret_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretString>, D::Error> {
-    Ok(empty_is_none(d)?.map(SecretString::from))
+fn empty_secret_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Ok(empty_is_none(d)?.map(Secret::from))
+}
+
+fn empty_url_is_none<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SecretUrl>, D::Error> {
+    Ok(empty_is_none(d)?.map(SecretUrl::from))
 }
 
 impl Settings {
@@ -433,29 +440,15 @@ impl Settings {
         Ok(settings)
     }
 
-    /// The effective configuration as TOML with every secret redacted, for
-    /// `avatar-warden config`. Fails exactly when loading would.
+    /// The effective configuration as TOML with every secret redacted (the
+    /// secret types serialize as `REDACTED`), for `avatar-warden config`.
+    /// Fails exactly when loading would.
     pub fn redacted_toml(
         file: Option<&Path>,
-        env: impl IntoIterator<Item = (String, String)> + Clone,
+        env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<String, ConfigError> {
-        Self::from_layers(file, env.clone())?;
-        let mut table = Self::merged(file, env)?;
-        if let Some(Value::Table(profile)) = table.get_mut("profile")
-            && let Some(Value::String(url)) = profile.get_mut("url")
-        {
-            *url = redact_url(url);
-        }
-        if let Some(Value::Table(storage)) = table.get_mut("storage") {
-            for key in ["access_key_id", "secret_access_key"] {
-                if let Some(Value::String(v)) = storage.get_mut(key)
-                    && !v.is_empty()
-                {
-                    *v = REDACTED.into();
-                }
-            }
-        }
-        toml::to_string_pretty(&table).map_err(|e| ConfigError::Invalid(e.to_string()))
+        let settings = Self::from_layers(file, env)?;
+        toml::to_string_pretty(&settings).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
     fn merged(
@@ -535,7 +528,22 @@ impl Settings {
             return bad("fetch.max_bytes must be at least 1");
         }
         if let Some(proxy) = &self.fetch.proxy {
-            parse_proxy(proxy).map_err(ConfigError::Invalid)?;
+            parse_proxy(proxy.expose()).map_err(ConfigError::Invalid)?;
+        }
+        if let StorageSettings::S3(s3) = &self.storage
+            && let Some(endpoint) = &s3.endpoint
+        {
+            // The SDK quotes its endpoint in errors, and S3 takes credentials
+            // from access keys only: an endpoint must not carry any.
+            let ok = url::Url::parse(endpoint.expose()).is_ok_and(|u| {
+                u.username().is_empty() && u.password().is_none() && u.query().is_none()
+            });
+            if !ok {
+                return bad(
+                    "storage.endpoint must be a plain http(s) URL without user-info or query \
+                     (credentials go in storage.access_key_id / storage.secret_access_key)",
+                );
+            }
         }
         if let StorageSettings::S3(s3) = &self.storage
             && s3.bucket.trim().is_empty()
@@ -565,40 +573,6 @@ pub fn parse_proxy(raw: &str) -> Result<url::Url, String> {
         return Err("fetch.proxy has no host".into());
     }
     Ok(url)
-}
-
-pub const REDACTED: &str = "REDACTED";
-
-/// A database URL with its password (and any `password=` parameter) replaced.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some(REDACTED));
-            }
-            let pairs: Vec<(String, String)> = u
-                .query_pairs()
-                .map(|(k, v)| {
-                    let secret =
-                        k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword");
-                    (
-                        k.into_owned(),
-                        if secret {
-                            REDACTED.to_string()
-                        } else {
-                            v.into_owned()
-                        },
-                    )
-                })
-                .collect();
-            if !pairs.is_empty() {
-                u.query_pairs_mut().clear().extend_pairs(pairs);
-            }
-            u.to_string()
-        }
-        // Not a URL we understand: show nothing of it.
-        Err(_) => REDACTED.to_string(),
-    }
 }
 
 /// Deep merge: tables merge key by key, anything else is replaced.
@@ -669,19 +643,17 @@ mod tests {
 
     #[test]
     fn sink_secrets_can_come_from_the_environment() {
-        use secrecy::ExposeSecret;
         let path = std::env::var("PATH").unwrap();
-        let got = resolve_secret(&SecretString::from("env:PATH")).unwrap();
-        assert_eq!(got.expose_secret(), path);
-        let plain = resolve_secret(&SecretString::from("openIM123")).unwrap();
-        assert_eq!(plain.expose_secret(), "openIM123");
-        let missing = resolve_secret(&SecretString::from("env:AW_NO_SUCH_VARIABLE_X")).unwrap_err();
+        let got = resolve_secret(&Secret::from("env:PATH")).unwrap();
+        assert_eq!(got.expose(), path);
+        let plain = resolve_secret(&Secret::from("openIM123")).unwrap();
+        assert_eq!(plain.expose(), "openIM123");
+        let missing = resolve_secret(&Secret::from("env:AW_NO_SUCH_VARIABLE_X")).unwrap_err();
         assert!(
             missing.to_string().contains("AW_NO_SUCH_VARIABLE_X"),
             "{missing}"
         );
     }
-    use secrecy::ExposeSecret;
 
     #[test]
     fn every_default_key_is_documented_in_the_readme() {
@@ -776,7 +748,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.profile.table, "members");
-        assert_eq!(s.profile.url.expose_secret(), "sqlite://x.db");
+        assert_eq!(s.profile.url.expose(), "sqlite://x.db");
         assert_eq!(s.fetch.concurrency, 9);
         // Untouched keys keep their defaults.
         assert_eq!(s.profile.id_column, "id");

@@ -20,6 +20,7 @@ pub mod providers;
 pub mod push;
 pub mod report;
 pub mod schedule;
+pub mod secret;
 pub mod serve;
 pub mod sinks;
 pub mod storage;

@@ -863,9 +863,8 @@ async fn write_results(
                 deps.images.sync().await?;
             }
             let write_started = Instant::now();
-            let refused = |i: usize, e: &crate::db::DbError| {
-                records[i].refused(e, buf[i].was_flagged)
-            };
+            let refused =
+                |i: usize, e: &crate::db::DbError| records[i].refused(e, buf[i].was_flagged);
             let recorded = deps
                 .db
                 .record_batch_with(&records, &outbox, &token, &refused)

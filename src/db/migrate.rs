@@ -32,6 +32,11 @@ pub const SQLITE: &[Migration] = &[
         name: "source_validators",
         sql: include_str!("../../migrations/sqlite/0004_source_validators.sql"),
     },
+    Migration {
+        version: 5,
+        name: "long_source_urls",
+        sql: include_str!("../../migrations/sqlite/0005_long_source_urls.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -54,6 +59,11 @@ pub const POSTGRES: &[Migration] = &[
         version: 4,
         name: "source_validators",
         sql: include_str!("../../migrations/postgres/0004_source_validators.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "long_source_urls",
+        sql: include_str!("../../migrations/postgres/0005_long_source_urls.sql"),
     },
 ];
 

@@ -13,8 +13,6 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
-
 use crate::classify::Status;
 use crate::config::ProfileSettings;
 
@@ -805,7 +803,7 @@ impl ProfileSettings {
     /// Connects to `profile.url`; the scheme picks the backend. Checks the
     /// configured table, columns and filter once, so a typo fails here.
     pub async fn connect(&self) -> Result<Database, DbError> {
-        let url = self.url.expose_secret();
+        let url = self.url.expose();
         let scheme = url.split(':').next().unwrap_or_default();
         let backend = match scheme {
             "sqlite" => Backend::Sqlite(
@@ -952,10 +950,8 @@ impl Database {
         outbox: &[OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError> {
-        self.record_batch_with(records, outbox, token, &|i, e| {
-            records[i].refused(e, false)
-        })
-        .await
+        self.record_batch_with(records, outbox, token, &|i, e| records[i].refused(e, false))
+            .await
     }
 
     /// As `record_batch`; a row the database refuses is replaced by
@@ -973,7 +969,8 @@ impl Database {
         match self.record_once(records, outbox, token).await {
             Err(e) if e.is_data_error() => {
                 tracing::warn!(error = %e, rows = records.len(), "a row of the batch was refused: writing them one by one");
-                self.record_one_by_one(records, outbox, token, refused).await
+                self.record_one_by_one(records, outbox, token, refused)
+                    .await
             }
             other => other,
         }
@@ -1009,7 +1006,10 @@ impl Database {
                 .filter(|o| o.user_id == record.user_id)
                 .cloned()
                 .collect();
-            let refused = match self.record_once(std::slice::from_ref(record), &events, token).await {
+            let refused = match self
+                .record_once(std::slice::from_ref(record), &events, token)
+                .await
+            {
                 Ok(r) => {
                     total.add(r);
                     continue;
@@ -1018,7 +1018,10 @@ impl Database {
                 Err(e) => return Err(e),
             };
             let replacement = refused_as(index, &refused);
-            match self.record_once(std::slice::from_ref(&replacement), &[], token).await {
+            match self
+                .record_once(std::slice::from_ref(&replacement), &[], token)
+                .await
+            {
                 Ok(r) => {
                     total.add(r);
                     tracing::warn!(user_id, error = %refused, "row refused by the database: recorded as record_error");

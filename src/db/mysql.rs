@@ -5,7 +5,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use sqlx::mysql::{MySqlArguments, MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{Arguments, Column, Executor, Row, Statement, TypeInfo};
 
@@ -28,7 +27,7 @@ pub struct MySql {
 
 impl MySql {
     pub async fn connect(settings: &ProfileSettings, names: ProfileNames) -> Result<Self, DbError> {
-        let options = MySqlConnectOptions::from_str(settings.url.expose_secret())
+        let options = MySqlConnectOptions::from_str(settings.url.expose())
             .map_err(|e| DbError::Config(format!("profile.url: {e}")))?
             .charset("utf8mb4");
         let lock_wait = settings.statement_timeout().as_secs().max(1);

@@ -5,7 +5,6 @@ use std::str::FromStr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Column, Executor, Row, Statement, TypeInfo};
 
@@ -53,7 +52,7 @@ pub struct Postgres {
 impl Postgres {
     pub async fn connect(settings: &ProfileSettings, names: ProfileNames) -> Result<Self, DbError> {
         let statement_ms = settings.statement_timeout().as_millis().to_string();
-        let options = PgConnectOptions::from_str(settings.url.expose_secret())
+        let options = PgConnectOptions::from_str(settings.url.expose())
             .map_err(|e| DbError::Config(format!("profile.url: {e}")))?
             .application_name("avatar-warden")
             // The server enforces the same deadline the client does, so an

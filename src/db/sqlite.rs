@@ -4,7 +4,6 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use secrecy::ExposeSecret;
 use sqlx::sqlite::{
     SqliteArguments, SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteRow,
 };
@@ -28,7 +27,7 @@ pub struct Sqlite {
 
 impl Sqlite {
     pub async fn connect(settings: &ProfileSettings, names: ProfileNames) -> Result<Self, DbError> {
-        let options = SqliteConnectOptions::from_str(settings.url.expose_secret())
+        let options = SqliteConnectOptions::from_str(settings.url.expose())
             .map_err(|e| DbError::Config(format!("profile.url: {e}")))?
             .busy_timeout(settings.statement_timeout());
         let pool = SqlitePoolOptions::new()

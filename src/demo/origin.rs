@@ -299,6 +299,14 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
             let full = image_for(state, "jpeg", name).unwrap_or_default();
             respond(StatusCode::OK, "image/jpeg", full.slice(..full.len() / 2))
         }
+        // JPEGs every viewer shows despite their flaws: `/quirky/<kind>/<name>`.
+        ["quirky", kind, name] => {
+            let clean = image_for(state, "jpeg", name).unwrap_or_default();
+            match quirky_jpeg(&clean, kind) {
+                Some(bytes) => respond(StatusCode::OK, "image/jpeg", Bytes::from(bytes)),
+                None => respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()),
+            }
+        }
         // Hostile headers: `/hostile/<what>/<name>` (see `hostile`).
         ["hostile", what, name] => hostile(state, what, name),
         // 302 to any URL given as `?to=...` (for redirect-hop tests).
@@ -370,7 +378,10 @@ fn hostile(state: &State, what: &str, name: &str) -> Response<Body> {
             ),
             vec![("x-info", "\u{9b}31mred\u{9b}0m\u{9b}2J".as_bytes().to_vec())],
         ),
-        _ => (respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()), vec![]),
+        _ => (
+            respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new()),
+            vec![],
+        ),
     };
     for (name, value) in headers {
         if let Ok(v) = HeaderValue::from_bytes(&value) {
@@ -378,6 +389,23 @@ fn hostile(state: &State, what: &str, name: &str) -> Response<Body> {
         }
     }
     r
+}
+
+/// A JPEG with a flaw libjpeg skips with a warning, or with EXIF where a
+/// naive segment walk would not look: `stray` bytes between segments, a
+/// `com0` (COM of length 0), EXIF behind a fill byte (`fill-exif`) or
+/// between the scan data and EOI (`exif-after-scan`).
+pub fn quirky_jpeg(jpeg: &[u8], kind: &str) -> Option<Vec<u8>> {
+    let first = 4 + usize::from(u16::from_be_bytes([*jpeg.get(4)?, *jpeg.get(5)?]));
+    let exif = with_gps_exif(&[0xFF, 0xD8]).split_off(2);
+    let (at, insert): (usize, Vec<u8>) = match kind {
+        "stray" => (first, b"\x00\x13\x37".to_vec()),
+        "com0" => (first, vec![0xFF, 0xFE, 0x00, 0x00]),
+        "fill-exif" => (first, [&[0xFF][..], &exif].concat()),
+        "exif-after-scan" => (jpeg.len().checked_sub(2)?, exif),
+        _ => return None,
+    };
+    Some([&jpeg[..at], &insert, &jpeg[at..]].concat())
 }
 
 pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {

@@ -218,8 +218,8 @@ impl FetchSettings {
         let hop_policy = url_policy.clone();
         let proxy = self
             .proxy
-            .as_deref()
-            .map(crate::config::parse_proxy)
+            .as_ref()
+            .map(|p| crate::config::parse_proxy(p.expose()))
             .transpose()
             .map_err(FetchError::Other)?;
         let proxy_host = proxy
@@ -234,7 +234,9 @@ impl FetchSettings {
             if !matches!(attempt.url().scheme(), "http" | "https") {
                 return attempt.error(RedirectRefused(FetchError::BadRedirect));
             }
-            if !allow_private && let Err(e) = guard_destination(attempt.url(), hop_proxy_host.as_deref()) {
+            if !allow_private
+                && let Err(e) = guard_destination(attempt.url(), hop_proxy_host.as_deref())
+            {
                 return attempt.error(RedirectRefused(e));
             }
             if let Err(why) = hop_policy.check(attempt.url()) {
@@ -519,7 +521,10 @@ mod tests {
             ("http://[::ffff:0:7f00:1]/", "ipv4_translated"),
             ("http://[::ffff:0:a9fe:a9fe]/", "ipv4_translated"),
             ("http://[64:ff9b:1:a00:0:100:808:808]/", "nat64_local_use"),
-            ("http://168.63.129.16/machine?comp=goalstate", "cloud_metadata"),
+            (
+                "http://168.63.129.16/machine?comp=goalstate",
+                "cloud_metadata",
+            ),
             ("http://[fec0::1]/", "site_local"),
         ] {
             let err = fetcher.get(&Url::parse(raw).unwrap()).await.unwrap_err();
@@ -543,7 +548,9 @@ mod tests {
                     let head = String::from_utf8_lossy(&buf[..n]);
                     let _ = tx.send(head.lines().next().unwrap_or_default().to_string());
                     let _ = conn
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                        )
                         .await;
                 });
             }
@@ -555,7 +562,7 @@ mod tests {
     async fn a_proxy_named_by_host_is_reachable_although_its_address_is_private() {
         let (addr, mut requests) = recording_proxy().await;
         let mut s = settings();
-        s.proxy = Some(format!("http://egress-proxy:{}", addr.port()));
+        s.proxy = Some(format!("http://egress-proxy:{}", addr.port()).into());
         // The proxy's name resolves to loopback, as an in-cluster proxy
         // resolves to a private address; the avatar host is never resolved here.
         let fetcher = s
@@ -579,14 +586,17 @@ mod tests {
             fetcher.get(&own).await.unwrap_err(),
             FetchError::NotAllowed(why) if why.contains("fetch.proxy")
         ));
-        assert!(requests.try_recv().is_err(), "nothing else reached the proxy");
+        assert!(
+            requests.try_recv().is_err(),
+            "nothing else reached the proxy"
+        );
     }
 
     #[tokio::test]
     async fn socks5_resolves_destinations_here_through_the_guard() {
         let (addr, mut requests) = recording_proxy().await;
         let mut s = settings();
-        s.proxy = Some(format!("socks5://socks-proxy:{}", addr.port()));
+        s.proxy = Some(format!("socks5://socks-proxy:{}", addr.port()).into());
         let fetcher = s
             .client_with(fixed(&[
                 ("socks-proxy", "127.0.0.1"),
@@ -615,7 +625,12 @@ mod tests {
             };
             assert!(e.contains(why), "{raw}: {e}");
         }
-        for ok in ["http://p:3128", "https://p", "socks5://p:1080", "socks5h://u:pw@p:1080"] {
+        for ok in [
+            "http://p:3128",
+            "https://p",
+            "socks5://p:1080",
+            "socks5h://u:pw@p:1080",
+        ] {
             s.proxy = Some(ok.into());
             assert!(s.client().is_ok(), "{ok}");
         }

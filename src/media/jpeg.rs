@@ -197,7 +197,9 @@ fn read_sof(marker: u8, body: &[u8]) -> Result<(u32, u32), MediaError> {
 /// SOS: the components of the scan; its length must match them.
 fn check_sos(body: &[u8], after_frame: bool) -> Result<(), MediaError> {
     if !after_frame {
-        return Err(MediaError::Malformed("JPEG scan before its frame header".into()));
+        return Err(MediaError::Malformed(
+            "JPEG scan before its frame header".into(),
+        ));
     }
     let components = usize::from(*body.first().unwrap_or(&0));
     if components == 0 || body.len() != 4 + 2 * components {

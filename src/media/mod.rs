@@ -235,8 +235,7 @@ fn walk(bytes: &[u8], format: ImageFormat) -> Result<Walked, MediaError> {
     Ok(match format {
         ImageFormat::Jpeg => {
             let l = jpeg::walk(bytes)?;
-            let cleaned =
-                (l.tolerated.skipped_bytes > 0).then(|| jpeg::rebuild(bytes, &l, true));
+            let cleaned = (l.tolerated.skipped_bytes > 0).then(|| jpeg::rebuild(bytes, &l, true));
             Walked {
                 width: l.width,
                 height: l.height,
@@ -430,8 +429,14 @@ struct GifLayout {
 }
 
 fn gif_layout(b: &[u8]) -> Result<GifLayout, MediaError> {
-    let width = u32::from(u16::from_le_bytes([b.get(6).copied().ok_or(MediaError::Truncated)?, b.get(7).copied().ok_or(MediaError::Truncated)?]));
-    let height = u32::from(u16::from_le_bytes([b.get(8).copied().ok_or(MediaError::Truncated)?, b.get(9).copied().ok_or(MediaError::Truncated)?]));
+    let width = u32::from(u16::from_le_bytes([
+        b.get(6).copied().ok_or(MediaError::Truncated)?,
+        b.get(7).copied().ok_or(MediaError::Truncated)?,
+    ]));
+    let height = u32::from(u16::from_le_bytes([
+        b.get(8).copied().ok_or(MediaError::Truncated)?,
+        b.get(9).copied().ok_or(MediaError::Truncated)?,
+    ]));
     let flags = *b.get(10).ok_or(MediaError::Truncated)?;
     let mut i = 13;
     if flags & 0x80 != 0 {
@@ -858,8 +863,16 @@ pub(crate) mod tests {
         let at = after_first_segment(&j);
         let comment = b"hello world";
         let cases: Vec<(&str, Vec<u8>, u64)> = vec![
-            ("stray bytes between segments", insert(&j, at, b"\x00\x13\x37"), 3),
-            ("fill 0xFF run then 0x00", insert(&j, at, b"\xFF\xFF\x00"), 3),
+            (
+                "stray bytes between segments",
+                insert(&j, at, b"\x00\x13\x37"),
+                3,
+            ),
+            (
+                "fill 0xFF run then 0x00",
+                insert(&j, at, b"\xFF\xFF\x00"),
+                3,
+            ),
             (
                 "junk after a segment declared 3 bytes short",
                 insert(&j, at, &segment(0xFE, comment, comment.len() + 2 - 3)),
@@ -867,8 +880,16 @@ pub(crate) mod tests {
             ),
             ("COM of length 0", insert(&j, at, &segment(0xFE, b"", 0)), 4),
             ("COM of length 1", insert(&j, at, &segment(0xFE, b"", 1)), 4),
-            ("APP5 of length 0", insert(&j, at, &segment(0xE5, b"", 0)), 4),
-            ("fill bytes before a marker", insert(&j, at, b"\xFF\xFF\xFF"), 0),
+            (
+                "APP5 of length 0",
+                insert(&j, at, &segment(0xE5, b"", 0)),
+                4,
+            ),
+            (
+                "fill bytes before a marker",
+                insert(&j, at, b"\xFF\xFF\xFF"),
+                0,
+            ),
             ("junk after EOI", [&j[..], b"trailing junk"].concat(), 0),
         ];
         for (what, bytes, skipped) in cases {
@@ -904,7 +925,11 @@ pub(crate) mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("data ending before EOI", j[..eoi].to_vec(), "truncated"),
             ("cut inside the scan", j[..sos + 40].to_vec(), "truncated"),
-            ("no frame header", [&j[..2], &j[eoi..]].concat(), "malformed"),
+            (
+                "no frame header",
+                [&j[..2], &j[eoi..]].concat(),
+                "malformed",
+            ),
             ("SOF length lies", bad_sof, "malformed"),
             ("SOS length lies", bad_sos, "malformed"),
             ("segment past the end", huge_dqt, "truncated"),
@@ -937,8 +962,14 @@ pub(crate) mod tests {
         let at = after_first_segment(&j);
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("after SOI", insert(&j, 2, exif)),
-            ("behind a fill byte", insert(&j, at, &[&[0xFF][..], exif].concat())),
-            ("behind stray bytes", insert(&j, at, &[&b"junk"[..], exif].concat())),
+            (
+                "behind a fill byte",
+                insert(&j, at, &[&[0xFF][..], exif].concat()),
+            ),
+            (
+                "behind stray bytes",
+                insert(&j, at, &[&b"junk"[..], exif].concat()),
+            ),
             ("between the scan data and EOI", insert(&j, eoi, exif)),
             ("after EOI", [&j[..], exif].concat()),
         ];
@@ -1025,7 +1056,11 @@ pub(crate) mod tests {
         ihdr.extend_from_slice(&i32::MAX.to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
         png.extend_from_slice(&png_chunk(b"IHDR", &ihdr, true));
-        png.extend_from_slice(&png_chunk(b"IDAT", b"\x78\x9c\x03\x00\x00\x00\x00\x01", true));
+        png.extend_from_slice(&png_chunk(
+            b"IDAT",
+            b"\x78\x9c\x03\x00\x00\x00\x00\x01",
+            true,
+        ));
         png.extend_from_slice(&png_chunk(b"IEND", b"", true));
         let v = validate(&png, &settings()).unwrap_err().verdict();
         assert_eq!(

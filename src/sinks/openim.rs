@@ -5,7 +5,6 @@
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
@@ -21,7 +20,7 @@ const SERVER_ERROR: i64 = 500;
 pub struct OpenImSink {
     name: String,
     api: String,
-    secret: SecretString,
+    secret: crate::secret::Secret,
     admin_user_id: String,
     on_expired: OnExpired,
     http: reqwest::Client,
@@ -45,7 +44,7 @@ impl OpenImSink {
     pub fn new(name: String, c: &OpenImSettings) -> Result<Self, ConfigError> {
         Ok(OpenImSink {
             name,
-            api: c.api.trim_end_matches('/').to_string(),
+            api: c.api.expose().trim_end_matches('/').to_string(),
             secret: resolve_secret(&c.secret)?,
             admin_user_id: c.admin_user_id.clone(),
             on_expired: c.on_expired,
@@ -101,7 +100,7 @@ impl OpenImSink {
                 "/auth/get_admin_token",
                 None,
                 None,
-                &json!({"secret": self.secret.expose_secret(), "userID": self.admin_user_id}),
+                &json!({"secret": self.secret.expose(), "userID": self.admin_user_id}),
             )
             .await?;
         let code = err_code(&reply);

@@ -2,7 +2,6 @@
 
 use async_trait::async_trait;
 use hmac::{Hmac, Mac};
-use secrecy::{ExposeSecret, SecretString};
 use sha2::Sha256;
 
 use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
@@ -11,7 +10,7 @@ use crate::config::{ConfigError, WebhookSettings, resolve_secret};
 pub struct WebhookSink {
     name: String,
     url: String,
-    secret: SecretString,
+    secret: crate::secret::Secret,
     events: Vec<EventKind>,
     signature_header: String,
     http: reqwest::Client,
@@ -40,11 +39,11 @@ impl WebhookSink {
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        url::Url::parse(&c.url)
+        url::Url::parse(c.url.expose())
             .map_err(|e| ConfigError::Invalid(format!("sink {name}: url: {e}")))?;
         Ok(WebhookSink {
             name,
-            url: c.url.clone(),
+            url: c.url.expose().to_string(),
             secret: resolve_secret(&c.secret)?,
             events,
             signature_header: c.signature_header.clone(),
@@ -74,7 +73,7 @@ impl Sink for WebhookSink {
             .header("Idempotency-Key", &event.id)
             .header(
                 self.signature_header.as_str(),
-                signature(self.secret.expose_secret().as_bytes(), &body),
+                signature(self.secret.expose().as_bytes(), &body),
             )
             .body(body)
             .send()

@@ -3,7 +3,6 @@
 //! Success is `code == 200` in the JSON reply.
 
 use async_trait::async_trait;
-use secrecy::{ExposeSecret, SecretString};
 use sha1::{Digest, Sha1};
 
 use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
@@ -16,7 +15,7 @@ pub struct YunxinSink {
     name: String,
     url: String,
     app_key: String,
-    app_secret: SecretString,
+    app_secret: crate::secret::Secret,
     on_expired: OnExpired,
     http: reqwest::Client,
 }
@@ -36,7 +35,7 @@ impl YunxinSink {
             name,
             url: format!(
                 "{}/user/updateUinfo.action",
-                c.base_url.trim_end_matches('/')
+                c.base_url.expose().trim_end_matches('/')
             ),
             app_key: c.app_key.clone(),
             app_secret: resolve_secret(&c.app_secret)?,
@@ -72,7 +71,7 @@ impl Sink for YunxinSink {
         }
         let nonce = format!("{:032x}", rand::random::<u128>());
         let cur_time = crate::pipeline::unix_now().to_string();
-        let sum = checksum(self.app_secret.expose_secret(), &nonce, &cur_time);
+        let sum = checksum(self.app_secret.expose(), &nonce, &cur_time);
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("accid", &event.user_id)
             .append_pair("icon", &icon)

@@ -11,7 +11,6 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
-use secrecy::ExposeSecret;
 
 use super::{CACHE_CONTROL, ListedObject, ObjectPage, ObjectStore, StoreError, join_url};
 use crate::config::S3Settings;
@@ -30,8 +29,8 @@ impl S3Store {
         match (&settings.access_key_id, &settings.secret_access_key) {
             (Some(id), Some(secret)) => {
                 loader = loader.credentials_provider(Credentials::new(
-                    id.expose_secret(),
-                    secret.expose_secret(),
+                    id.expose(),
+                    secret.expose(),
                     None,
                     None,
                     "avatar-warden-config",
@@ -61,15 +60,15 @@ impl S3Store {
                     .build(),
             );
         if let Some(endpoint) = &settings.endpoint {
-            config = config.endpoint_url(endpoint);
+            config = config.endpoint_url(endpoint.expose());
         }
         let base_url = match (&settings.public_base_url, &settings.endpoint) {
             (Some(base), _) => base.clone(),
             (None, Some(endpoint)) if settings.force_path_style => {
-                join_url(endpoint, &settings.bucket)
+                join_url(endpoint.expose(), &settings.bucket)
             }
             (None, Some(endpoint)) => {
-                let ep = url::Url::parse(endpoint).map_err(|e| {
+                let ep = url::Url::parse(endpoint.expose()).map_err(|e| {
                     StoreError::Config(format!("storage.endpoint {endpoint:?}: {e}"))
                 })?;
                 format!(

@@ -189,3 +189,49 @@ async fn a_slow_drip_cannot_hold_a_slot_and_a_huge_declared_body_is_not_read() {
         (Status::Invalid, "too_large")
     );
 }
+
+/// JPEGs libjpeg and browsers display with a warning are mirrored, their
+/// users never flagged; with stripping on, EXIF goes wherever it hides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flawed_but_displayable_jpegs_are_mirrored_and_stripped() {
+    let mut app = TestApp::empty().await;
+    let kinds = ["stray", "com0", "fill-exif", "exif-after-scan"];
+    let rows: Vec<(i64, String)> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (i as i64 + 1, app.origin.url(&format!("/quirky/{k}/q{i}"))))
+        .collect();
+    app.users(&rows).await;
+    app.set("MEDIA__STRIP_METADATA", "true");
+    app.scan().await;
+    for (i, kind) in kinds.iter().enumerate() {
+        let id = (i + 1).to_string();
+        let s = app.state(&id).await;
+        assert_eq!(
+            (s.status, s.reason.as_str()),
+            (Status::Mirrored, "valid_image"),
+            "{kind}: {s:?}"
+        );
+        assert!(
+            !s.reauth_required,
+            "{kind}: nobody is nagged for a fine picture"
+        );
+        assert!(!app.profile(i as i64 + 1).await.1, "{kind}");
+        let url = s.mirror_url.unwrap();
+        let stored = std::fs::read(
+            app.mirror_root()
+                .join(&url[url.find("avatars/").unwrap()..]),
+        )
+        .unwrap();
+        assert!(
+            !stored.windows(11).any(|w| w == b"GPSLatitude"),
+            "{kind}: no GPS in the mirror"
+        );
+        if *kind == "stray" {
+            assert_eq!(
+                s.reason_detail.as_deref(),
+                Some("tolerated: 3 extraneous JPEG bytes skipped")
+            );
+        }
+    }
+}

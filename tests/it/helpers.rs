@@ -78,6 +78,23 @@ pub fn server_url(backend: Backend) -> Option<String> {
     }
 }
 
+/// A tool from the PATH; skipped with a reason (and how to install it) when
+/// missing, a failure under CI.
+pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{name} is not installed: CI must run this test (.ci/run installs it)");
+        }
+        eprintln!("skipped: {name} is not installed ({install})");
+    }
+    found
+}
+
 /// A database of its own for one test, dropped afterwards.
 pub struct TestDb {
     pub url: String,

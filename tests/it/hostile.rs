@@ -66,11 +66,17 @@ async fn oversized_remote_values_never_stop_a_run(backend: Backend) {
 
     for id in ["1", "2"] {
         let s = app.state(id).await;
-        assert_eq!((s.status, s.reason.as_str()), (Status::Expired, "provider_notexist"));
+        assert_eq!(
+            (s.status, s.reason.as_str()),
+            (Status::Expired, "provider_notexist")
+        );
         let detail = s.reason_detail.unwrap();
         assert!(detail.len() <= MAX_DETAIL_BYTES, "{}", detail.len());
         assert!(detail.contains("cut from 70"), "user {id}: {detail}");
-        assert!(app.profile(id.parse().unwrap()).await.1, "user {id} flagged");
+        assert!(
+            app.profile(id.parse().unwrap()).await.1,
+            "user {id} flagged"
+        );
     }
     let c = app.state("3").await;
     assert_eq!(c.status, Status::Mirrored);
@@ -89,7 +95,9 @@ async fn oversized_remote_values_never_stop_a_run(backend: Backend) {
 
     // Nothing is stuck: the next run (everything due again) passes too,
     // and what it sends to the sinks is bounded.
-    let again = app.text("SELECT CAST(MAX(LENGTH(payload)) AS VARCHAR(20)) FROM avatar_warden_outbox").await;
+    let again = app
+        .text("SELECT CAST(MAX(LENGTH(payload)) AS VARCHAR(20)) FROM avatar_warden_outbox")
+        .await;
     if let Some(max) = again.and_then(|v| v.parse::<usize>().ok()) {
         assert!(max < 8 * 1024, "outbox payload of {max} bytes");
     }

@@ -11,22 +11,9 @@ use avatar_warden::demo::OriginOptions;
 use crate::cli::{command, run, stderr, stdout};
 use crate::helpers::TestApp;
 
-/// A tool from the PATH; skipped with a reason when missing, a failure under CI.
+/// A Prometheus tool from the PATH; skipped with a reason when missing, a failure under CI.
 pub fn tool(name: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    });
-    if found.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{name} is not installed: CI must run this test (.ci/run installs it)");
-        }
-        eprintln!(
-            "skipped: {name} is not installed (apt-get install prometheus prometheus-pushgateway)"
-        );
-    }
-    found
+    crate::helpers::tool(name, "apt-get install prometheus prometheus-pushgateway")
 }
 
 /// `promtool check metrics`: the exposition parses and passes Prometheus' lint.

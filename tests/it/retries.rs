@@ -55,7 +55,11 @@ async fn a_connection_reset_is_retried_within_the_scan() {
         (Status::Mirrored, "valid_image"),
         "{s:?}"
     );
-    assert_eq!(connections.load(Ordering::SeqCst), 2, "one reset, one retry");
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        2,
+        "one reset, one retry"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,8 +82,11 @@ async fn a_timeout_is_asked_again_once_per_scan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_avatar_never_holds_a_slot_past_its_budget() {
     let mut app = TestApp::empty().await;
-    app.users(&[(1, app.origin.url("/drip/a")), (2, app.origin.url("/status/503/b"))])
-        .await;
+    app.users(&[
+        (1, app.origin.url("/drip/a")),
+        (2, app.origin.url("/status/503/b")),
+    ])
+    .await;
     app.set("FETCH__TIMEOUT_SECS", "2");
     app.set("RETRY__IN_RUN", "10");
     app.set("RETRY__BACKOFF_MS", "400");

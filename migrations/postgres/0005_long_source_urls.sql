@@ -1,0 +1,3 @@
+-- MySQL/MariaDB widen source_url to MEDIUMTEXT in this version (TEXT holds
+-- 64 KiB there). TEXT has no such limit on this backend: nothing to change;
+-- the version is kept so every backend has the same migration numbers.

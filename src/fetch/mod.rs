@@ -611,6 +611,37 @@ mod tests {
         assert!(requests.try_recv().is_err(), "the proxy was never asked");
     }
 
+    #[tokio::test]
+    async fn replies_of_servers_we_talk_to_are_read_only_up_to_the_cap() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let _ = conn
+                .write_all(b"HTTP/1.1 500 Oops\r\ncontent-length: 8388608\r\n\r\n")
+                .await;
+            // 8 MiB of error page, of which only the cap is read.
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..128 {
+                if conn.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let response = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .get(format!("http://{addr}/"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(capped_text(response, 4096).await.len(), 4096);
+    }
+
     #[test]
     fn a_proxy_that_cannot_work_is_refused_at_start_up() {
         let mut s = settings();

@@ -131,6 +131,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check that every object a row points at is in the store; report the
+    /// rows whose object is missing (exit 2), and with `--repair` make them
+    /// due so the next scan downloads and stores their picture again.
+    VerifyStore {
+        /// Make the avatars of missing objects due at once.
+        #[arg(long)]
+        repair: bool,
+        /// Print the result as JSON (with up to 1000 missing keys).
+        #[arg(long)]
+        json: bool,
+    },
     /// Show how many avatars are in each status.
     Status {
         #[arg(long)]
@@ -347,6 +358,45 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 print_status(&summary, now);
             }
             Ok(EXIT_OK)
+        }
+        Command::VerifyStore { repair, json } => {
+            let db = settings.profile.connect().await?;
+            db.migrate()
+                .await
+                .context("migrating the worker's tables")?;
+            let store = settings.storage.open().await?;
+            let report = crate::gc::verify_store(&db, store.as_ref(), repair).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} rows point at {} objects: {} missing ({} rows){}",
+                    report.rows,
+                    report.objects,
+                    report.missing,
+                    report.missing_rows,
+                    if repair {
+                        format!("; {} avatars made due to store their picture again", report.repaired)
+                    } else if report.missing > 0 {
+                        "; `verify-store --repair` makes them due again".to_string()
+                    } else {
+                        String::new()
+                    }
+                );
+                for key in &report.keys {
+                    println!("missing: {key}");
+                }
+                if report.failed > 0 {
+                    println!("{} objects could not be checked (see the log)", report.failed);
+                }
+            }
+            Ok(if report.failed > 0 {
+                EXIT_ERROR
+            } else if report.missing > 0 && !repair {
+                EXIT_SOME_FAILING
+            } else {
+                EXIT_OK
+            })
         }
         Command::Gc {
             dry_run,

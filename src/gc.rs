@@ -144,3 +144,79 @@ pub async fn collect_garbage(
         }
     }
 }
+
+/// How many keys are checked at once by `verify-store`.
+const PARALLEL_CHECKS: usize = 16;
+
+/// What `verify-store` found: rows pointing at an object the store lacks.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VerifyReport {
+    /// Avatars whose row names a stored object.
+    pub rows: u64,
+    /// Distinct objects checked.
+    pub objects: u64,
+    /// Objects missing from the store.
+    pub missing: u64,
+    /// Avatars pointing at a missing object.
+    pub missing_rows: u64,
+    /// With `--repair`: avatars made due to store their picture again.
+    pub repaired: u64,
+    /// The first `REPORT_KEYS_LIMIT` missing keys.
+    pub keys: Vec<String>,
+    /// Checks that failed (store errors; logged).
+    pub failed: u64,
+}
+
+/// Pages through the state table and asks the store for every object a row
+/// points at. `repair` makes the avatars of missing objects forget their
+/// picture and be due at once, so the next scan downloads and stores it.
+pub async fn verify_store(
+    db: &Database,
+    store: &dyn ObjectStore,
+    repair: bool,
+) -> Result<VerifyReport, GcError> {
+    let mut report = VerifyReport::default();
+    let mut after: Option<String> = None;
+    loop {
+        let page = db.export_page(after.as_deref(), 1000).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = Some(last.user_id.to_string());
+        let keys: Vec<String> = page.iter().filter_map(|r| r.object_key.clone()).collect();
+        report.rows += keys.len() as u64;
+        let unique: HashSet<String> = keys.iter().cloned().collect();
+        report.objects += unique.len() as u64;
+        let checked: Vec<(String, Result<bool, StoreError>)> = stream::iter(unique)
+            .map(|key| async move {
+                let found = store.exists(&key).await;
+                (key, found)
+            })
+            .buffer_unordered(PARALLEL_CHECKS)
+            .collect()
+            .await;
+        let mut missing = Vec::new();
+        for (key, found) in checked {
+            match found {
+                Ok(true) => {}
+                Ok(false) => missing.push(key),
+                Err(e) => {
+                    tracing::warn!(key, error = %e, "could not check an object");
+                    report.failed += 1;
+                }
+            }
+        }
+        report.missing += missing.len() as u64;
+        report.missing_rows += keys.iter().filter(|k| missing.contains(k)).count() as u64;
+        for key in &missing {
+            if report.keys.len() < REPORT_KEYS_LIMIT {
+                report.keys.push(key.clone());
+            }
+        }
+        if repair && !missing.is_empty() {
+            report.repaired += db.forget_objects(&missing).await?;
+        }
+    }
+    report.keys.sort();
+    Ok(report)
+}

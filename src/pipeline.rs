@@ -276,7 +276,18 @@ async fn examine_avatar(
     let started = Instant::now();
     let in_flight = deps.metrics.in_flight_guard();
     let now = unix_now();
-    let known = known_picture(&due).filter(|_| !redownload);
+    let mut known = known_picture(&due).filter(|_| !redownload);
+    let object_key = due.previous.as_ref().and_then(|p| p.object_key.clone());
+    if let (Some(_), Some(key)) = (&known, &object_key) {
+        // A re-verification that would only confirm headers must not confirm
+        // a mirror whose object is gone: one existence check (cheap next to
+        // the request) and, if it is missing, a full download stores it again.
+        if let Ok(false) = deps.images.store().exists(key).await {
+            tracing::warn!(parent: &span, user_id = %due.user_id, key, "the mirrored object is missing from the store: downloading the picture again");
+            deps.images.forget(key);
+            known = None;
+        }
+    }
     let exam = deps
         .checker
         .reexamine(&due.avatar_url, now, hosts, known.as_ref())
@@ -567,6 +578,7 @@ async fn scan_traced(
     let started = Instant::now();
     let started_at = unix_now();
     deps.metrics.scan_started();
+    deps.images.forget_all();
     update_backlog(deps).await;
     let result = scan_with_lease(deps, opts, token).await;
     // Give back what was claimed but not checked (shutdown, or an error mid-way).
@@ -576,6 +588,9 @@ async fn scan_traced(
     let mut report = match result {
         Ok(r) => r,
         Err(e) => {
+            // What this scan wrote but never made durable is not kept, and
+            // not trusted by the next scan of this process.
+            deps.images.discard_unsynced().await;
             deps.metrics.scan_failed();
             return Err(e);
         }

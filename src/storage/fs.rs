@@ -148,21 +148,44 @@ impl ObjectStore for FsStore {
         let root = self.root.clone();
         let pending = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
         tokio::task::spawn_blocking(move || {
-            let dir = std::fs::File::open(&root)?;
-            let syncfs = || nix::unistd::syncfs(&dir).map_err(std::io::Error::from);
-            // The data, then the names: a crash in between leaves only temp files.
-            syncfs()?;
-            for (path, tmp) in &pending {
-                publish(tmp, path)?;
-            }
-            if !pending.is_empty() {
+            let published = (|| {
+                let dir = std::fs::File::open(&root)?;
+                let syncfs = || nix::unistd::syncfs(&dir).map_err(std::io::Error::from);
+                // The data, then the names: a crash in between leaves only temp files.
                 syncfs()?;
+                for (path, tmp) in &pending {
+                    publish(tmp, path)?;
+                }
+                if !pending.is_empty() {
+                    syncfs()?;
+                }
+                Ok::<_, std::io::Error>(())
+            })();
+            if published.is_err() {
+                // The batch that needed them fails: its temp files go now,
+                // not ten minutes later (best effort on a failing disk).
+                for tmp in pending.values() {
+                    let _ = std::fs::remove_file(tmp);
+                }
             }
-            Ok::<_, std::io::Error>(())
+            published
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
         Ok(())
+    }
+
+    async fn discard_pending(&self) {
+        let pending = std::mem::take(&mut *self.pending.lock().expect("pending lock"));
+        if pending.is_empty() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for tmp in pending.values() {
+                let _ = std::fs::remove_file(tmp);
+            }
+        })
+        .await;
     }
 }
 

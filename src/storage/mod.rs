@@ -60,6 +60,10 @@ pub trait ObjectStore: Send + Sync {
     async fn sync(&self) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// Forgets what was written since the last `sync` and removes it
+    /// (best effort): the scan that wrote it failed before using it.
+    async fn discard_pending(&self) {}
     /// One page of the objects under `<prefix>avatars/`, in key order,
     /// continuing after `cursor` (`gc`).
     async fn list_avatars(&self, cursor: Option<String>) -> Result<ObjectPage, StoreError>;
@@ -166,7 +170,11 @@ pub type OpObserver = Arc<dyn Fn(StoreOp, std::time::Duration) + Send + Sync>;
 
 #[derive(Default)]
 struct WriterState {
+    /// Keys durable under their final name (fs: published and synced; S3:
+    /// PUT returned and the batch's `sync` passed): safe to skip.
     known: HashSet<String>,
+    /// Written or found since the last `sync`: known only once it succeeds.
+    unsynced: Vec<String>,
     in_progress: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
 }
 
@@ -199,8 +207,38 @@ impl ImageWriter {
     }
 
     /// The durability barrier before a batch that points at stored objects.
+    /// Keys written before it become known only if it succeeds: a key is
+    /// never skipped on the word of a write that was not made durable.
     pub async fn sync(&self) -> Result<(), StoreError> {
-        self.store.sync().await
+        // Taken before the store's own barrier: a key written meanwhile waits
+        // for the next one (safe), never the other way round.
+        let written = std::mem::take(&mut self.state.lock().expect("writer lock").unsynced);
+        self.store.sync().await?;
+        let mut st = self.state.lock().expect("writer lock");
+        if st.known.len() + written.len() > KNOWN_KEYS_CAP {
+            st.known.clear();
+        }
+        st.known.extend(written);
+        Ok(())
+    }
+
+    /// After a failed scan: what was written but not made durable is removed,
+    /// and none of it counts as stored.
+    pub async fn discard_unsynced(&self) {
+        self.state.lock().expect("writer lock").unsynced.clear();
+        self.store.discard_pending().await;
+    }
+
+    /// Stop trusting that `key` is stored (it was found missing).
+    pub fn forget(&self, key: &str) {
+        self.state.lock().expect("writer lock").known.remove(key);
+    }
+
+    /// Forget every known key: at the start of each scan, so a long-running
+    /// process never trusts a key across a `gc` run (which may delete an
+    /// object no avatar referenced for `gc.grace_hours`) or a lost object.
+    pub fn forget_all(&self) {
+        self.state.lock().expect("writer lock").known.clear();
     }
 
     /// Stores an image under its content key unless it is already there.
@@ -236,11 +274,11 @@ impl ImageWriter {
                 self.timed(StoreOp::Put, self.store.put(&key, bytes, format.mime()))
                     .await?;
             }
-            let mut st = self.state.lock().expect("writer lock");
-            if st.known.len() >= KNOWN_KEYS_CAP {
-                st.known.clear();
-            }
-            st.known.insert(key.clone());
+            self.state
+                .lock()
+                .expect("writer lock")
+                .unsynced
+                .push(key.clone());
             Ok(exists)
         }
         .await;

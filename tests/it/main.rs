@@ -16,3 +16,4 @@ mod scan;
 mod secrets;
 mod sinks;
 mod standins;
+mod writepath;

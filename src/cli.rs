@@ -376,7 +376,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     report.missing,
                     report.missing_rows,
                     if repair {
-                        format!("; {} avatars made due to store their picture again", report.repaired)
+                        format!(
+                            "; {} avatars made due to store their picture again",
+                            report.repaired
+                        )
                     } else if report.missing > 0 {
                         "; `verify-store --repair` makes them due again".to_string()
                     } else {
@@ -387,7 +390,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                     println!("missing: {key}");
                 }
                 if report.failed > 0 {
-                    println!("{} objects could not be checked (see the log)", report.failed);
+                    println!(
+                        "{} objects could not be checked (see the log)",
+                        report.failed
+                    );
                 }
             }
             Ok(if report.failed > 0 {
@@ -604,6 +610,7 @@ pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOpt
         batch_size: settings.scan.batch_size,
         concurrency: settings.fetch.concurrency,
         lease_secs: settings.scan.lease_secs,
+        flush: settings.scan.flush(),
         shard: None,
         selection: Selection::default(),
         limit: None,

@@ -135,6 +135,14 @@ impl ProfileSettings {
 pub struct ScanSettings {
     pub batch_size: usize,
     pub lease_secs: u64,
+    /// A finished result waits at most this long before it is written.
+    pub flush_secs: f64,
+}
+
+impl ScanSettings {
+    pub fn flush(&self) -> Duration {
+        Duration::from_secs_f64(self.flush_secs.clamp(0.05, 3600.0))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -57,8 +57,10 @@ impl Policy {
 pub struct ScanOptions {
     pub batch_size: usize,
     pub concurrency: usize,
-    /// How long claimed avatars stay leased to this scan.
+    /// How long claimed avatars stay leased to this scan (renewed while it runs).
     pub lease_secs: u64,
+    /// A result is written at the latest this long after it finished.
+    pub flush: Duration,
     /// Static sharding: only ids of this shard.
     pub shard: Option<Shard>,
     /// Backfill controls: force, only statuses, users, dry run.
@@ -651,8 +653,66 @@ pub fn worker_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// How long a partly filled batch may wait before it is written anyway.
-const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Sleeps until `at`, or forever without one (a `select!` arm that never fires).
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the scan's leases every third of a lease until aborted. A failed
+/// renewal is logged and tried again; the leases outlive one miss.
+async fn renew_leases(db: Arc<Database>, token: String, lease_secs: u64) {
+    let every = Duration::from_secs(lease_secs.max(3) / 3);
+    loop {
+        tokio::time::sleep(every).await;
+        let until = unix_now() + lease_secs as i64;
+        match db.renew_leases(&token, until).await {
+            Ok(n) => tracing::debug!(renewed = n, "leases renewed"),
+            Err(e) => tracing::warn!(error = %e, "could not renew leases; trying again"),
+        }
+    }
+}
+
+/// Sizes claim pages to what this scan finishes within half a lease, so a
+/// page never outlives its lease even if a renewal is missed (never fewer
+/// than two rounds of the fetch slots, never more than `scan.batch_size`).
+struct Pace {
+    started: Instant,
+    finished: std::sync::atomic::AtomicU64,
+    min: usize,
+    max: usize,
+    lease_secs: u64,
+}
+
+impl Pace {
+    fn new(concurrency: usize, batch: usize, lease_secs: u64) -> Self {
+        Pace {
+            started: Instant::now(),
+            finished: std::sync::atomic::AtomicU64::new(0),
+            min: (concurrency * 2).min(batch),
+            max: batch,
+            lease_secs,
+        }
+    }
+
+    fn finished(&self) {
+        self.finished
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn page_size(&self) -> usize {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let done = self.finished.load(std::sync::atomic::Ordering::Relaxed);
+        // Too early to know the rate: a full page, as before.
+        if elapsed < 5.0 || done == 0 {
+            return self.max;
+        }
+        let rate = done as f64 / elapsed;
+        ((rate * self.lease_secs as f64 / 2.0) as usize).clamp(self.min, self.max)
+    }
+}
 
 /// `scan --provider NAME`: only URLs that rule matches.
 struct ProviderFilter {
@@ -709,17 +769,20 @@ async fn scan_with_lease(
     // claim between pages left the workers idle (t2 in BENCHMARKS.md).
     let db = deps.db.clone();
     let claim_token = token.to_string();
+    let pace = Arc::new(Pace::new(opts.concurrency.max(1), batch, opts.lease_secs));
+    let claim_pace = pace.clone();
     let claim = move |after: Option<UserId>| {
         let db = db.clone();
         let token = claim_token.clone();
         let selection = selection.clone();
         let keep_url = keep_url.clone();
+        let limit = claim_pace.page_size();
         AbortOnDrop(tokio::spawn(async move {
             let now = unix_now();
             db.claim_page(&Claim {
                 after: after.as_ref(),
                 now,
-                limit: batch,
+                limit,
                 token: &token,
                 lease_until: now + lease_secs,
                 shard,
@@ -745,15 +808,28 @@ async fn scan_with_lease(
         }
     });
 
+    // The heartbeat: while this scan runs, what it claimed and has not
+    // written stays leased to it, however slow a page is.
+    let _heartbeat = (!dry_run).then(|| {
+        AbortOnDrop(tokio::spawn(renew_leases(
+            deps.db.clone(),
+            token.to_string(),
+            opts.lease_secs,
+        )))
+    });
+
     // The writer drains results in batches on its own task, so checking
     // never pauses while a batch is written.
     let (tx, rx) = tokio::sync::mpsc::channel::<Checked>(batch * 2);
     let writer = tokio::spawn(write_results(
         deps.clone(),
         rx,
-        batch,
-        token.to_string(),
-        dry_run,
+        WriteOptions {
+            batch,
+            flush: opts.flush,
+            token: token.to_string(),
+            dry_run,
+        },
     ));
 
     let hosts = deps.checker.host_limiter();
@@ -794,6 +870,7 @@ async fn scan_with_lease(
         };
         match next {
             Ok(Some(checked)) => {
+                pace.finished();
                 if tx.send(checked).await.is_err() {
                     break; // the writer stopped: its error is reported below
                 }
@@ -837,36 +914,56 @@ impl<T> std::future::Future for AbortOnDrop<T> {
     }
 }
 
+/// How the writer batches: `batch` results, or whatever finished `flush` ago.
+struct WriteOptions {
+    batch: usize,
+    flush: Duration,
+    token: String,
+    dry_run: bool,
+}
+
 async fn write_results(
     deps: Deps,
     mut rx: tokio::sync::mpsc::Receiver<Checked>,
-    batch: usize,
-    token: String,
-    dry_run: bool,
+    opts: WriteOptions,
 ) -> Result<ScanReport, ScanError> {
+    let WriteOptions {
+        batch,
+        flush,
+        token,
+        dry_run,
+    } = opts;
     let mut report = ScanReport {
         dry_run,
         ..ScanReport::default()
     };
     let mut buf: Vec<Checked> = Vec::with_capacity(batch);
     let mut open = true;
+    // When the oldest unwritten result arrived: it is written by `flush`
+    // after that, however slowly the rest trickle in.
+    let mut oldest: Option<Instant> = None;
     while open || !buf.is_empty() {
         if open && buf.len() < batch {
-            let deadline = tokio::time::sleep(FLUSH_INTERVAL);
-            let (room, waiting) = (batch - buf.len(), !buf.is_empty());
+            let due = oldest.map(|t| t + flush);
+            let room = batch - buf.len();
             tokio::select! {
                 n = rx.recv_many(&mut buf, room) => {
                     open = n > 0;
-                    if open && buf.len() < batch {
+                    if n > 0 && oldest.is_none() {
+                        oldest = Some(Instant::now());
+                    }
+                    let overdue = due.is_some_and(|d| Instant::now() >= d);
+                    if open && buf.len() < batch && !overdue {
                         continue;
                     }
                 }
-                _ = deadline, if waiting => {}
+                () = sleep_until_opt(due) => {}
             }
         }
         if buf.is_empty() {
             continue;
         }
+        oldest = None;
         let mut unwritten = Vec::new();
         if !dry_run {
             let records: Vec<AvatarRecord> = buf.iter().map(|c| c.record.clone()).collect();

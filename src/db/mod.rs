@@ -556,6 +556,11 @@ const STATE_COLUMNS: [&str; 20] = [
     "source_length",
 ];
 
+/// Written with every outcome: a settled avatar holds no lease, so a worker
+/// killed after writing leaves no stale token behind, and a lease renewal
+/// reaches only the avatars still being checked.
+const SETTLE_LEASE: &str = "lease_token = NULL, lease_expires_at = NULL";
+
 /// Columns read back into `Previous` when claiming.
 const LOCK_COLUMNS: &str = "user_id, source_url, status, mirror_url, object_key, sha256, size_bytes, width, height, format, source_etag, source_last_modified, source_length, attempts, expiry_signals, reauth_required, next_check_at, lease_expires_at";
 
@@ -752,6 +757,19 @@ macro_rules! state_statements {
                 flagged: row.try_get("flagged")?,
                 worker: text(&row, "worker")?,
             }))
+        }
+
+        /// Extends the lease of every avatar still leased to `token` (claimed,
+        /// not yet written: written rows have their lease cleared).
+        pub async fn renew(&self, token: &str, until: i64) -> Result<u64, super::DbError> {
+            // `until` is our own integer: a literal keeps one placeholder per dialect.
+            let sql = format!(
+                "UPDATE {} SET lease_expires_at = {until} WHERE lease_token = {}",
+                super::STATE_TABLE,
+                $token
+            );
+            let done = sqlx::query(&sql).bind(token).execute(&self.pool).await?;
+            Ok(done.rows_affected())
         }
 
         pub async fn release(&self, token: &str) -> Result<u64, super::DbError> {
@@ -1060,6 +1078,13 @@ impl Database {
 
     pub async fn outbox_backlog(&self) -> Result<Vec<OutboxBacklog>, DbError> {
         dispatch!(self, db => db.outbox_backlog())
+    }
+
+    /// The heartbeat: extends to `until` the lease of every avatar `token`
+    /// claimed and has not written yet, so a slow page is never taken over
+    /// by another replica while its holder is alive.
+    pub async fn renew_leases(&self, token: &str, until: i64) -> Result<u64, DbError> {
+        rerun_deadlocks(|| async { dispatch!(self, db => db.renew(token, until)) }).await
     }
 
     /// Gives back every lease `token` still holds (avatars claimed but not checked).

@@ -353,6 +353,7 @@ fn upsert_state(records: &[&AvatarRecord]) -> Result<(String, MySqlArguments), D
     let updates: Vec<String> = STATE_COLUMNS[1..]
         .iter()
         .map(|c| format!("{c} = VALUES({c})"))
+        .chain(std::iter::once(super::SETTLE_LEASE.to_string()))
         .collect();
     let sql = format!(
         "INSERT INTO {STATE_TABLE} ({}) VALUES {} ON DUPLICATE KEY UPDATE {}",

@@ -30,6 +30,7 @@ static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
     let updates: Vec<String> = STATE_COLUMNS[1..]
         .iter()
         .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .chain(std::iter::once(super::SETTLE_LEASE.to_string()))
         .collect();
     format!(
         "INSERT INTO {STATE_TABLE} ({}) SELECT * FROM UNNEST({}) ON CONFLICT (user_id) DO UPDATE SET {}",

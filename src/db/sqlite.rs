@@ -332,6 +332,7 @@ fn upsert_state<'a>(
     let updates: Vec<String> = STATE_COLUMNS[1..]
         .iter()
         .map(|c| format!("{c} = excluded.{c}"))
+        .chain(std::iter::once(super::SETTLE_LEASE.to_string()))
         .collect();
     let sql = format!(
         "INSERT INTO {STATE_TABLE} ({}) VALUES {} ON CONFLICT (user_id) DO UPDATE SET {}",

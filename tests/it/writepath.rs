@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{run, stdout};
-use crate::helpers::TestApp;
+use crate::helpers::{Backend, TestApp};
 
 /// The real fs store whose next durability barrier fails, as a disk that
 /// turns read-only (or fills up) between writing a batch and publishing it.
@@ -160,7 +160,11 @@ async fn a_lost_object_is_reported_and_stored_again() {
     std::fs::remove_file(&b_path).unwrap();
     let out = run(&app, &["verify-store", "--repair"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert!(stdout(&out).contains("1 avatars made due"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("1 avatars made due"),
+        "{}",
+        stdout(&out)
+    );
     let report = app.scan().await;
     assert_eq!(report.processed, 1, "only the repaired one was due");
     assert!(b_path.is_file(), "stored again");
@@ -169,3 +173,103 @@ async fn a_lost_object_is_reported_and_stored_again() {
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["missing"], 0);
 }
+
+/// Three replicas against an origin that gives each about 20 avatars/s, with
+/// pages that take longer than a lease: renewals keep every page with its
+/// holder, so no URL is fetched twice and no result is thrown away.
+async fn slow_replicas_never_fetch_twice_with_a_short_lease(backend: Backend) {
+    const USERS: i64 = 240;
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_millis(200),
+        ..Default::default()
+    };
+    let Some(mut app) = TestApp::empty_on(backend, origin).await else {
+        return;
+    };
+    let rows: Vec<(i64, String)> = (1..=USERS)
+        .map(|i| (i, app.origin.url(&format!("/avatar/jpeg/r{i}"))))
+        .collect();
+    app.users(&rows).await;
+    // 4 slots x 200 ms = 20 avatars/s per replica; a 80-avatar page takes
+    // 4 s, longer than the 3 s lease.
+    app.set("FETCH__CONCURRENCY", "4");
+    app.set("FETCH__TIMEOUT_SECS", "1");
+    app.set("SCAN__LEASE_SECS", "3");
+    app.set("SCAN__BATCH_SIZE", "80");
+    app.set("PROFILE__MAX_CONNECTIONS", "3");
+    let mut scans = Vec::new();
+    for _ in 0..3 {
+        let deps = app.deps().await;
+        let opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        scans.push(tokio::spawn(async move {
+            avatar_warden::pipeline::scan_once(&deps, &opts)
+                .await
+                .unwrap()
+        }));
+    }
+    let (mut processed, mut lost) = (0, 0);
+    for s in scans {
+        let report = s.await.unwrap();
+        processed += report.processed;
+        lost += report.lease_lost;
+    }
+    assert_eq!((processed, lost), (USERS as u64, 0));
+    for i in 1..=USERS {
+        assert_eq!(
+            app.origin.hits(&format!("/avatar/jpeg/r{i}")),
+            1,
+            "user {i}"
+        );
+    }
+}
+
+/// A `kill -9` loses at most what finished within `scan.flush_secs` (plus
+/// what was in flight), not a whole unfilled batch; the next scan finds the
+/// rest due once the leases expire, and finished rows hold no lease.
+async fn a_kill_loses_at_most_the_last_flush_interval(backend: Backend) {
+    const USERS: i64 = 400;
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_millis(200),
+        ..Default::default()
+    };
+    let Some(mut app) = TestApp::empty_on(backend, origin).await else {
+        return;
+    };
+    let rows: Vec<(i64, String)> = (1..=USERS)
+        .map(|i| (i, app.origin.url(&format!("/avatar/jpeg/k{i}"))))
+        .collect();
+    app.users(&rows).await;
+    app.set("FETCH__CONCURRENCY", "4");
+    app.set("SCAN__FLUSH_SECS", "1");
+    let mut child = crate::cli::command(&app, &["scan", "--no-progress"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let fetched: u64 = (1..=USERS)
+        .map(|i| app.origin.hits(&format!("/avatar/jpeg/k{i}")))
+        .sum();
+    let states = app.states().await;
+    let written = states
+        .iter()
+        .filter(|r| r.status != Status::Pending)
+        .count() as u64;
+    assert!(fetched >= 40, "the scan was under way: {fetched} fetched");
+    // 20 avatars/s x 1 s of flush interval, 4 in flight, and one batch being written.
+    assert!(
+        fetched - written <= 20 + 4 + 20,
+        "{fetched} fetched, {written} written"
+    );
+    let leased = app
+        .text("SELECT CAST(COUNT(*) AS VARCHAR(20)) FROM avatar_warden_avatars WHERE lease_token IS NOT NULL AND status <> 'pending'")
+        .await;
+    assert_eq!(leased.as_deref(), Some("0"), "finished rows hold no lease");
+}
+
+crate::on_every_backend!(
+    slow_replicas_never_fetch_twice_with_a_short_lease,
+    a_kill_loses_at_most_the_last_flush_interval,
+);

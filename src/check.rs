@@ -2,23 +2,21 @@
 //! within the run, and politeness per host. Never stores, never errors: every
 //! outcome is a verdict, with the rule that decided it.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use reqwest::header::{
     CONTENT_LENGTH, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
     RETRY_AFTER,
 };
 use reqwest::{Method, StatusCode};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use url::Url;
 
 use crate::classify::{self, HeadDecision, Status, Verdict};
 use crate::config::{ConfigError, FetchSettings, MediaSettings, RetrySettings, Settings};
 use crate::db::Validators;
+use crate::fetch::hosts::Signal;
+pub use crate::fetch::hosts::{HostLimiter, HostState};
 use crate::fetch::{Body, FetchError, Fetcher};
 use crate::media::{self, ImageInfo};
 use crate::providers::{ProviderRule, Providers, Reverify};
@@ -154,6 +152,20 @@ impl Examination {
         self
     }
 
+    /// What this request tells the host's politeness: 429/503 and timeouts
+    /// push back, any other answer says how fast the host is.
+    fn host_signal(&self, took: Duration) -> Signal {
+        match (&self.fetch_error, self.http_status) {
+            (Some(FetchError::Timeout), _) => Signal::PushBack(None),
+            (Some(_), _) => Signal::Nothing,
+            (None, Some(s)) if matches!(s.as_u16(), 429 | 503) => {
+                Signal::PushBack(self.retry_after)
+            }
+            (None, Some(_)) => Signal::Answered(took),
+            (None, None) => Signal::Nothing,
+        }
+    }
+
     /// Whether another attempt within this run may help, from the error's
     /// type or the HTTP status class — never from the reason's words.
     fn retry(&self) -> Retry {
@@ -167,103 +179,6 @@ impl Examination {
             (None, Some(status)) if classify::is_transient_status(status) => Retry::Again,
             (None, _) => Retry::Never,
         }
-    }
-}
-
-/// Per-host politeness for one scan: a concurrency cap and a minimum interval
-/// between request starts; a 429 doubles that host's interval.
-pub struct HostLimiter {
-    per_host: usize,
-    min_interval: Duration,
-    hosts: Mutex<HashMap<String, Arc<HostGate>>>,
-}
-
-struct HostGate {
-    slots: Arc<Semaphore>,
-    /// (earliest next start, current interval)
-    pace: Mutex<(Instant, Duration)>,
-    /// Answered 405/501 to a HEAD: re-verify with GET for the rest of the scan.
-    rejects_head: AtomicBool,
-    /// Answered 200 with the same picture to a conditional GET: stop sending validators.
-    ignores_validators: AtomicBool,
-}
-
-/// Slowest a 429 can make one host: one request per minute.
-const MAX_HOST_INTERVAL: Duration = Duration::from_secs(60);
-
-impl HostLimiter {
-    pub fn new(settings: &FetchSettings) -> Self {
-        HostLimiter {
-            per_host: settings.per_host_concurrency.max(1),
-            min_interval: Duration::from_millis(settings.per_host_min_interval_ms),
-            hosts: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn gate(&self, host: &str) -> Arc<HostGate> {
-        let mut hosts = self.hosts.lock().expect("host limiter lock");
-        hosts
-            .entry(host.to_string())
-            .or_insert_with(|| {
-                Arc::new(HostGate {
-                    slots: Arc::new(Semaphore::new(self.per_host)),
-                    pace: Mutex::new((Instant::now(), self.min_interval)),
-                    rejects_head: AtomicBool::new(false),
-                    ignores_validators: AtomicBool::new(false),
-                })
-            })
-            .clone()
-    }
-
-    /// Waits for a slot and for the host's pace; hold the permit during the request.
-    pub async fn acquire(&self, host: &str) -> OwnedSemaphorePermit {
-        let gate = self.gate(host);
-        let permit = gate
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
-        let start = {
-            let mut pace = gate.pace.lock().expect("pace lock");
-            let now = Instant::now();
-            let start = pace.0.max(now);
-            pace.0 = start + pace.1;
-            start
-        };
-        tokio::time::sleep_until(start.into()).await;
-        permit
-    }
-
-    /// The host said 429: halve its rate for the rest of the scan.
-    pub fn slow_down(&self, host: &str) {
-        let gate = self.gate(host);
-        let mut pace = gate.pace.lock().expect("pace lock");
-        pace.1 = (pace.1 * 2)
-            .max(Duration::from_secs(1))
-            .min(MAX_HOST_INTERVAL);
-    }
-
-    pub fn interval(&self, host: &str) -> Duration {
-        self.gate(host).pace.lock().expect("pace lock").1
-    }
-
-    pub fn rejects_head(&self, host: &str) -> bool {
-        self.gate(host).rejects_head.load(Ordering::Relaxed)
-    }
-
-    fn mark_rejects_head(&self, host: &str) {
-        self.gate(host).rejects_head.store(true, Ordering::Relaxed);
-    }
-
-    pub fn ignores_validators(&self, host: &str) -> bool {
-        self.gate(host).ignores_validators.load(Ordering::Relaxed)
-    }
-
-    fn mark_ignores_validators(&self, host: &str) {
-        self.gate(host)
-            .ignores_validators
-            .store(true, Ordering::Relaxed);
     }
 }
 
@@ -515,16 +430,13 @@ impl Checker {
                 Ok(e) => e,
                 Err(_) => Examination::failed(FetchError::Timeout, "retry.budget_secs"),
             };
-            drop(permit);
+            permit.done(e.host_signal(started.elapsed()));
             requests += 1;
             fetch_time += started.elapsed();
             bytes_read += e.bytes_read;
             e.requests = requests;
             e.fetch_time = fetch_time;
             e.bytes_read = bytes_read;
-            if e.http_status == Some(StatusCode::TOO_MANY_REQUESTS) {
-                hosts.slow_down(&host);
-            }
             let again = match e.retry() {
                 Retry::Never => false,
                 Retry::Again => true,
@@ -816,13 +728,6 @@ mod tests {
     use super::*;
     use reqwest::header::HeaderValue;
 
-    fn two_per_host() -> FetchSettings {
-        let mut settings = Settings::from_layers(None, Vec::new()).unwrap().fetch;
-        settings.per_host_concurrency = 2;
-        settings.per_host_min_interval_ms = 0;
-        settings
-    }
-
     #[test]
     fn retry_after_in_seconds_and_as_a_date() {
         let mut h = HeaderMap::new();
@@ -916,36 +821,5 @@ mod tests {
         let sent = conditional_headers(&known);
         assert_eq!(sent.get(IF_NONE_MATCH).unwrap(), "\"a\"");
         assert!(sent.get(IF_MODIFIED_SINCE).is_none());
-    }
-
-    #[tokio::test]
-    async fn a_429_slows_the_host_down_and_only_that_host() {
-        let hosts = HostLimiter::new(&two_per_host());
-        assert_eq!(hosts.interval("a"), Duration::ZERO);
-        hosts.slow_down("a");
-        assert_eq!(hosts.interval("a"), Duration::from_secs(1));
-        hosts.slow_down("a");
-        assert_eq!(hosts.interval("a"), Duration::from_secs(2));
-        assert_eq!(hosts.interval("b"), Duration::ZERO);
-        for _ in 0..10 {
-            hosts.slow_down("a");
-        }
-        assert_eq!(hosts.interval("a"), MAX_HOST_INTERVAL);
-    }
-
-    #[tokio::test]
-    async fn per_host_concurrency_is_capped() {
-        let hosts = HostLimiter::new(&two_per_host());
-        let a = hosts.acquire("h").await;
-        let _b = hosts.acquire("h").await;
-        let third = tokio::time::timeout(Duration::from_millis(50), hosts.acquire("h")).await;
-        assert!(third.is_err(), "a third request to the same host must wait");
-        let _other = tokio::time::timeout(Duration::from_millis(50), hosts.acquire("other"))
-            .await
-            .unwrap();
-        drop(a);
-        let _again = tokio::time::timeout(Duration::from_millis(50), hosts.acquire("h"))
-            .await
-            .unwrap();
     }
 }

@@ -862,6 +862,19 @@ fn print_report(report: &ScanReport) {
             report.lease_lost
         );
     }
+    for h in &report.hosts {
+        println!(
+            "host {} pushed back {} times (429/503/timeouts): ended at {} requests at once{}",
+            h.host,
+            h.push_backs,
+            h.concurrency,
+            if h.interval_ms > 0 {
+                format!(", one every {} ms", h.interval_ms)
+            } else {
+                String::new()
+            }
+        );
+    }
     if report.unrecorded > 0 {
         println!(
             "{} results refused by the database even as record_error: not written, due again (see the log for their users)",

@@ -72,6 +72,13 @@ struct DeliveryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProviderLabels {
+    /// The provider rule's name, `other` when none matched (never a host:
+    /// hosts are unbounded).
+    provider: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SinkLabels {
     sink: String,
 }
@@ -107,6 +114,8 @@ struct Inner {
     outbox_pending: Family<SinkLabels, Gauge>,
     outbox_dead: Family<SinkLabels, Gauge>,
     mirror_checks: Family<MirrorCheckLabels, Counter>,
+    host_push_backs: Family<ProviderLabels, Counter>,
+    host_concurrency: Family<ProviderLabels, TimeGauge>,
     downloaded_bytes: Family<DownloadLabels, Counter>,
     /// Avatars finished since start, for progress display (not exported).
     progress: AtomicU64,
@@ -290,8 +299,22 @@ impl Metrics {
             "Response body bytes downloaded from avatar sources, by what the check found",
             downloaded_bytes.clone(),
         );
+        let host_push_backs = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "host_push_backs",
+            "429s, 503s and timeouts avatar hosts answered with, by provider (each halves the host's concurrency)",
+            host_push_backs.clone(),
+        );
+        let host_concurrency = Family::<ProviderLabels, TimeGauge>::default();
+        registry.register(
+            "host_concurrency_limit",
+            "The lowest per-host concurrency limit a provider's hosts ended the last scan with, among hosts that pushed back",
+            host_concurrency.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
+                host_push_backs,
+                host_concurrency,
                 mirror_checks,
                 downloaded_bytes,
                 deliveries,
@@ -446,6 +469,25 @@ impl Metrics {
         };
         m.scans.get_or_create(&ScanLabels { result }).inc();
         m.scan_last_duration.set(report.duration_secs);
+        let mut lowest: std::collections::HashMap<&str, f64> = std::collections::HashMap::new();
+        for h in &report.hosts {
+            let provider = h.provider.as_deref().unwrap_or("other");
+            let labels = ProviderLabels {
+                provider: provider.to_string(),
+            };
+            m.host_push_backs
+                .get_or_create(&labels)
+                .inc_by(h.push_backs);
+            let low = lowest.entry(provider).or_insert(h.concurrency);
+            *low = low.min(h.concurrency);
+        }
+        for (provider, limit) in lowest {
+            m.host_concurrency
+                .get_or_create(&ProviderLabels {
+                    provider: provider.to_string(),
+                })
+                .set(limit);
+        }
         if !report.interrupted {
             m.scan_last_success.set(unix_now_f64());
             for status in Status::ALL {

@@ -79,6 +79,9 @@ pub struct ScanOptions {
     pub redownload: bool,
 }
 
+/// How many throttled hosts a report lists.
+pub const REPORT_HOSTS_LIMIT: usize = 20;
+
 /// How many flagged users a report lists by name.
 pub const REPORT_FLAGGED_LIMIT: usize = 1000;
 
@@ -93,6 +96,9 @@ pub struct ScanReport {
     pub bytes_uploaded: u64,
     /// Results not written because their lease had passed to another worker.
     pub lease_lost: u64,
+    /// Hosts that pushed back (429, 503, timeouts), with the concurrency
+    /// and spacing they ended with (first `REPORT_HOSTS_LIMIT`).
+    pub hosts: Vec<crate::check::HostState>,
     /// Results the database refused even as `record_error`: not written,
     /// left leased for a later scan (logged with their user id).
     pub unrecorded: u64,
@@ -886,6 +892,15 @@ async fn scan_with_lease(
     drop(tx);
     let mut report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
     report.abandoned = abandoned;
+    report.hosts = hosts
+        .throttled()
+        .into_iter()
+        .take(REPORT_HOSTS_LIMIT)
+        .map(|mut h| {
+            h.provider = deps.checker.provider_of(&format!("https://{}/", h.host));
+            h
+        })
+        .collect();
     match failure {
         Some(e) => Err(e),
         None => Ok(report),

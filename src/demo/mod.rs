@@ -7,7 +7,7 @@ use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
 
-pub use origin::{Origin, OriginOptions};
+pub use origin::{LimitedStats, Origin, OriginOptions};
 
 /// One sample user: id, nickname, and the avatar path on the origin (`None`:
 /// no avatar; a full URL: used as is).

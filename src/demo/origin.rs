@@ -50,6 +50,25 @@ struct State {
     placeholder: Bytes,
     /// Rendered on the first `/bench/` request.
     bench: OnceLock<Vec<Bytes>>,
+    /// `/limited/` requests in flight now, the most seen, and those refused with 429.
+    limited: LimitedCounts,
+}
+
+#[derive(Default)]
+struct LimitedCounts {
+    in_flight: AtomicU64,
+    peak: AtomicU64,
+    refused: AtomicU64,
+    served: AtomicU64,
+}
+
+/// What a `/limited/` host saw: requests served, refused with 429, and the
+/// most that were in flight at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitedStats {
+    pub served: u64,
+    pub refused: u64,
+    pub peak_in_flight: u64,
 }
 
 /// A running origin; it stops when dropped.
@@ -76,6 +95,7 @@ impl Origin {
             hits: Mutex::new(HashMap::new()),
             images: Mutex::new(HashMap::new()),
             bench: OnceLock::new(),
+            limited: LimitedCounts::default(),
         });
         let stop = CancellationToken::new();
         let app = axum::Router::new().fallback({
@@ -118,6 +138,16 @@ impl Origin {
             .unwrap_or(0)
     }
 
+    /// What the `/limited/` routes saw so far.
+    pub fn limited_stats(&self) -> LimitedStats {
+        let l = &self.state.limited;
+        LimitedStats {
+            served: l.served.load(Ordering::Relaxed),
+            refused: l.refused.load(Ordering::Relaxed),
+            peak_in_flight: l.peak.load(Ordering::Relaxed),
+        }
+    }
+
     /// The bytes `/avatar/<kind>/<name>` serves, for comparing with a mirror.
     pub fn image_bytes(&self, kind: &str, name: &str) -> Option<Bytes> {
         image_for(&self.state, kind, name)
@@ -135,6 +165,11 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
     let if_none_match = if_none_match.as_deref();
     if let Some(rest) = path.strip_prefix("/bench/") {
         return serve_bench(state, rest, if_none_match).await;
+    }
+    // A host that answers 429 whenever more than `n` requests are in flight,
+    // each taking `ms`: `/limited/<n>/<ms>/<name>` (adaptive politeness tests).
+    if let Some(rest) = path.strip_prefix("/limited/") {
+        return serve_limited(state, rest).await;
     }
     if path == "/__stats" {
         let body = format!(
@@ -419,6 +454,38 @@ pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
         &jpeg[2.min(jpeg.len())..],
     ]
     .concat()
+}
+
+async fn serve_limited(state: &State, rest: &str) -> Response<Body> {
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [n, ms, name] = parts.as_slice() else {
+        return respond(StatusCode::NOT_FOUND, "text/plain", Bytes::new());
+    };
+    let (n, ms) = (
+        n.parse::<u64>().unwrap_or(1),
+        ms.parse::<u64>().unwrap_or(0),
+    );
+    let l = &state.limited;
+    let now = l.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    l.peak.fetch_max(now, Ordering::SeqCst);
+    let response = if now > n {
+        l.refused.fetch_add(1, Ordering::SeqCst);
+        respond(
+            StatusCode::TOO_MANY_REQUESTS,
+            "text/plain",
+            Bytes::from_static(b"too many requests"),
+        )
+    } else {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        l.served.fetch_add(1, Ordering::SeqCst);
+        respond(
+            StatusCode::OK,
+            "image/jpeg",
+            image_for(state, "jpeg", name).unwrap_or_default(),
+        )
+    };
+    l.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
 }
 
 /// The benchmark's routes: `/bench/<kind>/<id>` with kind `valid` (a JPEG of

@@ -3,6 +3,7 @@
 //! proxies, and the network guard applied where the connection is made.
 
 pub mod guard;
+pub mod hosts;
 
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};

@@ -7,6 +7,7 @@ mod guard;
 mod helpers;
 mod hostile;
 mod ops;
+mod politeness;
 mod proxy;
 mod retries;
 mod reverify;

@@ -264,7 +264,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 );
             }
             let shutdown = schedule::shutdown_on_signals();
-            let mut opts = scan_options(&settings, shutdown);
+            let mut opts = scan_options(&settings, shutdown.clone());
             opts.shard = shard;
             opts.limit = limit;
             opts.provider = provider;
@@ -280,7 +280,9 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 deps.metrics.clone(),
                 limit,
             );
-            let deliverer = Deliverer::for_deps(&deps, &settings.outbox).filter(|_| !dry_run);
+            let deliverer = Deliverer::for_deps(&deps, &settings.outbox)
+                .filter(|_| !dry_run)
+                .map(|d| d.stop_with(&shutdown, opts.grace));
             let report = Deliverer::around_scan(deliverer, pipeline::scan_once(&deps, &opts)).await;
             progress.finish().await;
             let report = report?;
@@ -314,8 +316,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 .with_context(|| format!("binding metrics.listen {}", settings.metrics.listen))?;
             tracing::info!(%addr, cron = %settings.schedule.cron, "serving /metrics, /healthz and /readyz");
             // Deliveries run for the life of the process, between scans too.
+            let grace = std::time::Duration::from_secs(settings.shutdown.grace_secs);
             let delivering = Deliverer::for_deps(&deps, &settings.outbox).map(|d| {
                 let stop = shutdown.clone();
+                let d = d.stop_with(&shutdown, grace);
                 tokio::spawn(async move { d.run(stop).await })
             });
             schedule::run_until_stopped(deps, scan_options(&settings, shutdown), cron).await;
@@ -882,10 +886,20 @@ fn print_report(report: &ScanReport) {
         );
     }
     let d = report.deliveries;
-    if d.delivered + d.retried + d.dead > 0 {
+    if d.delivered + d.retried + d.dead + d.released > 0 {
         println!(
-            "sinks: {} delivered, {} failed and will be retried, {} given up (see `status`)",
-            d.delivered, d.retried, d.dead
+            "sinks: {} delivered, {} failed and will be retried, {} given up (see `status`){}",
+            d.delivered,
+            d.retried,
+            d.dead,
+            if d.released > 0 {
+                format!(
+                    "; {} given back unattempted when time ran out (they wait in the outbox)",
+                    d.released
+                )
+            } else {
+                String::new()
+            }
         );
     }
 }

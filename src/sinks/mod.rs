@@ -241,6 +241,11 @@ pub struct Deliverer {
     pub sinks: Sinks,
     pub metrics: Metrics,
     pub settings: OutboxSettings,
+    /// The process is stopping: no new attempt starts.
+    stopping: CancellationToken,
+    /// Time is up: attempts in flight are dropped and their deliveries
+    /// released (they stay in the outbox, unattempted, due at once).
+    cutoff: CancellationToken,
 }
 
 /// Delivered, retried and given up on in one pass or drain.
@@ -249,6 +254,9 @@ pub struct DeliveryCounts {
     pub delivered: u64,
     pub retried: u64,
     pub dead: u64,
+    /// Claimed but given back unattempted (shutdown, or the drain's time ran out).
+    #[serde(default)]
+    pub released: u64,
 }
 
 impl DeliveryCounts {
@@ -256,6 +264,7 @@ impl DeliveryCounts {
         self.delivered += o.delivered;
         self.retried += o.retried;
         self.dead += o.dead;
+        self.released += o.released;
     }
 
     fn attempted(&self) -> u64 {
@@ -271,7 +280,28 @@ impl Deliverer {
             sinks: deps.sinks.clone(),
             metrics: deps.metrics.clone(),
             settings: settings.clone(),
+            stopping: CancellationToken::new(),
+            cutoff: CancellationToken::new(),
         })
+    }
+
+    /// Bounds deliveries by the process's shutdown: once `shutdown` is
+    /// cancelled no attempt starts, and `grace` later those in flight are
+    /// dropped and released, so the process exits within its grace period
+    /// even when a sink hangs.
+    pub fn stop_with(mut self, shutdown: &CancellationToken, grace: Duration) -> Self {
+        self.stopping = shutdown.clone();
+        let (signal, cutoff) = (shutdown.clone(), self.cutoff.clone());
+        tokio::spawn(async move {
+            signal.cancelled().await;
+            tokio::time::sleep(grace).await;
+            cutoff.cancel();
+        });
+        self
+    }
+
+    fn winding_down(&self) -> bool {
+        self.stopping.is_cancelled() || self.cutoff.is_cancelled()
     }
 
     /// A scan with deliveries alongside: the loop runs while the scan does
@@ -291,16 +321,28 @@ impl Deliverer {
         });
         let result = scan.await;
         stop.cancel();
+        // The loop's last pass and the drain share `outbox.drain_secs`: a
+        // sink that hangs cannot hold the process past it.
+        let drain = Duration::from_secs(d.settings.drain_secs);
+        let cutoff = AbortOnDrop(tokio::spawn({
+            let cutoff = d.cutoff.clone();
+            async move {
+                tokio::time::sleep(drain).await;
+                cutoff.cancel();
+            }
+        }));
+        let started = tokio::time::Instant::now();
         let mut counts = looping.await.unwrap_or_default();
         let mut result = result?;
-        if !result.interrupted {
-            match d.drain(Duration::from_secs(d.settings.drain_secs)).await {
+        if !result.interrupted && !d.winding_down() {
+            match d.drain(drain.saturating_sub(started.elapsed())).await {
                 Ok(c) => counts.add(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "outbox drain failed; deliveries wait for the next run")
                 }
             }
         }
+        drop(cutoff);
         result.deliveries = counts;
         Ok(result)
     }
@@ -310,7 +352,7 @@ impl Deliverer {
     pub async fn run(&self, stop: CancellationToken) -> DeliveryCounts {
         let idle = Duration::from_millis(self.settings.poll_interval_ms.max(10));
         let mut total = DeliveryCounts::default();
-        while !stop.is_cancelled() {
+        while !stop.is_cancelled() && !self.winding_down() {
             let worked = match self.pass().await {
                 Ok(c) => {
                     total.add(c);
@@ -336,10 +378,8 @@ impl Deliverer {
     pub async fn drain(&self, limit: Duration) -> Result<DeliveryCounts, DbError> {
         let deadline = tokio::time::Instant::now() + limit;
         let mut total = DeliveryCounts::default();
-        loop {
-            let pass = tokio::time::timeout_at(deadline, self.pass()).await;
-            let Ok(pass) = pass else { break };
-            let counts = pass?;
+        while !self.winding_down() {
+            let counts = self.pass().await?;
             total.add(counts);
             if counts.attempted() == 0 || tokio::time::Instant::now() >= deadline {
                 break;
@@ -387,17 +427,28 @@ impl Deliverer {
             .map(|d| {
                 let (token, slow_down) = (&token, &slow_down);
                 async move {
-                    let settle = if slow_down.load(std::sync::atomic::Ordering::Relaxed) {
+                    let released = Settle::Later {
+                        at: crate::pipeline::unix_now(),
+                    };
+                    let settle = if self.winding_down() {
+                        // Stopping: not started, given back at once.
+                        released
+                    } else if slow_down.load(std::sync::atomic::Ordering::Relaxed) {
                         // Rate limited: the rest of the batch goes back in line untouched.
                         Settle::Later {
                             at: crate::pipeline::unix_now() + s.backoff_initial_secs as i64,
                         }
                     } else {
-                        let result = self.attempt(sink.as_ref(), &d).await;
-                        if matches!(result, Err(SinkError::RateLimited(_))) {
-                            slow_down.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tokio::select! {
+                            result = self.attempt(sink.as_ref(), &d) => {
+                                if matches!(result, Err(SinkError::RateLimited(_))) {
+                                    slow_down.store(true, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                self.settle_for(&d, result)
+                            }
+                            // Time is up: dropped mid-request, given back.
+                            () = self.cutoff.cancelled() => released,
                         }
-                        self.settle_for(&d, result)
                     };
                     self.db.settle_delivery(d.id, token, &settle).await?;
                     let label = match &settle {
@@ -406,13 +457,14 @@ impl Deliverer {
                             tracing::info!(sink = sink.name(), user_id = %d.user_id, event = %d.kind, attempts = d.attempts + 1, error = %error, "delivery failed, will retry");
                             "retried"
                         }
+                        Settle::Later { .. } if self.winding_down() => "released",
                         Settle::Later { .. } => "",
                         Settle::Dead { error } => {
                             tracing::warn!(sink = sink.name(), user_id = %d.user_id, event = %d.kind, error = %error, "delivery given up");
                             "dead"
                         }
                     };
-                    if !label.is_empty() {
+                    if !label.is_empty() && label != "released" {
                         self.metrics.delivery(sink.name(), label);
                     }
                     Ok(label)
@@ -427,6 +479,7 @@ impl Deliverer {
                 "delivered" => counts.delivered += 1,
                 "retried" => counts.retried += 1,
                 "dead" => counts.dead += 1,
+                "released" => counts.released += 1,
                 _ => {}
             }
         }
@@ -457,6 +510,15 @@ impl Deliverer {
                 error: bound(e.to_string()),
             },
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

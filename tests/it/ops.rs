@@ -163,7 +163,7 @@ async fn slow_app(latency: Duration, n: i64) -> TestApp {
     app
 }
 
-fn sigterm(child: &Child) {
+pub(crate) fn sigterm(child: &Child) {
     let ok = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

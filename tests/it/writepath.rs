@@ -273,3 +273,107 @@ crate::on_every_backend!(
     slow_replicas_never_fetch_twice_with_a_short_lease,
     a_kill_loses_at_most_the_last_flush_interval,
 );
+
+/// A webhook receiver that accepts connections and never answers.
+async fn hanging_receiver() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    addr
+}
+
+/// How many outbox rows wait, and how many of them are leased.
+async fn outbox_rows(app: &TestApp) -> (String, String) {
+    let count = |sql: &str| {
+        let sql = sql.to_string();
+        async move { app.text(&sql).await.unwrap_or_default() }
+    };
+    (
+        count("SELECT CAST(COUNT(*) AS VARCHAR(20)) FROM avatar_warden_outbox WHERE state = 'pending'").await,
+        count("SELECT CAST(COUNT(*) AS VARCHAR(20)) FROM avatar_warden_outbox WHERE lease_token IS NOT NULL").await,
+    )
+}
+
+async fn app_with_a_hanging_sink() -> TestApp {
+    let mut app = TestApp::empty().await;
+    // Decided without a request: 20 users, two events each (invalid, reauth).
+    let rows: Vec<(i64, String)> = (1..=20)
+        .map(|i| (i, format!("ftp://files.example/{i}.png")))
+        .collect();
+    app.users(&rows).await;
+    let hook = hanging_receiver().await;
+    app.config_toml(&format!(
+        "[[sink]]\nkind = \"webhook\"\nurl = \"http://{hook}/hook\"\nsecret = \"s\"\ntimeout_secs = 10\n"
+    ));
+    app.set("SHUTDOWN__GRACE_SECS", "3");
+    app.set("OUTBOX__CONCURRENCY", "4");
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_scan_within_its_grace_period_although_a_sink_hangs() {
+    let app = app_with_a_hanging_sink().await;
+    let child = crate::cli::command(&app, &["scan", "--no-progress"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    crate::ops::sigterm(&child);
+    let signalled = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3 + 2),
+        "exited {took:?} after SIGTERM:\n{}",
+        crate::cli::stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    assert!(stdout(&out).contains("given back unattempted"), "{}", stdout(&out));
+    assert_eq!(
+        outbox_rows(&app).await,
+        ("40".into(), "0".into()),
+        "every delivery still waits, none leased"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_sink_holds_scan_no_longer_than_the_drain_and_run_stops_in_time() {
+    let mut app = app_with_a_hanging_sink().await;
+    app.set("OUTBOX__DRAIN_SECS", "2");
+    let started = std::time::Instant::now();
+    let out = run(&app, &["scan", "--no-progress"]);
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(8),
+        "scan took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(outbox_rows(&app).await, ("40".into(), "0".into()));
+
+    // `run` picks them up between scans; SIGTERM ends it within the grace period.
+    app.set("SCHEDULE__CRON", "0 0 1 1 *");
+    app.set("METRICS__LISTEN", "127.0.0.1:0");
+    let child = crate::cli::command(&app, &["run"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    crate::ops::sigterm(&child);
+    let signalled = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3 + 2),
+        "run exited {took:?} after SIGTERM:\n{}",
+        crate::cli::stderr(&out)
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    assert_eq!(outbox_rows(&app).await, ("40".into(), "0".into()));
+}

@@ -192,7 +192,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cause_chain(&e));
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -531,6 +531,7 @@ fn status_json(s: &StatusSummary, now: i64) -> serde_json::Value {
             "failing": r.failing,
             "flagged": r.flagged,
             "worker": r.worker,
+            "error": r.error,
         })),
         "outbox": s.outbox.iter().map(|b| json!({
             "sink": b.sink,
@@ -573,6 +574,9 @@ fn print_status(s: &StatusSummary, now: i64) {
             human_duration(now - r.finished_at),
         ),
         None => println!("last run         never"),
+    }
+    if let Some(error) = s.last_run.as_ref().and_then(|r| r.error.as_deref()) {
+        println!("last run failed: {}", printable(error));
     }
     for b in &s.outbox {
         let oldest = b
@@ -721,6 +725,23 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
     } else {
         EXIT_OK
     })
+}
+
+/// An error and its causes, each said once: our error types often quote
+/// their source in their own message, so a cause already said is skipped.
+fn cause_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// Remote text for a terminal: control characters (C0, DEL, C1 such as

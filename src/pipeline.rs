@@ -600,6 +600,23 @@ async fn scan_traced(
             // not trusted by the next scan of this process.
             deps.images.discard_unsynced().await;
             deps.metrics.scan_failed();
+            if !opts.selection.dry_run {
+                let run = RunRecord {
+                    started_at,
+                    finished_at: unix_now(),
+                    result: "failed".into(),
+                    worker: worker_name(),
+                    error: Some(crate::classify::bounded(
+                        e.to_string(),
+                        crate::classify::MAX_DETAIL_BYTES,
+                    )),
+                    ..RunRecord::default()
+                };
+                // The database may be what failed: then say so, once.
+                if let Err(record) = deps.db.record_run(&run).await {
+                    tracing::warn!(error = %record, "the failed scan could not be recorded in avatar_warden_runs either");
+                }
+            }
             return Err(e);
         }
     };
@@ -623,6 +640,7 @@ async fn scan_traced(
             failing: report.count(Status::Failing) as i64,
             flagged: report.flagged_total as i64,
             worker: worker_name(),
+            error: None,
         };
         if let Err(e) = deps.db.record_run(&run).await {
             tracing::warn!(error = %e, "could not record the run in avatar_warden_runs");

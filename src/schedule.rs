@@ -109,7 +109,14 @@ pub async fn run_until_stopped(deps: Deps, opts: ScanOptions, schedule: cron::Sc
     }
 }
 
-/// Cancels the token on SIGTERM or Ctrl-C; a second signal exits at once.
+/// Exit code after a second SIGTERM (128 + 15, the shell's convention).
+pub const EXIT_SECOND_SIGTERM: i32 = 143;
+/// Exit code after a second Ctrl-C / SIGINT (128 + 2).
+pub const EXIT_SECOND_SIGINT: i32 = 130;
+
+/// Cancels the token on SIGTERM or Ctrl-C; a second signal exits at once,
+/// with 143 (SIGTERM) or 130 (SIGINT): leases of avatars in flight then
+/// expire after `scan.lease_secs`, deliveries in flight after `outbox.lease_secs`.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
@@ -119,14 +126,17 @@ pub fn shutdown_on_signals() -> CancellationToken {
             "shutdown requested: finishing avatars in flight (signal again to exit now)"
         );
         t.cancel();
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting now");
-        std::process::exit(130);
+        let second = wait_for_signal().await;
+        tracing::warn!(
+            "second signal: exiting now; leases of avatars in flight expire after scan.lease_secs"
+        );
+        std::process::exit(second);
     });
     token
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or Ctrl-C; returns the exit code a second one means.
+async fn wait_for_signal() -> i32 {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -134,17 +144,18 @@ async fn wait_for_signal() {
             Ok(s) => s,
             Err(_) => {
                 let _ = tokio::signal::ctrl_c().await;
-                return;
+                return EXIT_SECOND_SIGINT;
             }
         };
         tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => EXIT_SECOND_SIGTERM,
+            _ = tokio::signal::ctrl_c() => EXIT_SECOND_SIGINT,
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        EXIT_SECOND_SIGINT
     }
 }
 

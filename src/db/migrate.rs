@@ -37,6 +37,11 @@ pub const SQLITE: &[Migration] = &[
         name: "long_source_urls",
         sql: include_str!("../../migrations/sqlite/0005_long_source_urls.sql"),
     },
+    Migration {
+        version: 6,
+        name: "run_errors",
+        sql: include_str!("../../migrations/sqlite/0006_run_errors.sql"),
+    },
 ];
 
 pub const POSTGRES: &[Migration] = &[
@@ -65,6 +70,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "long_source_urls",
         sql: include_str!("../../migrations/postgres/0005_long_source_urls.sql"),
     },
+    Migration {
+        version: 6,
+        name: "run_errors",
+        sql: include_str!("../../migrations/postgres/0006_run_errors.sql"),
+    },
 ];
 
 pub const MYSQL: &[Migration] = &[
@@ -92,6 +102,11 @@ pub const MYSQL: &[Migration] = &[
         version: 5,
         name: "long_source_urls",
         sql: include_str!("../../migrations/mysql/0005_long_source_urls.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "run_errors",
+        sql: include_str!("../../migrations/mysql/0006_run_errors.sql"),
     },
 ];
 

@@ -29,6 +29,13 @@ pub enum DbError {
     Config(String),
     #[error("cannot connect to the profile database: {0}")]
     Connect(String),
+    /// The server went away mid-statement (restarted, network cut).
+    #[error("the connection to the profile database at {endpoint} was lost")]
+    ConnectionLost {
+        endpoint: String,
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("database statement timed out after {0:?}")]
     Timeout(Duration),
     #[error("database error: {0}")]
@@ -86,7 +93,7 @@ impl DbError {
 
     pub fn is_retryable(&self) -> bool {
         match self {
-            DbError::Timeout(_) | DbError::Connect(_) => true,
+            DbError::Timeout(_) | DbError::Connect(_) | DbError::ConnectionLost { .. } => true,
             DbError::Query(sqlx::Error::Database(e)) => {
                 // 40001 serialization failure, 40P01 deadlock (PostgreSQL); 1213/1205 (MySQL) report 40001/HY000.
                 matches!(
@@ -721,7 +728,7 @@ macro_rules! state_statements {
 
         pub async fn record_run(&self, run: &super::RunRecord) -> Result<(), super::DbError> {
             let sql = format!(
-                "INSERT INTO {} (started_at, finished_at, result, processed, failing, flagged, worker) VALUES ({})",
+                "INSERT INTO {} (started_at, finished_at, result, processed, failing, flagged, worker, error) VALUES ({})",
                 super::RUNS_TABLE,
                 $run
             );
@@ -733,6 +740,7 @@ macro_rules! state_statements {
                 .bind(run.failing)
                 .bind(run.flagged)
                 .bind(&run.worker)
+                .bind(run.error.as_deref())
                 .execute(&self.pool)
                 .await?;
             Ok(())
@@ -740,7 +748,7 @@ macro_rules! state_statements {
 
         pub async fn last_run(&self) -> Result<Option<super::RunRecord>, super::DbError> {
             let sql = format!(
-                "SELECT started_at, finished_at, result, processed, failing, flagged, worker \
+                "SELECT started_at, finished_at, result, processed, failing, flagged, worker, error \
                  FROM {} ORDER BY finished_at DESC LIMIT 1",
                 super::RUNS_TABLE
             );
@@ -756,6 +764,7 @@ macro_rules! state_statements {
                 failing: row.try_get("failing")?,
                 flagged: row.try_get("flagged")?,
                 worker: text(&row, "worker")?,
+                error: opt_text(&row, "error")?,
             }))
         }
 
@@ -815,6 +824,56 @@ enum Backend {
 pub struct Database {
     backend: Backend,
     timeout: Duration,
+    /// host:port (or the SQLite file), to name in errors; never credentials.
+    endpoint: String,
+}
+
+/// Where a database URL points: `host:port` for a server, the path for
+/// SQLite. Never its credentials.
+fn endpoint(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else {
+        return "the configured profile.url".into();
+    };
+    match u.scheme() {
+        "sqlite" => format!("{}{}", u.host_str().unwrap_or_default(), u.path()),
+        scheme => {
+            let default = if scheme.starts_with("postgres") {
+                5432
+            } else {
+                3306
+            };
+            format!(
+                "{}:{}",
+                u.host_str().unwrap_or("localhost"),
+                u.port().unwrap_or(default)
+            )
+        }
+    }
+}
+
+/// Why a server cannot be reached, in the socket's words ("connection
+/// refused", "no route to host"), instead of the pool's "timed out".
+async fn probe(endpoint: &str) -> Option<String> {
+    let attempt = tokio::net::TcpStream::connect(endpoint);
+    match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+        Ok(Ok(_)) => None,
+        Ok(Err(e)) => Some(e.to_string()),
+        Err(_) => Some("no answer within 2 s".into()),
+    }
+}
+
+/// The connection itself failed mid-statement, as opposed to the statement.
+fn connection_lost(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
+        // MariaDB/MySQL: "expected to read 4 bytes, got 0 bytes at EOF".
+        sqlx::Error::Protocol(m) => m.contains("expected to read") || m.contains("EOF"),
+        // PostgreSQL: the server terminated the session (admin, shutdown, crash).
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("57P01" | "57P02" | "57P03"))
+        }
+        _ => false,
+    }
 }
 
 impl ProfileSettings {
@@ -822,6 +881,22 @@ impl ProfileSettings {
     /// configured table, columns and filter once, so a typo fails here.
     pub async fn connect(&self) -> Result<Database, DbError> {
         let url = self.url.expose();
+        let endpoint = endpoint(url);
+        match self.connect_to(url).await {
+            Ok(backend) => Ok(Database {
+                backend,
+                timeout: self.statement_timeout(),
+                endpoint,
+            }),
+            Err(DbError::Connect(why)) if !url.starts_with("sqlite") => {
+                let cause = probe(&endpoint).await.unwrap_or(why);
+                Err(DbError::Connect(format!("{endpoint}: {cause}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn connect_to(&self, url: &str) -> Result<Backend, DbError> {
         let scheme = url.split(':').next().unwrap_or_default();
         let backend = match scheme {
             "sqlite" => Backend::Sqlite(
@@ -839,10 +914,7 @@ impl ProfileSettings {
                 )));
             }
         };
-        Ok(Database {
-            backend,
-            timeout: self.statement_timeout(),
-        })
+        Ok(backend)
     }
 }
 
@@ -873,13 +945,15 @@ pub struct StatusSummary {
 pub struct RunRecord {
     pub started_at: i64,
     pub finished_at: i64,
-    /// `completed` or `interrupted`.
+    /// `completed`, `interrupted` or `failed`.
     pub result: String,
     pub processed: i64,
     pub failing: i64,
     pub flagged: i64,
     /// Host name of the worker that ran it.
     pub worker: String,
+    /// What ended a failed run.
+    pub error: Option<String>,
 }
 
 /// The due query as a count: same FROM and WHERE, no order or limit.
@@ -926,9 +1000,14 @@ macro_rules! dispatch {
 
 impl Database {
     async fn timed<T>(&self, fut: impl Future<Output = Result<T, DbError>>) -> Result<T, DbError> {
-        tokio::time::timeout(self.timeout, fut)
-            .await
-            .map_err(|_| DbError::Timeout(self.timeout))?
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(DbError::Timeout(self.timeout)),
+            Ok(Err(DbError::Query(e))) if connection_lost(&e) => Err(DbError::ConnectionLost {
+                endpoint: self.endpoint.clone(),
+                source: e,
+            }),
+            Ok(other) => other,
+        }
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -1279,6 +1358,38 @@ mod tests {
         }
         assert!("4/4".parse::<Shard>().is_err());
         assert!("1".parse::<Shard>().is_err());
+    }
+
+    #[test]
+    fn errors_name_where_the_database_is_never_its_credentials() {
+        assert_eq!(
+            endpoint("postgres://u:pw@db.internal/app"),
+            "db.internal:5432"
+        );
+        assert_eq!(
+            endpoint("mysql://root:pw@10.0.0.5:3307/app"),
+            "10.0.0.5:3307"
+        );
+        assert_eq!(
+            endpoint("sqlite:///var/lib/aw/p.db?mode=rwc"),
+            "/var/lib/aw/p.db"
+        );
+        assert!(connection_lost(&sqlx::Error::Protocol(
+            "expected to read 4 bytes, got 0 bytes at EOF".into()
+        )));
+        assert!(connection_lost(&sqlx::Error::Io(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset
+        ))));
+        assert!(!connection_lost(&sqlx::Error::RowNotFound));
+        let lost = DbError::ConnectionLost {
+            endpoint: "db:3306".into(),
+            source: sqlx::Error::Protocol("expected to read 4 bytes, got 0 bytes at EOF".into()),
+        };
+        assert_eq!(
+            lost.to_string(),
+            "the connection to the profile database at db:3306 was lost"
+        );
+        assert!(lost.is_retryable());
     }
 
     #[test]

@@ -289,7 +289,7 @@ impl MySql {
         "?",
         "?",
         "?",
-        "?, ?, ?, ?, ?, ?, ?",
+        "?, ?, ?, ?, ?, ?, ?, ?",
         super::question_list
     );
     super::outbox::outbox_statements!(sqlx::MySql, String::from, "INSERT IGNORE INTO", "");

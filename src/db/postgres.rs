@@ -389,7 +389,7 @@ impl Postgres {
         "$1",
         "$2",
         "$1",
-        "$1, $2, $3, $4, $5, $6, $7",
+        "$1, $2, $3, $4, $5, $6, $7, $8",
         super::dollar_list
     );
     super::outbox::outbox_statements!(

@@ -229,7 +229,7 @@ impl Sqlite {
         "?",
         "?",
         "?",
-        "?, ?, ?, ?, ?, ?, ?",
+        "?, ?, ?, ?, ?, ?, ?, ?",
         super::question_list
     );
     super::outbox::outbox_statements!(sqlx::Sqlite, String::from, "INSERT OR IGNORE INTO", "");

@@ -272,6 +272,7 @@ async fn a_kill_loses_at_most_the_last_flush_interval(backend: Backend) {
 crate::on_every_backend!(
     slow_replicas_never_fetch_twice_with_a_short_lease,
     a_kill_loses_at_most_the_last_flush_interval,
+    a_failed_scan_is_recorded_with_its_error,
 );
 
 /// A webhook receiver that accepts connections and never answers.
@@ -334,7 +335,11 @@ async fn sigterm_ends_scan_within_its_grace_period_although_a_sink_hangs() {
         crate::cli::stderr(&out)
     );
     assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
-    assert!(stdout(&out).contains("given back unattempted"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("given back unattempted"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(
         outbox_rows(&app).await,
         ("40".into(), "0".into()),
@@ -376,4 +381,61 @@ async fn a_hanging_sink_holds_scan_no_longer_than_the_drain_and_run_stops_in_tim
     );
     assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
     assert_eq!(outbox_rows(&app).await, ("40".into(), "0".into()));
+}
+
+/// A scan that fails on a database error is recorded as `failed` with its
+/// error, so `status` does not show the previous good run as the last.
+async fn a_failed_scan_is_recorded_with_its_error(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    app.scan().await;
+    app.time_passes().await;
+    let deps = app.deps().await;
+    // The write-back column disappears under the running worker.
+    app.sql(&["ALTER TABLE users DROP COLUMN avatar_mirror_url"])
+        .await;
+    let opts = avatar_warden::cli::scan_options(&app.settings(), CancellationToken::new());
+    let failed = avatar_warden::pipeline::scan_once(&deps, &opts).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let out = run(&app, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let last = &json["last_run"];
+    assert_eq!(last["result"], "failed", "{json}");
+    assert!(
+        last["error"]
+            .as_str()
+            .unwrap()
+            .contains("avatar_mirror_url"),
+        "{json}"
+    );
+    let text = stdout(&run(&app, &["status"]));
+    assert!(text.contains("last run failed: "), "{text}");
+}
+
+/// A second SIGTERM exits at once with 143 (128 + SIGTERM), as documented.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_with_143() {
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_secs(5),
+        ..Default::default()
+    };
+    let mut app = TestApp::with_origin(origin).await;
+    app.users(&[(1, app.origin.url("/avatar/jpeg/slow"))]).await;
+    app.set("SHUTDOWN__GRACE_SECS", "30");
+    let child = crate::cli::command(&app, &["scan", "--no-progress"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    while app.origin.total_hits() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    crate::ops::sigterm(&child);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    crate::ops::sigterm(&child);
+    let started = std::time::Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(143));
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
 }

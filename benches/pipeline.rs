@@ -5,6 +5,7 @@
 //!   cargo bench --bench pipeline -- --scenario all
 //!   cargo bench --bench pipeline -- --users 20000 --db postgres --latency-ms 0 --concurrency 64
 //!   cargo bench --bench pipeline -- --scenario reverify   (a second scan of mirrored avatars)
+//!   cargo bench --bench pipeline -- --scenario slow-host  (one host, 50 ms, 429 beyond N at once)
 //!
 //! Measured from outside the worker: avatars/s (the scan's own duration),
 //! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
@@ -41,6 +42,11 @@ struct Scenario {
     store: Store,
     /// Measure a second scan of the same, already mirrored avatars (#9).
     recheck: Option<Recheck>,
+    /// The origin answers 429 beyond this many requests in flight.
+    host_limit: Option<u64>,
+    /// Keep the default per-host politeness (adaptive, up to 10 at once)
+    /// instead of lifting it for the single benchmark host.
+    default_politeness: bool,
 }
 
 /// How the measured second scan re-verifies the mirrored avatars.
@@ -81,6 +87,8 @@ impl Scenario {
             batch: 1000,
             store: Store::Fs,
             recheck: None,
+            host_limit: None,
+            default_politeness: false,
         }
     }
 }
@@ -112,8 +120,18 @@ fn presets(name: &str) -> Vec<Scenario> {
         recheck("reverify-head", Recheck::Head),
         recheck("reverify-redownload", Recheck::Redownload),
     ];
+    // One host at 50 ms that refuses (429) more than 6 requests at once,
+    // behind the default politeness: what a WeChat backfill meets.
+    let slow_host = |name: &str, users, db| {
+        let mut s = Scenario::new(name, users, 50, 64, db);
+        s.host_limit = Some(6);
+        s.default_politeness = true;
+        s
+    };
     match name {
         "reverify" => reverify,
+        "slow-host" => vec![slow_host("slow-host-50ms-limit6", 5_000, Db::Postgres)],
+        "slow-host-smoke" => vec![slow_host("slow-host-smoke", 300, Db::Sqlite)],
         "all" => [
             vec![t1_pg, t1_sqlite, t2, mixed, s3, rss_small, rss_big],
             reverify,
@@ -125,9 +143,9 @@ fn presets(name: &str) -> Vec<Scenario> {
         "t3" => vec![rss_small, rss_big],
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
-        other => {
-            panic!("unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, smoke)")
-        }
+        other => panic!(
+            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, smoke)"
+        ),
     }
 }
 
@@ -217,6 +235,11 @@ fn spawn_origin(s: &Scenario) -> OriginProcess {
             "--image-bytes",
             &s.image_bytes.to_string(),
         ])
+        .args(
+            s.host_limit
+                .map(|n| vec!["--limit".to_string(), n.to_string()])
+                .unwrap_or_default(),
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -231,7 +254,7 @@ fn spawn_origin(s: &Scenario) -> OriginProcess {
     }
 }
 
-async fn origin_requests(http: &reqwest::Client, base: &str) -> u64 {
+async fn origin_stats(http: &reqwest::Client, base: &str) -> Value {
     let text = http
         .get(format!("{base}/__stats"))
         .send()
@@ -240,8 +263,7 @@ async fn origin_requests(http: &reqwest::Client, base: &str) -> u64 {
         .text()
         .await
         .unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["requests"].as_u64().unwrap()
+    serde_json::from_str(&text).unwrap()
 }
 
 /// Requests/s the origin serves alone, at the scenario's concurrency.
@@ -355,6 +377,36 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
+/// Polls the state table from its own thread until a first result is
+/// written: the seconds from the worker's start (`None`: none within 10 min).
+fn watch_first_row(
+    profile_url: String,
+    started: Instant,
+    done: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Option<f64>> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            sqlx::any::install_default_drivers();
+            let sql = "SELECT COUNT(*) FROM avatar_warden_avatars WHERE status <> 'pending'";
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(pool) = sqlx::AnyPool::connect(&profile_url).await {
+                    let n: Result<i64, _> = sqlx::query_scalar(sql).fetch_one(&pool).await;
+                    pool.close().await;
+                    if n.is_ok_and(|n| n > 0) {
+                        return Some(started.elapsed().as_secs_f64());
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None
+        })
+    })
+}
+
 struct WorkerRun {
     report: Value,
     wall_secs: f64,
@@ -364,6 +416,8 @@ struct WorkerRun {
     user_secs: f64,
     peak_rss_kib: u64,
     db_statements: u64,
+    /// Seconds from the worker's start to its first written result.
+    first_row_secs: Option<f64>,
     metrics: String,
 }
 
@@ -451,12 +505,19 @@ fn run_worker(
         ("FETCH__ALLOW_PRIVATE_NETWORKS", "true".into()),
         ("FETCH__ALLOWED_PORTS", "[]".into()),
         ("FETCH__CONCURRENCY", s.concurrency.to_string()),
-        // One origin host: lift the per-host politeness caps meant for real CDNs.
-        ("FETCH__PER_HOST_CONCURRENCY", s.concurrency.to_string()),
-        ("FETCH__PER_HOST_MIN_INTERVAL_MS", "0".into()),
         ("SCAN__BATCH_SIZE", s.batch.to_string()),
         ("LOG__FORMAT", "json".into()),
     ];
+    // One origin host: lift the per-host politeness caps meant for real CDNs,
+    // unless the scenario measures them.
+    let politeness = [
+        ("PER_HOST_CONCURRENCY", s.concurrency.to_string()),
+        ("PER_HOST_MIN_INTERVAL_MS", "0".to_string()),
+    ];
+    let politeness = politeness
+        .iter()
+        .filter(|_| !s.default_politeness)
+        .map(|(k, v)| (format!("AVATAR_WARDEN__FETCH__{k}"), v.clone()));
     cmd.args([
         "scan",
         "--json",
@@ -470,6 +531,7 @@ fn run_worker(
             .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
     )
     .envs(storage_env.iter().cloned())
+    .envs(politeness)
     // sqlx logs every statement it executes at debug under `sqlx::query`.
     .env("RUST_LOG", "warn,sqlx::query=debug")
     .stdout(Stdio::piped())
@@ -477,6 +539,8 @@ fn run_worker(
     let cpu_before = children_cpu_secs();
     let started = Instant::now();
     let mut child = cmd.spawn().expect("starting the worker");
+    let worker_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let first_row = watch_first_row(profile_url.to_string(), started, worker_done.clone());
     let pid = child.id();
     let statements = Arc::new(AtomicU64::new(0));
     let stderr = child.stderr.take().unwrap();
@@ -515,6 +579,8 @@ fn run_worker(
     let cpu_secs = user_secs + cpu_after.1 - cpu_before.1;
     let logs = reader.join().unwrap();
     let stdout = out_reader.join().unwrap();
+    worker_done.store(true, Ordering::Relaxed);
+    let first_row_secs = first_row.join().unwrap();
     assert!(
         matches!(status.code(), Some(0 | 2)),
         "worker failed ({status}):\n{logs}"
@@ -526,6 +592,7 @@ fn run_worker(
         user_secs,
         peak_rss_kib: peak,
         db_statements: statements.load(Ordering::Relaxed),
+        first_row_secs,
         metrics: std::fs::read_to_string(metrics_file).unwrap_or_default(),
     }
 }
@@ -572,7 +639,11 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
     );
     let dir = tempfile::tempdir().unwrap();
     let origin = spawn_origin(s);
-    let capacity = origin_capacity(http, &origin.base, s).await;
+    // A host that refuses beyond N at once has no capacity to speak of.
+    let capacity = match s.host_limit {
+        None => Some(origin_capacity(http, &origin.base, s).await),
+        Some(_) => None,
+    };
     let profile_url = seed(s, args, &origin.base, dir.path()).await;
     let garage = (s.store == Store::Garage).then(|| start_garage(dir.path()));
     let storage_env = garage.as_ref().map(|g| g.env.clone()).unwrap_or_default();
@@ -599,10 +670,12 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
             Recheck::Redownload => extra_args.push("--redownload"),
         }
     }
-    let requests_before = origin_requests(http, &origin.base).await;
+    let before = origin_stats(http, &origin.base).await;
+    let requests_before = before["requests"].as_u64().unwrap();
     let run = run_worker(s, &profile_url, dir.path(), &storage_env, &extra_args);
     drop(garage);
-    let requests = origin_requests(http, &origin.base).await - requests_before - 1;
+    let stats = origin_stats(http, &origin.base).await;
+    let requests = stats["requests"].as_u64().unwrap() - requests_before - 1;
     let processed = run.report["processed"].as_u64().unwrap_or(0);
     let scan_secs = run.report["duration_secs"]
         .as_f64()
@@ -624,6 +697,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         );
     }
     let per_k = |x: f64| x / processed.max(1) as f64 * 1000.0;
+    let delta = |key: &str| stats[key].as_u64().unwrap_or(0) - before[key].as_u64().unwrap_or(0);
     let quantile = |q| {
         histogram_quantile(
             &run.metrics,
@@ -661,6 +735,11 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "bytes_downloaded": bytes_downloaded,
         "bytes_per_avatar": bytes_downloaded as f64 / processed.max(1) as f64,
         "reverified": run.report["reverified"],
+        "first_row_secs": run.first_row_secs,
+        "host_limit": s.host_limit,
+        "refused_429": delta("refused"),
+        "duplicate_fetches": s.host_limit.map(|_| delta("bench_served").saturating_sub(processed)),
+        "hosts": run.report["hosts"],
     });
     eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
     drop(origin);
@@ -732,6 +811,32 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         machine["memory_gib"],
         machine["os"].as_str().unwrap_or("")
     );
+    let slow: Vec<&Value> = results
+        .iter()
+        .filter(|r| !r["host_limit"].is_null())
+        .collect();
+    if !slow.is_empty() {
+        md.push_str("| slow-host scenario | users | latency | host refuses beyond | avatars/s | 429s | 429 share | duplicate fetches | first row written after s | ended at (per host) |\n");
+        md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &slow {
+            let refused = r["refused_429"].as_u64().unwrap_or(0);
+            let requests = r["origin_requests"].as_u64().unwrap_or(0).max(1);
+            md.push_str(&format!(
+                "| {} | {} | {} ms | {} | {} | {} | {:.1} % | {} | {} | {} |\n",
+                r["scenario"].as_str().unwrap_or(""),
+                r["users"],
+                r["origin_latency_ms"],
+                r["host_limit"],
+                fmt_opt(&r["avatars_per_sec"], 0),
+                refused,
+                refused as f64 * 100.0 / requests as f64,
+                r["duplicate_fetches"],
+                fmt_opt(&r["first_row_secs"], 1),
+                r["hosts"][0]["concurrency"],
+            ));
+        }
+        md.push('\n');
+    }
     md.push_str("| scenario | users | db | store | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s | bytes dl/avatar |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in results {

@@ -419,6 +419,7 @@ impl Checker {
         let mut attempt = 0;
         let mut timed_out = false;
         let (mut fetch_time, mut bytes_read) = (Duration::ZERO, 0);
+        let mut previous: Option<Examination> = None;
         loop {
             let permit = hosts.acquire(&host).await;
             let started = Instant::now();
@@ -426,6 +427,14 @@ impl Checker {
             // them (it holds a fetch slot all that time), from its first request.
             let deadline = *deadline.get_or_insert(started + self.retry.budget());
             let left = deadline.saturating_duration_since(started);
+            if left.is_zero()
+                && let Some(previous) = previous
+            {
+                // The budget ran out while waiting for the host: the last
+                // answer stands (it says more than "timed out" would).
+                permit.done(Signal::Nothing);
+                return previous;
+            }
             let mut e = match tokio::time::timeout(left, self.fetch_once(url, rule, ask)).await {
                 Ok(e) => e,
                 Err(_) => Examination::failed(FetchError::Timeout, "retry.budget_secs"),
@@ -455,6 +464,7 @@ impl Checker {
             tracing::debug!(%url, code = e.verdict.code, ?wait, "retrying within the run");
             tokio::time::sleep(wait).await;
             attempt += 1;
+            previous = Some(e);
         }
     }
 

@@ -168,6 +168,9 @@ pub enum Command {
         /// Approximate size of the `/bench/` JPEGs.
         #[arg(long, default_value_t = 20_000)]
         image_bytes: usize,
+        /// Answer 429 when more than this many `/bench/` requests are in flight.
+        #[arg(long)]
+        limit: Option<u64>,
     },
 }
 
@@ -203,12 +206,14 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         bind,
         latency_ms,
         image_bytes,
+        limit,
     } = cli.command
     {
         let origin = demo::Origin::spawn(demo::OriginOptions {
             latency: std::time::Duration::from_millis(latency_ms),
             bind,
             bench_image_bytes: image_bytes,
+            bench_limit: limit,
             ..demo::OriginOptions::default()
         })
         .await?;

@@ -29,6 +29,9 @@ pub struct OriginOptions {
     pub bind: SocketAddr,
     /// Approximate size of the JPEGs under `/bench/` (the benchmark's avatars).
     pub bench_image_bytes: usize,
+    /// `/bench/` answers 429 when more than this many requests are in flight
+    /// (a host that limits concurrency, for the slow-host benchmark).
+    pub bench_limit: Option<u64>,
 }
 
 impl Default for OriginOptions {
@@ -38,6 +41,7 @@ impl Default for OriginOptions {
             image_side: 132,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             bench_image_bytes: 20_000,
+            bench_limit: None,
         }
     }
 }
@@ -172,9 +176,13 @@ async fn serve(state: &State, req: Request<Body>) -> Response<Body> {
         return serve_limited(state, rest).await;
     }
     if path == "/__stats" {
+        let l = &state.limited;
         let body = format!(
-            "{{\"requests\":{}}}",
-            state.total.load(Ordering::Relaxed) - 1
+            "{{\"requests\":{},\"refused\":{},\"bench_served\":{},\"peak_in_flight\":{}}}",
+            state.total.load(Ordering::Relaxed) - 1,
+            l.refused.load(Ordering::Relaxed),
+            l.served.load(Ordering::Relaxed),
+            l.peak.load(Ordering::Relaxed),
         );
         return respond(StatusCode::OK, "application/json", Bytes::from(body));
     }
@@ -494,6 +502,30 @@ async fn serve_limited(state: &State, rest: &str) -> Response<Body> {
 /// `expired` (WeChat's placeholder and headers) or `gone` (404). Not counted
 /// per path: a million distinct paths would only measure the counter.
 async fn serve_bench(state: &State, rest: &str, if_none_match: Option<&str>) -> Response<Body> {
+    let Some(limit) = state.options.bench_limit else {
+        return serve_bench_answer(state, rest, if_none_match).await;
+    };
+    // The same accounting as `/limited/`: in flight, the peak, refusals.
+    let l = &state.limited;
+    let now = l.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    l.peak.fetch_max(now, Ordering::SeqCst);
+    let response = if now > limit {
+        l.refused.fetch_add(1, Ordering::SeqCst);
+        respond(StatusCode::TOO_MANY_REQUESTS, "text/plain", Bytes::new())
+    } else {
+        let r = serve_bench_answer(state, rest, if_none_match).await;
+        l.served.fetch_add(1, Ordering::SeqCst);
+        r
+    };
+    l.in_flight.fetch_sub(1, Ordering::SeqCst);
+    response
+}
+
+async fn serve_bench_answer(
+    state: &State,
+    rest: &str,
+    if_none_match: Option<&str>,
+) -> Response<Body> {
     if !state.options.latency.is_zero() {
         tokio::time::sleep(state.options.latency).await;
     }

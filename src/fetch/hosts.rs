@@ -1,10 +1,11 @@
 //! Per-host politeness for one scan, adaptive in both directions, as TCP
 //! congestion control and Netflix's concurrency-limits are: each host starts
-//! at two requests at once and doubles per round of successes (slow start)
-//! up to `fetch.per_host_concurrency`; a push-back (429, 503, a timeout)
-//! halves it, once per round trip; then it grows by one per round again,
-//! and only a quarter as fast near the level where the host pushed back, so
-//! a host that limits concurrency is met near its limit with few 429s. A
+//! at `fetch.per_host_concurrency` (the operator's idea of safe, and what a
+//! healthy CDN gets at once); a push-back (429, 503, a timeout) halves it,
+//! once per congestion event (push-backs to requests sent before the last
+//! decrease are that same event, as TCP counts losses); then it grows by one per round of answers again, and
+//! only an eighth as fast near the level where the host pushed back, so a
+//! host that limits concurrency is met near its limit with few 429s. A
 //! smoothed latency far over the host's best also counts as congestion. At a
 //! limit of one, a further push-back spaces requests out instead (up to one
 //! a minute), and successes bring the spacing back down. `Retry-After`
@@ -28,8 +29,6 @@ const FIRST_INTERVAL: Duration = Duration::from_millis(250);
 const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Smoothed latency this many times the host's best is congestion.
 const LATENCY_FACTOR: u32 = 4;
-/// Where a host starts (slow start doubles it per round of successes).
-const INITIAL_LIMIT: f64 = 2.0;
 /// Latencies below this are noise, not a baseline.
 const LATENCY_FLOOR: Duration = Duration::from_millis(25);
 
@@ -69,8 +68,6 @@ struct GateState {
     best: Option<Duration>,
     /// Exponentially smoothed latency (one fifth per sample).
     smoothed: Option<Duration>,
-    /// Until the first push-back: grow by one per success.
-    slow_start: bool,
     /// The limit at the last push-back: growth slows near it.
     ceiling: f64,
     push_backs: u64,
@@ -81,11 +78,11 @@ impl GateState {
         (self.limit.floor() as usize).max(1)
     }
 
-    /// One decrease per window (about a round trip): a burst of 429s to
-    /// requests sent together is one signal, not twenty.
-    fn may_decrease(&self, now: Instant) -> bool {
-        let window = self.best.unwrap_or(LATENCY_FLOOR).max(LATENCY_FLOOR) * 2;
-        self.last_decrease.is_none_or(|t| now >= t + window)
+    /// One decrease per congestion event: a burst of 429s to requests sent
+    /// before the last decrease is one signal, not twenty; a push-back to a
+    /// request sent after it is news (the lower limit is still too high).
+    fn may_decrease(&self, sent: Instant) -> bool {
+        self.last_decrease.is_none_or(|t| sent > t)
     }
 
     fn decrease(&mut self, now: Instant, factor: f64) {
@@ -93,17 +90,14 @@ impl GateState {
             self.interval = (self.interval * 2).clamp(FIRST_INTERVAL, MAX_HOST_INTERVAL);
         }
         self.ceiling = self.limit;
-        self.slow_start = false;
         self.limit = (self.limit * factor).max(1.0);
         self.last_decrease = Some(now);
     }
 
     fn increase(&mut self, max: f64) {
-        let step = if self.slow_start {
-            1.0
-        } else if self.limit + 1.0 >= self.ceiling {
+        let step = if self.limit + 1.0 >= self.ceiling {
             // Probing the level the host pushed back at: slowly.
-            0.25 / self.limit
+            0.125 / self.limit
         } else {
             1.0 / self.limit
         };
@@ -128,6 +122,8 @@ pub struct HostState {
 /// Held while a request to the host is in flight; `done` says how it went.
 pub struct HostPermit {
     gate: Arc<HostGate>,
+    /// When the request was let through.
+    sent: Instant,
     max: f64,
     min_interval: Duration,
     released: bool,
@@ -146,7 +142,7 @@ impl HostPermit {
                     if let Some(wait) = retry_after {
                         st.paused_until = st.paused_until.max(now + wait.min(MAX_PAUSE));
                     }
-                    if st.may_decrease(now) {
+                    if st.may_decrease(self.sent) {
                         st.decrease(now, 0.5);
                     }
                 }
@@ -157,7 +153,7 @@ impl HostPermit {
                     st.smoothed = Some(smoothed);
                     let baseline = best.max(LATENCY_FLOOR);
                     if smoothed > baseline * LATENCY_FACTOR {
-                        if st.may_decrease(now) {
+                        if st.may_decrease(self.sent) {
                             st.decrease(now, 0.8);
                         }
                     } else if st.interval > self.min_interval {
@@ -205,14 +201,13 @@ impl HostLimiter {
                 Arc::new(HostGate {
                     state: Mutex::new(GateState {
                         in_flight: 0,
-                        limit: INITIAL_LIMIT.min(self.max),
+                        limit: self.max,
                         interval: self.min_interval,
                         next_start: Instant::now(),
                         paused_until: Instant::now(),
                         last_decrease: None,
                         best: None,
                         smoothed: None,
-                        slow_start: true,
                         ceiling: self.max,
                         push_backs: 0,
                     }),
@@ -243,6 +238,7 @@ impl HostLimiter {
                     st.next_start = now + st.interval;
                     return HostPermit {
                         gate: gate.clone(),
+                        sent: now,
                         max: self.max,
                         min_interval: self.min_interval,
                         released: false,
@@ -329,18 +325,14 @@ mod tests {
     #[tokio::test]
     async fn push_back_halves_a_host_once_per_window_and_successes_win_it_back() {
         let hosts = HostLimiter::new(&settings(8));
-        assert_eq!(hosts.limit("a"), 2.0, "slow start");
-        for _ in 0..6 {
-            hosts.acquire("a").await.done(FAST);
-        }
-        assert_eq!(hosts.limit("a"), 8.0, "doubling per round, capped");
+        assert_eq!(hosts.limit("a"), 8.0, "the setting, at first");
         // Eight concurrent requests all answered 429: one halving, not eight.
         let permits: Vec<_> = futures::future::join_all((0..8).map(|_| hosts.acquire("a"))).await;
         for p in permits {
             p.done(Signal::PushBack(None));
         }
         assert_eq!(hosts.limit("a"), 4.0);
-        assert_eq!(hosts.limit("b"), 2.0, "only that host");
+        assert_eq!(hosts.limit("b"), 8.0, "only that host");
         // Additive increase: one slot per round of successes, slower near 8.
         for _ in 0..15 {
             hosts.acquire("a").await.done(FAST);

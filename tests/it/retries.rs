@@ -82,9 +82,11 @@ async fn a_timeout_is_asked_again_once_per_scan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_avatar_never_holds_a_slot_past_its_budget() {
     let mut app = TestApp::empty().await;
+    // Two hosts (the same origin by two names): each avatar's budget alone.
+    let port = app.origin.addr().port();
     app.users(&[
         (1, app.origin.url("/drip/a")),
-        (2, app.origin.url("/status/503/b")),
+        (2, format!("http://localhost:{port}/status/503/b")),
     ])
     .await;
     app.set("FETCH__TIMEOUT_SECS", "2");

@@ -62,17 +62,44 @@ impl Backend {
     }
 }
 
+/// Marks the running test as skipped for want of `missing`, which `how`
+/// installs or starts: a failure under CI; elsewhere said on stderr and
+/// recorded in `$AVATAR_WARDEN_TEST_SKIP_LOG` (one line per test) for the
+/// summary `scripts/test` prints. Returns nothing: the caller returns early.
+pub fn skip(missing: &str, how: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{missing} is missing: CI must run this test ({how})");
+    }
+    eprintln!("skipped: {missing} ({how})");
+    if let Some(path) = std::env::var_os("AVATAR_WARDEN_TEST_SKIP_LOG") {
+        use std::io::Write;
+        // libtest names each test's thread after the test.
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("unknown test")
+            .to_string();
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let _ = writeln!(f, "{test}\t{missing}\t{how}");
+        }
+    }
+}
+
 /// The base URL of a server backend, or `None` (skip) when it is not configured.
 /// Under CI a missing service is a failure, never a skip.
 pub fn server_url(backend: Backend) -> Option<String> {
     let var = backend.env_var()?;
     match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
-        _ if std::env::var("CI").is_ok_and(|v| v == "true") => {
-            panic!("{var} is not set: CI must run the {backend:?} tests (scripts/test sets it)")
-        }
         _ => {
-            eprintln!("skipped: {var} is not set (scripts/test sets it)");
+            let how = match backend {
+                Backend::Postgres => "run scripts/test, which starts PostgreSQL and sets it",
+                _ => "run scripts/test, which starts MariaDB and sets it",
+            };
+            skip(&format!("{backend:?} ({var} is not set)"), how);
             None
         }
     }
@@ -87,10 +114,7 @@ pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
             .find(|p| p.is_file())
     });
     if found.is_none() {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{name} is not installed: CI must run this test (.ci/run installs it)");
-        }
-        eprintln!("skipped: {name} is not installed ({install})");
+        skip(name, install);
     }
     found
 }

@@ -13,7 +13,10 @@ use crate::helpers::TestApp;
 
 /// A Prometheus tool from the PATH; skipped with a reason when missing, a failure under CI.
 pub fn tool(name: &str) -> Option<PathBuf> {
-    crate::helpers::tool(name, "apt-get install prometheus prometheus-pushgateway")
+    crate::helpers::tool(
+        name,
+        "scripts/test --with-tools, or apt-get install prometheus prometheus-pushgateway",
+    )
 }
 
 /// `promtool check metrics`: the exposition parses and passes Prometheus' lint.

@@ -89,7 +89,10 @@ struct Socks {
 
 impl Socks {
     fn spawn() -> Option<Socks> {
-        let bin = tool("microsocks", "apt-get install microsocks")?;
+        let bin = tool(
+            "microsocks",
+            "scripts/test --with-tools, or apt-get install microsocks",
+        )?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()

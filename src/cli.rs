@@ -1100,3 +1100,21 @@ fn print_mirror_files(root: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_cause_is_said_once() {
+        // DbError quotes its source and also names it as `source()`.
+        let e = anyhow::Error::new(crate::db::DbError::Query(sqlx::Error::RowNotFound))
+            .context("reading the last run");
+        let said = cause_chain(&e);
+        assert_eq!(
+            said,
+            "reading the last run: database error: no rows returned by a query that expected to return at least one row"
+        );
+        assert_eq!(said.matches("no rows returned").count(), 1, "{said}");
+    }
+}

@@ -14,11 +14,12 @@ use url::Url;
 
 use crate::classify::{self, HeadDecision, Status, Verdict};
 use crate::config::{ConfigError, FetchSettings, MediaSettings, RetrySettings, Settings};
-use crate::db::Validators;
 use crate::fetch::hosts::Signal;
 pub use crate::fetch::hosts::{HostLimiter, HostState};
 use crate::fetch::{Body, FetchError, Fetcher};
 use crate::media::{self, ImageInfo};
+pub use crate::model::Reverified;
+use crate::model::Validators;
 use crate::providers::{ProviderRule, Providers, Reverify};
 
 /// Headers `check` shows: the ones rules read, and the ones people ask about.
@@ -84,13 +85,6 @@ enum Retry {
 pub struct Known {
     pub sha256: String,
     pub validators: Validators,
-}
-
-/// A re-verification that ended in a picture, and how it asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Reverified {
-    /// `conditional`, `head` or `get`: the request that decided.
-    pub method: &'static str,
 }
 
 /// What one request of a re-verification asks for.

@@ -1,129 +1,14 @@
 //! Verdicts, and the pure rules that turn a URL or a response into one.
 //! No I/O here: everything is unit-tested without a network.
 
-use std::fmt;
-use std::str::FromStr;
-
 use reqwest::StatusCode;
 use reqwest::header::HeaderMap;
 use url::Url;
 
-/// What avatar-warden concluded about one avatar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Status {
-    Pending,
-    Mirrored,
-    Expired,
-    Invalid,
-    Failing,
-    Blocked,
-}
-
-impl Status {
-    pub const ALL: [Status; 6] = [
-        Status::Pending,
-        Status::Mirrored,
-        Status::Expired,
-        Status::Invalid,
-        Status::Failing,
-        Status::Blocked,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Mirrored => "mirrored",
-            Status::Expired => "expired",
-            Status::Invalid => "invalid",
-            Status::Failing => "failing",
-            Status::Blocked => "blocked",
-        }
-    }
-
-    /// The user must log in again: the provider will never serve this picture.
-    pub fn requires_reauth(self) -> bool {
-        matches!(self, Status::Expired | Status::Invalid)
-    }
-}
-
-impl fmt::Display for Status {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Status {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Status::ALL
-            .into_iter()
-            .find(|st| st.as_str() == s)
-            .ok_or_else(|| format!("unknown status {s:?}"))
-    }
-}
-
-/// A verdict with its reason: a stable snake_case `code` (safe as a metric
-/// label) and an optional human `detail` (header value, status code...).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
-    pub status: Status,
-    pub code: &'static str,
-    pub detail: Option<String>,
-}
-
-impl Verdict {
-    pub fn new(status: Status, code: &'static str) -> Self {
-        Verdict {
-            status,
-            code,
-            detail: None,
-        }
-    }
-
-    /// Adds the human detail, cut to `MAX_DETAIL_BYTES`: it often quotes a
-    /// remote server, which must not be able to make the row unwritable.
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(bounded(detail.into(), MAX_DETAIL_BYTES));
-        self
-    }
-
-    pub fn mirrored() -> Self {
-        Verdict::new(Status::Mirrored, "valid_image")
-    }
-}
-
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.detail {
-            Some(d) => write!(f, "{} ({}: {})", self.status, self.code, d),
-            None => write!(f, "{} ({})", self.status, self.code),
-        }
-    }
-}
+pub use crate::model::{MAX_DETAIL_BYTES, Status, Verdict, bounded};
 
 /// URLs longer than this are junk, not avatars.
 pub const MAX_URL_LEN: usize = 2048;
-
-/// Longest reason detail kept (stored in `reason_detail`, sent in events).
-/// Remote text longer than this is cut with a marker; it fits every
-/// backend's column with room to spare.
-pub const MAX_DETAIL_BYTES: usize = 1024;
-
-/// `text` cut to at most `max` bytes (on a character boundary) with a marker
-/// saying how long it was; unchanged when it fits.
-pub fn bounded(mut text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let marker = format!("… [cut from {} bytes]", text.len());
-    let mut cut = max.saturating_sub(marker.len());
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    text.truncate(cut);
-    text.push_str(&marker);
-    text
-}
 
 /// Parses an avatar URL as stored in the profile table. `Err` is the verdict
 /// for a URL that can never make an avatar.

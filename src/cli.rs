@@ -18,7 +18,6 @@ use crate::db::StatusSummary;
 use crate::db::{AvatarRecord, Database, Selection, Shard};
 use crate::metrics::Metrics;
 use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
-use crate::sinks::Deliverer;
 use crate::storage::ImageWriter;
 use crate::{demo, progress, schedule, serve};
 
@@ -285,10 +284,10 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 deps.metrics.clone(),
                 limit,
             );
-            let deliverer = Deliverer::for_deps(&deps, &settings.outbox)
+            let deliverer = crate::app::deliverer(&deps, &settings.outbox)
                 .filter(|_| !dry_run)
                 .map(|d| d.stop_with(&shutdown, opts.grace));
-            let report = Deliverer::around_scan(deliverer, pipeline::scan_once(&deps, &opts)).await;
+            let report = crate::app::scan_with_deliveries(&deps, &opts, deliverer).await;
             progress.finish().await;
             let report = report?;
             if let Some(path) = &report_path {
@@ -322,7 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             tracing::info!(%addr, cron = %settings.schedule.cron, "serving /metrics, /healthz and /readyz");
             // Deliveries run for the life of the process, between scans too.
             let grace = std::time::Duration::from_secs(settings.shutdown.grace_secs);
-            let delivering = Deliverer::for_deps(&deps, &settings.outbox).map(|d| {
+            let delivering = crate::app::deliverer(&deps, &settings.outbox).map(|d| {
                 let stop = shutdown.clone();
                 let d = d.stop_with(&shutdown, grace);
                 tokio::spawn(async move { d.run(stop).await })

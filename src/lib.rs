@@ -4,6 +4,7 @@
 //! classify → validate → store → record. Each stage is a module; `pipeline`
 //! runs one scan end to end and `schedule` repeats it.
 
+pub mod app;
 pub mod check;
 pub mod classify;
 pub mod cli;
@@ -14,6 +15,7 @@ pub mod fetch;
 pub mod gc;
 pub mod media;
 pub mod metrics;
+pub mod model;
 pub mod pipeline;
 pub mod progress;
 pub mod providers;

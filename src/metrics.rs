@@ -13,11 +13,9 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::check::Reverified;
-use crate::classify::Status;
-use crate::db::AvatarRecord;
-use crate::pipeline::{MirrorKind, ScanReport};
-use crate::storage::{OpObserver, StoreOp, StoredObject};
+use crate::model::{
+    AvatarRecord, MirrorKind, OpObserver, Reverified, ScanReport, Status, StoreOp, StoredObject,
+};
 
 pub const PREFIX: &str = "avatar_warden";
 
@@ -365,7 +363,7 @@ impl Metrics {
             })
             .inc();
         m.progress.fetch_add(1, Ordering::Relaxed);
-        if record.status.requires_reauth() {
+        if record.reauth_required {
             m.reauth_flagged.inc();
         }
         match stored {
@@ -414,7 +412,7 @@ impl Metrics {
         self.inner.avatar_seconds.observe(elapsed.as_secs_f64());
     }
 
-    /// The hook [`ImageWriter::observed`](crate::storage::ImageWriter::observed) takes.
+    /// The hook the storage writer's `observed` takes.
     pub fn storage_observer(&self) -> OpObserver {
         let family = self.inner.storage_seconds.clone();
         Arc::new(move |op: StoreOp, elapsed: Duration| {
@@ -438,18 +436,16 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_outbox(&self, backlog: &crate::db::OutboxBacklog) {
+    /// A sink's deliveries waiting and given up on.
+    pub fn set_outbox(&self, sink: &str, pending: i64, dead: i64) {
         let labels = SinkLabels {
-            sink: backlog.sink.clone(),
+            sink: sink.to_string(),
         };
         self.inner
             .outbox_pending
             .get_or_create(&labels)
-            .set(backlog.pending);
-        self.inner
-            .outbox_dead
-            .get_or_create(&labels)
-            .set(backlog.dead);
+            .set(pending);
+        self.inner.outbox_dead.get_or_create(&labels).set(dead);
     }
 
     pub fn set_due_backlog(&self, due: i64) {
@@ -597,7 +593,7 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::UserId;
+    use crate::model::UserId;
 
     fn record(status: Status, reason: &str) -> AvatarRecord {
         AvatarRecord {

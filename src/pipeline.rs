@@ -1,13 +1,11 @@
 //! One scan end to end: read due avatars page by page, check them with bounded
 //! concurrency, store valid pictures, and record outcomes in batches.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt, stream};
 use rand::Rng;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -20,6 +18,9 @@ use crate::db::{
 };
 use crate::media::ImageInfo;
 use crate::metrics::Metrics;
+pub use crate::model::{
+    FlaggedUser, MirrorKind, REPORT_FLAGGED_LIMIT, REPORT_HOSTS_LIMIT, ScanReport, unix_now,
+};
 use crate::storage::{ImageWriter, StoredObject};
 
 /// Everything a scan needs, built once by the binary (or a test).
@@ -79,67 +80,7 @@ pub struct ScanOptions {
     pub redownload: bool,
 }
 
-/// How many throttled hosts a report lists.
-pub const REPORT_HOSTS_LIMIT: usize = 20;
-
-/// How many flagged users a report lists by name.
-pub const REPORT_FLAGGED_LIMIT: usize = 1000;
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct ScanReport {
-    pub processed: u64,
-    pub by_status: BTreeMap<String, u64>,
-    /// `status/reason` → count.
-    pub by_reason: BTreeMap<String, u64>,
-    pub objects_uploaded: u64,
-    pub objects_deduplicated: u64,
-    pub bytes_uploaded: u64,
-    /// Results not written because their lease had passed to another worker.
-    pub lease_lost: u64,
-    /// Hosts that pushed back (429, 503, timeouts), with the concurrency
-    /// and spacing they ended with (first `REPORT_HOSTS_LIMIT`).
-    pub hosts: Vec<crate::check::HostState>,
-    /// Results the database refused even as `record_error`: not written,
-    /// left leased for a later scan (logged with their user id).
-    pub unrecorded: u64,
-    /// Users flagged for re-authorization by this scan (first `REPORT_FLAGGED_LIMIT`).
-    pub flagged: Vec<FlaggedUser>,
-    /// How many avatars this scan recorded as needing re-authorization.
-    pub flagged_total: u64,
-    pub duration_secs: f64,
-    pub interrupted: bool,
-    /// Nothing was stored or written (`scan --dry-run`).
-    pub dry_run: bool,
-    /// In flight at shutdown and not finished within the grace period.
-    pub abandoned: u64,
-    /// Response body bytes downloaded.
-    pub bytes_downloaded: u64,
-    /// `old → new` status changes this scan made (or would make).
-    pub changes: BTreeMap<String, u64>,
-    /// Sink deliveries made while the scan ran and in its drain.
-    pub deliveries: crate::sinks::DeliveryCounts,
-    /// Avatars mirrored for the first time (new user or new URL).
-    pub first_mirrors: u64,
-    /// Re-verified and found unchanged (no new object).
-    pub unchanged: u64,
-    /// Re-verified and found to be a new picture behind the same URL.
-    pub changed: u64,
-    /// `method/outcome` of re-verifications, e.g. `head/unchanged`, `conditional/changed`.
-    pub reverified: BTreeMap<String, u64>,
-}
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct FlaggedUser {
-    pub user_id: String,
-    pub status: String,
-    pub reason: String,
-}
-
 impl ScanReport {
-    pub fn count(&self, status: Status) -> u64 {
-        self.by_status.get(status.as_str()).copied().unwrap_or(0)
-    }
-
     fn add(&mut self, c: &Checked) {
         let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
         self.bytes_downloaded += c.downloaded;
@@ -178,10 +119,11 @@ impl ScanReport {
                 self.bytes_uploaded += bytes;
             }
         }
-        if record.status.requires_reauth() {
+        // The record's own flag: the policy may keep a user quiet (#12).
+        if record.reauth_required {
             self.flagged_total += 1;
         }
-        if record.status.requires_reauth() && self.flagged.len() < REPORT_FLAGGED_LIMIT {
+        if record.reauth_required && self.flagged.len() < REPORT_FLAGGED_LIMIT {
             self.flagged.push(FlaggedUser {
                 user_id: record.user_id.to_string(),
                 status: record.status.to_string(),
@@ -222,26 +164,7 @@ struct Examined {
     _in_flight: crate::metrics::InFlight,
 }
 
-/// What a mirrored avatar's check found about its picture.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MirrorKind {
-    /// Mirrored for the first time (a new user, or a new URL).
-    First,
-    /// The same picture as the mirror.
-    Unchanged,
-    /// A new picture behind the same URL.
-    Changed,
-}
-
 impl MirrorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MirrorKind::First => "first_mirror",
-            MirrorKind::Unchanged => "unchanged",
-            MirrorKind::Changed => "changed",
-        }
-    }
-
     /// From the recorded outcome: `unchanged` and `source_changed` are
     /// re-verifications, any other newly stored object is a first mirror.
     fn of(record: &AvatarRecord, stored: bool) -> Option<Self> {
@@ -563,10 +486,6 @@ pub fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
 fn jitter(secs: u64, fraction: f64, rng: &mut impl Rng) -> i64 {
     let spread = secs as f64 * fraction;
     (secs as f64 + rng.random_range(-spread..=spread)).max(1.0) as i64
-}
-
-pub fn unix_now() -> i64 {
-    chrono::Utc::now().timestamp()
 }
 
 /// Scans everything due once: the unit the scheduler repeats and tests call.

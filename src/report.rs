@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::classify::Status;
-use crate::pipeline::ScanReport;
+use crate::model::ScanReport;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {

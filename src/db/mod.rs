@@ -9,12 +9,11 @@ pub mod outbox;
 mod postgres;
 mod sqlite;
 
-use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::classify::Status;
 use crate::config::ProfileSettings;
+pub use crate::model::{AvatarRecord, Status, UserId, Validators};
 
 pub use ident::{Quote, quote};
 
@@ -115,39 +114,6 @@ impl DbError {
     }
 }
 
-/// A user id as the profile table has it: integer or text.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum UserId {
-    Int(i64),
-    Text(String),
-}
-
-impl fmt::Display for UserId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            UserId::Int(i) => write!(f, "{i}"),
-            UserId::Text(s) => f.write_str(s),
-        }
-    }
-}
-
-/// What the source said about the picture that was mirrored: a re-check
-/// asks with these instead of downloading it again.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Validators {
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-    /// The source's `Content-Length` (before any metadata was stripped).
-    pub length: Option<i64>,
-}
-
-impl Validators {
-    /// Longest ETag kept (the MySQL column's width); a longer one is not stored.
-    pub const MAX_ETAG: usize = 512;
-    /// Longest `Last-Modified` kept; an HTTP date is 29 characters.
-    pub const MAX_LAST_MODIFIED: usize = 64;
-}
-
 /// The mirrored picture as last recorded: carried over while the mirror stays.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MirrorMeta {
@@ -179,33 +145,6 @@ pub struct DueAvatar {
     /// Exactly as stored in the profile table.
     pub avatar_url: String,
     pub previous: Option<Previous>,
-}
-
-/// The outcome written to the state table and, where configured, back to the profile.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AvatarRecord {
-    pub user_id: UserId,
-    pub source_url: String,
-    pub status: Status,
-    pub reason: String,
-    pub reason_detail: Option<String>,
-    pub mirror_url: Option<String>,
-    pub object_key: Option<String>,
-    pub sha256: Option<String>,
-    pub size_bytes: Option<i64>,
-    pub width: Option<i64>,
-    pub height: Option<i64>,
-    pub format: Option<String>,
-    /// The source's validators for the mirrored picture (re-verification).
-    pub validators: Validators,
-    pub reauth_required: bool,
-    /// Consecutive failing checks of this URL.
-    pub attempts: i64,
-    /// Provider expiry signals seen for this URL.
-    pub expiry_signals: i64,
-    pub checked_at: i64,
-    /// `None`: not until the URL changes.
-    pub next_check_at: Option<i64>,
 }
 
 /// What to claim: the next page after `after`, leased to `token` until `lease_until`.
@@ -465,9 +404,9 @@ impl AvatarRecord {
         AvatarRecord {
             status: Status::Failing,
             reason: "record_error".into(),
-            reason_detail: Some(crate::classify::bounded(
+            reason_detail: Some(crate::model::bounded(
                 format!("the database refused this row: {error}"),
-                crate::classify::MAX_DETAIL_BYTES,
+                crate::model::MAX_DETAIL_BYTES,
             )),
             validators: Validators::default(),
             reauth_required: was_flagged,

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::config::FetchSettings;
+pub use crate::model::HostState;
 
 /// Slowest a host can make us: one request a minute.
 pub const MAX_HOST_INTERVAL: Duration = Duration::from_secs(60);
@@ -103,20 +103,6 @@ impl GateState {
         };
         self.limit = (self.limit + step).min(max);
     }
-}
-
-/// A host's state at the end of a scan, for the summary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct HostState {
-    pub host: String,
-    /// The provider rule the host falls under (filled in by the scan).
-    pub provider: Option<String>,
-    /// The concurrency limit it ended with.
-    pub concurrency: f64,
-    /// The spacing between request starts it ended with, in milliseconds.
-    pub interval_ms: u64,
-    /// 429s, 503s and timeouts it answered with.
-    pub push_backs: u64,
 }
 
 /// Held while a request to the host is in flight; `done` says how it went.

@@ -26,6 +26,7 @@ use crate::classify::Status;
 use crate::config::{ConfigError, OutboxSettings, Settings, SinkSettings};
 use crate::db::{AvatarRecord, Database, DbError, Delivery, OutboxRow, Previous, Settle};
 use crate::metrics::Metrics;
+pub use crate::model::DeliveryCounts;
 
 /// What changed for a user, as sinks hear it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -248,37 +249,18 @@ pub struct Deliverer {
     cutoff: CancellationToken,
 }
 
-/// Delivered, retried and given up on in one pass or drain.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeliveryCounts {
-    pub delivered: u64,
-    pub retried: u64,
-    pub dead: u64,
-    /// Claimed but given back unattempted (shutdown, or the drain's time ran out).
-    #[serde(default)]
-    pub released: u64,
-}
-
-impl DeliveryCounts {
-    pub fn add(&mut self, o: DeliveryCounts) {
-        self.delivered += o.delivered;
-        self.retried += o.retried;
-        self.dead += o.dead;
-        self.released += o.released;
-    }
-
-    fn attempted(&self) -> u64 {
-        self.delivered + self.retried + self.dead
-    }
-}
-
 impl Deliverer {
-    /// `None` when no sink needs deliveries.
-    pub fn for_deps(deps: &crate::pipeline::Deps, settings: &OutboxSettings) -> Option<Self> {
-        (!deps.sinks.is_empty()).then(|| Deliverer {
-            db: deps.db.clone(),
-            sinks: deps.sinks.clone(),
-            metrics: deps.metrics.clone(),
+    /// Deliveries for these sinks; `None` when no sink needs any.
+    pub fn new(
+        db: Arc<Database>,
+        sinks: Sinks,
+        metrics: Metrics,
+        settings: &OutboxSettings,
+    ) -> Option<Self> {
+        (!sinks.is_empty()).then(|| Deliverer {
+            db,
+            sinks,
+            metrics,
             settings: settings.clone(),
             stopping: CancellationToken::new(),
             cutoff: CancellationToken::new(),
@@ -304,25 +286,26 @@ impl Deliverer {
         self.stopping.is_cancelled() || self.cutoff.is_cancelled()
     }
 
-    /// A scan with deliveries alongside: the loop runs while the scan does
-    /// (a sink that is down never slows the scan), then the outbox is
-    /// drained for up to `outbox.drain_secs` unless the scan was stopped.
-    pub async fn around_scan<F>(this: Option<Self>, scan: F) -> F::Output
-    where
-        F: std::future::Future<
-                Output = Result<crate::pipeline::ScanReport, crate::pipeline::ScanError>,
-            >,
-    {
-        let Some(d) = this else { return scan.await };
+    /// `work` (a scan) with deliveries alongside: the loop runs while it
+    /// does (a sink that is down never slows it), then, if `drain_after`
+    /// says so, the outbox is drained; the loop's last pass and the drain
+    /// share `outbox.drain_secs`, so a sink that hangs cannot hold the
+    /// process past it.
+    pub async fn alongside<T>(
+        this: Option<Self>,
+        work: impl std::future::Future<Output = T>,
+        drain_after: impl FnOnce(&T) -> bool,
+    ) -> (T, DeliveryCounts) {
+        let Some(d) = this else {
+            return (work.await, DeliveryCounts::default());
+        };
         let stop = CancellationToken::new();
         let looping = tokio::spawn({
             let (d, stop) = (d.clone(), stop.clone());
             async move { d.run(stop).await }
         });
-        let result = scan.await;
+        let output = work.await;
         stop.cancel();
-        // The loop's last pass and the drain share `outbox.drain_secs`: a
-        // sink that hangs cannot hold the process past it.
         let drain = Duration::from_secs(d.settings.drain_secs);
         let cutoff = AbortOnDrop(tokio::spawn({
             let cutoff = d.cutoff.clone();
@@ -333,8 +316,7 @@ impl Deliverer {
         }));
         let started = tokio::time::Instant::now();
         let mut counts = looping.await.unwrap_or_default();
-        let mut result = result?;
-        if !result.interrupted && !d.winding_down() {
+        if drain_after(&output) && !d.winding_down() {
             match d.drain(drain.saturating_sub(started.elapsed())).await {
                 Ok(c) => counts.add(c),
                 Err(e) => {
@@ -343,8 +325,7 @@ impl Deliverer {
             }
         }
         drop(cutoff);
-        result.deliveries = counts;
-        Ok(result)
+        (output, counts)
     }
 
     /// Delivers until `stop`; sleeps `poll_interval_ms` when nothing is due.
@@ -403,14 +384,16 @@ impl Deliverer {
 
     pub async fn update_backlog(&self) {
         match self.db.outbox_backlog().await {
-            Ok(rows) => rows.iter().for_each(|b| self.metrics.set_outbox(b)),
+            Ok(rows) => rows
+                .iter()
+                .for_each(|b| self.metrics.set_outbox(&b.sink, b.pending, b.dead)),
             Err(e) => tracing::debug!(error = %e, "outbox backlog not updated"),
         }
     }
 
     async fn sink_pass(&self, sink: &Arc<dyn Sink>) -> Result<DeliveryCounts, DbError> {
         let token = crate::db::new_lease_token();
-        let now = crate::pipeline::unix_now();
+        let now = crate::model::unix_now();
         let s = &self.settings;
         let batch = self
             .db
@@ -428,7 +411,7 @@ impl Deliverer {
                 let (token, slow_down) = (&token, &slow_down);
                 async move {
                     let released = Settle::Later {
-                        at: crate::pipeline::unix_now(),
+                        at: crate::model::unix_now(),
                     };
                     let settle = if self.winding_down() {
                         // Stopping: not started, given back at once.
@@ -436,7 +419,7 @@ impl Deliverer {
                     } else if slow_down.load(std::sync::atomic::Ordering::Relaxed) {
                         // Rate limited: the rest of the batch goes back in line untouched.
                         Settle::Later {
-                            at: crate::pipeline::unix_now() + s.backoff_initial_secs as i64,
+                            at: crate::model::unix_now() + s.backoff_initial_secs as i64,
                         }
                     } else {
                         tokio::select! {
@@ -505,8 +488,7 @@ impl Deliverer {
                 error: bound(format!("{} attempts, last: {e}", d.attempts + 1)),
             },
             Err(e) => Settle::Retry {
-                at: crate::pipeline::unix_now()
-                    + backoff_secs(d.attempts, s, &mut rand::rng()) as i64,
+                at: crate::model::unix_now() + backoff_secs(d.attempts, s, &mut rand::rng()) as i64,
                 error: bound(e.to_string()),
             },
         }

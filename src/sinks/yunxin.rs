@@ -70,7 +70,7 @@ impl Sink for YunxinSink {
             )));
         }
         let nonce = format!("{:032x}", rand::random::<u128>());
-        let cur_time = crate::pipeline::unix_now().to_string();
+        let cur_time = crate::model::unix_now().to_string();
         let sum = checksum(self.app_secret.expose(), &nonce, &cur_time);
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("accid", &event.user_id)

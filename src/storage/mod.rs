@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use crate::model::{OpObserver, StoreOp, StoredObject};
 pub use fs::FsStore;
 pub use s3::S3Store;
 
@@ -128,14 +129,6 @@ pub fn join_url(base: &str, key: &str) -> String {
     )
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredObject {
-    pub key: String,
-    pub url: String,
-    /// The object was already there: nothing was uploaded.
-    pub deduplicated: bool,
-}
-
 /// How many keys a writer remembers as present, to skip existence checks
 /// for pictures many users share. Bounded so memory stays flat.
 const KNOWN_KEYS_CAP: usize = 16_384;
@@ -148,25 +141,6 @@ pub struct ImageWriter {
     state: Arc<Mutex<WriterState>>,
     observe: Option<OpObserver>,
 }
-
-/// A store operation, for timing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreOp {
-    Exists,
-    Put,
-}
-
-impl StoreOp {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            StoreOp::Exists => "exists",
-            StoreOp::Put => "put",
-        }
-    }
-}
-
-/// Told how long each store operation took (metrics hook; keeps storage free of metrics).
-pub type OpObserver = Arc<dyn Fn(StoreOp, std::time::Duration) + Send + Sync>;
 
 #[derive(Default)]
 struct WriterState {

@@ -2,6 +2,7 @@
 //! Each test builds the real thing: a fresh SQLite database in a temp dir, the
 //! simulated origin on an OS-chosen port, a real object store.
 
+mod architecture;
 mod cli;
 mod guard;
 mod helpers;

@@ -83,7 +83,8 @@ async fn with_default_settings_one_signal_expires_and_policy_can_keep_mirrored_u
     // b's next answers: the picture (3rd request), then the placeholder (4th).
     app.scan().await;
     app.time_passes().await;
-    app.scan().await;
+    let deps = app.deps().await;
+    let report = app.scan_with(&deps).await;
     let b = app.state("2").await;
     assert_eq!(
         (b.status, b.reauth_required),
@@ -91,6 +92,22 @@ async fn with_default_settings_one_signal_expires_and_policy_can_keep_mirrored_u
         "{b:?}"
     );
     assert!(b.mirror_url.is_some());
+    // "Flagged" is the record's own flag everywhere: the report, the runs
+    // table and the metric do not count a user the policy kept quiet.
+    assert_eq!(
+        (report.flagged_total, report.flagged.len()),
+        (0, 0),
+        "{report:?}"
+    );
+    let metrics = deps.metrics.encode_prometheus();
+    assert!(
+        metrics.contains("avatar_warden_reauth_flagged_total 0"),
+        "{metrics}"
+    );
+    let runs = app
+        .text("SELECT CAST(flagged AS VARCHAR(20)) FROM avatar_warden_runs ORDER BY finished_at DESC, started_at DESC LIMIT 1")
+        .await;
+    assert_eq!(runs.as_deref(), Some("0"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

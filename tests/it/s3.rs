@@ -53,8 +53,11 @@ impl S3Target {
         match server {
             Server::InProcess => Some(spawn_in_process(prefix).await),
             Server::Garage => {
-                let var =
-                    |name: &str| std::env::var(format!("AVATAR_WARDEN_TEST_GARAGE_{name}")).ok();
+                let var = |name: &str| {
+                    std::env::var(format!("AVATAR_WARDEN_TEST_GARAGE_{name}"))
+                        .ok()
+                        .filter(|v| !v.is_empty())
+                };
                 let Some(endpoint) = var("ENDPOINT") else {
                     crate::helpers::skip(
                         "Garage",

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use avatar_warden::pipeline::{self, ScanReport};
+use avatar_warden::pipeline::ScanReport;
 use avatar_warden::sinks::{Deliverer, checksum, signature};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -39,15 +39,15 @@ async fn scan_and_deliver(app: &TestApp) -> ScanReport {
     let settings = app.settings();
     let deps = app.deps().await;
     let opts = avatar_warden::cli::scan_options(&settings, CancellationToken::new());
-    let deliverer = Deliverer::for_deps(&deps, &settings.outbox);
-    Deliverer::around_scan(deliverer, pipeline::scan_once(&deps, &opts))
+    let deliverer = avatar_warden::app::deliverer(&deps, &settings.outbox);
+    avatar_warden::app::scan_with_deliveries(&deps, &opts, deliverer)
         .await
         .unwrap()
 }
 
 async fn deliverer(app: &TestApp) -> Deliverer {
     let settings = app.settings();
-    Deliverer::for_deps(&app.deps().await, &settings.outbox).unwrap()
+    avatar_warden::app::deliverer(&app.deps().await, &settings.outbox).unwrap()
 }
 
 async fn outbox(app: &TestApp) -> Vec<avatar_warden::db::OutboxBacklog> {

@@ -10,7 +10,7 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 
-use avatar_warden::classify::{Status, classify_head, parse_avatar_url};
+use avatar_warden::classify::{classify_head, parse_avatar_url};
 use avatar_warden::config::{MediaSettings, Settings, VerifyMode};
 use avatar_warden::db::{AvatarRecord, Claim, Database, Selection, new_lease_token};
 use avatar_warden::demo::origin::bench_picture;
@@ -179,26 +179,17 @@ fn batch_write(c: &mut Criterion) {
 fn record(user_id: avatar_warden::db::UserId, source_url: String, now: i64) -> AvatarRecord {
     let sha = hex::encode(Sha256::digest(source_url.as_bytes()));
     let key = object_key("", &sha, ImageFormat::Jpeg);
-    AvatarRecord {
+    let mut r = AvatarRecord::new(
         user_id,
         source_url,
-        status: Status::Mirrored,
-        reason: "valid_image".into(),
-        reason_detail: None,
-        mirror_url: Some(format!("https://cdn.example.com/{key}")),
-        object_key: Some(key),
-        sha256: Some(sha),
-        size_bytes: Some(20_000),
-        width: Some(256),
-        height: Some(256),
-        format: Some("jpeg".into()),
-        validators: Default::default(),
-        reauth_required: false,
-        attempts: 0,
-        expiry_signals: 0,
-        checked_at: now,
-        next_check_at: Some(now + 86_400),
-    }
+        avatar_warden::classify::Reason::ValidImage,
+        now,
+    )
+    .with_mirror(format!("https://cdn.example.com/{key}"), key, sha)
+    .with_next_check(Some(now + 86_400));
+    (r.size_bytes, r.width, r.height) = (Some(20_000), Some(256), Some(256));
+    r.format = Some("jpeg".into());
+    r
 }
 
 fn config() -> Criterion {

@@ -12,7 +12,7 @@ use reqwest::header::{
 use reqwest::{Method, StatusCode};
 use url::Url;
 
-use crate::classify::{self, HeadDecision, Status, Verdict};
+use crate::classify::{self, HeadDecision, Reason, Status, Verdict};
 use crate::config::{ConfigError, FetchSettings, MediaSettings, RetrySettings, Settings};
 use crate::fetch::hosts::Signal;
 pub use crate::fetch::hosts::{HostLimiter, HostState};
@@ -257,7 +257,7 @@ impl Checker {
             e
         };
         if rule.is_default_avatar(&url) {
-            let v = Verdict::new(Status::Invalid, "default_avatar");
+            let v = Verdict::new(Reason::DefaultAvatar);
             return with_provider(Examination::decided(v, by("default_avatar_paths")));
         }
         let expires_at = rule.signature_expiry(&url);
@@ -265,7 +265,7 @@ impl Checker {
             && t <= now
         {
             let param = rule.expiry_param.as_deref().unwrap_or_default();
-            let v = Verdict::new(Status::Expired, "signature_expired")
+            let v = Verdict::new(Reason::SignatureExpired)
                 .with_detail(format!("{param} passed at {}", format_time(t)));
             let mut e = with_provider(Examination::decided(
                 v,
@@ -277,7 +277,7 @@ impl Checker {
         let deprecated = |mut e: Examination| {
             if rule.deprecated && e.verdict.status == Status::Mirrored {
                 // Keep the picture while the host still serves it, and ask the user to log in again.
-                e.verdict = Verdict::new(Status::Expired, "deprecated_host")
+                e.verdict = Verdict::new(Reason::DeprecatedHost)
                     .with_detail(url.host_str().unwrap_or_default());
                 e.decided_by = by("deprecated");
             }
@@ -385,12 +385,12 @@ impl Checker {
                 // validators, so stop sending them for the rest of the scan.
                 hosts.mark_ignores_validators(host);
             }
-            e.verdict = Verdict::new(Status::Mirrored, "unchanged")
-                .with_detail(format!("{method}: same sha256"));
+            e.verdict =
+                Verdict::new(Reason::Unchanged).with_detail(format!("{method}: same sha256"));
             // The same object is already stored.
             e.image = None;
         } else {
-            e.verdict = Verdict::new(Status::Mirrored, "source_changed")
+            e.verdict = Verdict::new(Reason::SourceChanged)
                 .with_detail(format!("sha256 was {}", known.sha256));
         }
         e.reverified = Some(Reverified { method });
@@ -455,7 +455,7 @@ impl Checker {
             if Instant::now() + wait >= deadline {
                 return e;
             }
-            tracing::debug!(%url, code = e.verdict.code, ?wait, "retrying within the run");
+            tracing::debug!(%url, code = %e.verdict.code, ?wait, "retrying within the run");
             tokio::time::sleep(wait).await;
             attempt += 1;
             previous = Some(e);
@@ -511,8 +511,7 @@ impl Checker {
             Ask::Head(_) if matches!(status.as_u16(), 405 | 501) && !gone => {
                 return probed(
                     Probe::HeadRejected,
-                    Verdict::new(Status::Failing, "head_rejected")
-                        .with_detail(status.as_u16().to_string()),
+                    Verdict::new(Reason::HeadRejected).with_detail(status.as_u16().to_string()),
                     &format!("HTTP {status} to HEAD"),
                     &Validators::default(),
                 );
@@ -520,7 +519,7 @@ impl Checker {
             Ask::Conditional(known) if status == StatusCode::NOT_MODIFIED && !gone => {
                 return probed(
                     Probe::Unchanged,
-                    Verdict::new(Status::Mirrored, "unchanged").with_detail("304 Not Modified"),
+                    Verdict::new(Reason::Unchanged).with_detail("304 Not Modified"),
                     "conditional GET: 304 Not Modified",
                     known,
                 );
@@ -529,15 +528,14 @@ impl Checker {
                 return match same_picture(known, &validators) {
                     Some(true) => probed(
                         Probe::Unchanged,
-                        Verdict::new(Status::Mirrored, "unchanged")
-                            .with_detail("HEAD: validators match"),
+                        Verdict::new(Reason::Unchanged).with_detail("HEAD: validators match"),
                         "HEAD: validators match",
                         known,
                     ),
                     // Never recorded: `reverify` downloads instead.
                     _ => probed(
                         Probe::Download,
-                        Verdict::new(Status::Failing, "head_inconclusive"),
+                        Verdict::new(Reason::HeadInconclusive),
                         "HEAD: validators differ or say too little",
                         &Validators::default(),
                     ),
@@ -546,22 +544,21 @@ impl Checker {
             _ => {}
         }
         if let HeadDecision::Final(v) = classify::classify_head(status, response.headers()) {
-            let by = if v.code == "provider_notexist" {
+            let by = if v.code == Reason::ProviderNotexist {
                 "header rule X-ErrNo / X-Info: notexist (any host)".to_string()
             } else {
                 format!("HTTP {status}")
             };
             return match (rule, v.code) {
-                (Some(r), "access_denied") if r.expiry_param.is_some() => done(
-                    Verdict::new(Status::Expired, "signature_rejected")
+                (Some(r), Reason::AccessDenied) if r.expiry_param.is_some() => done(
+                    Verdict::new(Reason::SignatureRejected)
                         .with_detail(status.as_u16().to_string()),
                     format!("provider {}: 403 on a signed URL", r.name),
                     None,
                     0,
                 ),
-                (Some(r), "not_found" | "gone") if r.not_found_means_changed => done(
-                    Verdict::new(Status::Expired, "avatar_changed")
-                        .with_detail(status.as_u16().to_string()),
+                (Some(r), Reason::NotFound | Reason::Gone) if r.not_found_means_changed => done(
+                    Verdict::new(Reason::AvatarChanged).with_detail(status.as_u16().to_string()),
                     format!("provider {}: not_found_means_changed", r.name),
                     None,
                     0,
@@ -581,8 +578,7 @@ impl Checker {
         if let Some(r) = rule
             && r.is_placeholder(&body.sha256)
         {
-            let v =
-                Verdict::new(Status::Expired, "placeholder_image").with_detail(body.sha256.clone());
+            let v = Verdict::new(Reason::PlaceholderImage).with_detail(body.sha256.clone());
             return done(
                 v,
                 format!("provider {}: placeholder_sha256", r.name),

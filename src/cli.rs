@@ -681,7 +681,7 @@ async fn check(settings: &Settings, url: &str, json: bool) -> anyhow::Result<u8>
         let out = json!({
             "url": url,
             "status": v.status.as_str(),
-            "reason": v.code,
+            "reason": v.code.as_str(),
             "detail": v.detail,
             "decided_by": exam.decided_by,
             "provider": exam.provider,
@@ -1054,7 +1054,7 @@ async fn print_demo_users(db: &Database, db_url: &str) -> anyhow::Result<()> {
             .iter()
             .find(|r| r.user_id.to_string() == id.to_string());
         let (status, reason) = match state {
-            Some(r) => (r.status.to_string(), r.reason.clone()),
+            Some(r) => (r.status.to_string(), r.reason.to_string()),
             None => ("-".into(), "no avatar: skipped".into()),
         };
         let mirror = mirror

@@ -358,7 +358,7 @@ impl Metrics {
         m.processed
             .get_or_create(&OutcomeLabels {
                 status: record.status.to_string(),
-                reason: record.reason.clone(),
+                reason: record.reason.to_string(),
                 provider: provider.unwrap_or("other").to_string(),
             })
             .inc();
@@ -596,26 +596,9 @@ mod tests {
     use crate::model::UserId;
 
     fn record(status: Status, reason: &str) -> AvatarRecord {
-        AvatarRecord {
-            user_id: UserId::Int(1),
-            source_url: "https://x/y".into(),
-            status,
-            reason: reason.into(),
-            reason_detail: None,
-            mirror_url: None,
-            object_key: None,
-            sha256: None,
-            size_bytes: None,
-            width: None,
-            height: None,
-            format: None,
-            validators: Default::default(),
-            reauth_required: status.requires_reauth(),
-            attempts: 0,
-            expiry_signals: 0,
-            checked_at: 0,
-            next_check_at: None,
-        }
+        let r = AvatarRecord::new(UserId::Int(1), "https://x/y", reason.parse().unwrap(), 0);
+        assert_eq!(r.status, status);
+        r.with_reauth(status.requires_reauth())
     }
 
     #[test]
@@ -666,7 +649,7 @@ mod tests {
     #[test]
     fn prometheus_text_names_counter_families_by_their_samples() {
         let m = Metrics::new();
-        m.record_outcome(&record(Status::Mirrored, "ok"), None, None, 0);
+        m.record_outcome(&record(Status::Mirrored, "valid_image"), None, None, 0);
         m.observe_fetch(Duration::from_millis(20), 4096);
         let text = m.encode_prometheus();
         assert!(

@@ -64,19 +64,320 @@ impl FromStr for Status {
     }
 }
 
-/// A verdict with its reason: a stable snake_case `code` (safe as a metric
-/// label) and an optional human `detail` (header value, status code...).
+/// Why an avatar got its verdict: a stable snake_case code (the contract of
+/// `export`, the metrics' `reason` label and the alerts) that knows its
+/// status, whether asking again may help, and whether it is an expiry signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// claimed, not checked yet
+    NotCheckedYet,
+    /// first mirror of this URL
+    ValidImage,
+    /// re-verified: the same picture
+    Unchanged,
+    /// a new picture behind the same URL
+    SourceChanged,
+    /// X-ErrNo / X-Info: notexist
+    ProviderNotexist,
+    /// HTTP 404
+    NotFound,
+    /// HTTP 410
+    Gone,
+    /// the URL's signature has run out
+    SignatureExpired,
+    /// 403 on a signed URL
+    SignatureRejected,
+    /// 404/410 where the provider means a changed picture
+    AvatarChanged,
+    /// a known placeholder body
+    PlaceholderImage,
+    /// a host the provider retired
+    DeprecatedHost,
+    /// url_too_long
+    UrlTooLong,
+    /// unparsable_url
+    UnparsableUrl,
+    /// unsupported_scheme
+    UnsupportedScheme,
+    /// url_has_credentials
+    UrlHasCredentials,
+    /// the provider's default picture
+    DefaultAvatar,
+    /// unexpected_redirect
+    UnexpectedRedirect,
+    /// another 4xx
+    HttpStatus,
+    /// too_many_redirects
+    TooManyRedirects,
+    /// bad_redirect
+    BadRedirect,
+    /// too_large
+    TooLarge,
+    /// empty_body
+    EmptyBody,
+    /// not_an_image
+    NotAnImage,
+    /// truncated
+    Truncated,
+    /// malformed
+    Malformed,
+    /// dimensions_too_large
+    DimensionsTooLarge,
+    /// undecodable
+    Undecodable,
+    /// svg_not_allowed
+    SvgNotAllowed,
+    /// too_many_frames
+    TooManyFrames,
+    /// timeout
+    Timeout,
+    /// connect_error
+    ConnectError,
+    /// dns_error
+    DnsError,
+    /// body_error
+    BodyError,
+    /// request_error
+    RequestError,
+    /// HTTP 408
+    RequestTimeout,
+    /// HTTP 429
+    RateLimited,
+    /// 401/403: usually a WAF aimed at us
+    AccessDenied,
+    /// 5xx
+    ServerError,
+    /// storage_error
+    StorageError,
+    /// fewer expiry signals than expiry.confirmations
+    ExpiryUnconfirmed,
+    /// retry.max_attempts failing scans in a row
+    GaveUp,
+    /// the decoder's own resource limit
+    DecodeLimit,
+    /// the database refused the row
+    RecordError,
+    /// internal: 405/501 to a HEAD, never recorded
+    HeadRejected,
+    /// internal: a HEAD that cannot tell, never recorded
+    HeadInconclusive,
+    /// non_public_address
+    NonPublicAddress,
+    /// not_allowed
+    NotAllowed,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 48] = [
+        Reason::NotCheckedYet,
+        Reason::ValidImage,
+        Reason::Unchanged,
+        Reason::SourceChanged,
+        Reason::ProviderNotexist,
+        Reason::NotFound,
+        Reason::Gone,
+        Reason::SignatureExpired,
+        Reason::SignatureRejected,
+        Reason::AvatarChanged,
+        Reason::PlaceholderImage,
+        Reason::DeprecatedHost,
+        Reason::UrlTooLong,
+        Reason::UnparsableUrl,
+        Reason::UnsupportedScheme,
+        Reason::UrlHasCredentials,
+        Reason::DefaultAvatar,
+        Reason::UnexpectedRedirect,
+        Reason::HttpStatus,
+        Reason::TooManyRedirects,
+        Reason::BadRedirect,
+        Reason::TooLarge,
+        Reason::EmptyBody,
+        Reason::NotAnImage,
+        Reason::Truncated,
+        Reason::Malformed,
+        Reason::DimensionsTooLarge,
+        Reason::Undecodable,
+        Reason::SvgNotAllowed,
+        Reason::TooManyFrames,
+        Reason::Timeout,
+        Reason::ConnectError,
+        Reason::DnsError,
+        Reason::BodyError,
+        Reason::RequestError,
+        Reason::RequestTimeout,
+        Reason::RateLimited,
+        Reason::AccessDenied,
+        Reason::ServerError,
+        Reason::StorageError,
+        Reason::ExpiryUnconfirmed,
+        Reason::GaveUp,
+        Reason::DecodeLimit,
+        Reason::RecordError,
+        Reason::HeadRejected,
+        Reason::HeadInconclusive,
+        Reason::NonPublicAddress,
+        Reason::NotAllowed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NotCheckedYet => "not_checked_yet",
+            Reason::ValidImage => "valid_image",
+            Reason::Unchanged => "unchanged",
+            Reason::SourceChanged => "source_changed",
+            Reason::ProviderNotexist => "provider_notexist",
+            Reason::NotFound => "not_found",
+            Reason::Gone => "gone",
+            Reason::SignatureExpired => "signature_expired",
+            Reason::SignatureRejected => "signature_rejected",
+            Reason::AvatarChanged => "avatar_changed",
+            Reason::PlaceholderImage => "placeholder_image",
+            Reason::DeprecatedHost => "deprecated_host",
+            Reason::UrlTooLong => "url_too_long",
+            Reason::UnparsableUrl => "unparsable_url",
+            Reason::UnsupportedScheme => "unsupported_scheme",
+            Reason::UrlHasCredentials => "url_has_credentials",
+            Reason::DefaultAvatar => "default_avatar",
+            Reason::UnexpectedRedirect => "unexpected_redirect",
+            Reason::HttpStatus => "http_status",
+            Reason::TooManyRedirects => "too_many_redirects",
+            Reason::BadRedirect => "bad_redirect",
+            Reason::TooLarge => "too_large",
+            Reason::EmptyBody => "empty_body",
+            Reason::NotAnImage => "not_an_image",
+            Reason::Truncated => "truncated",
+            Reason::Malformed => "malformed",
+            Reason::DimensionsTooLarge => "dimensions_too_large",
+            Reason::Undecodable => "undecodable",
+            Reason::SvgNotAllowed => "svg_not_allowed",
+            Reason::TooManyFrames => "too_many_frames",
+            Reason::Timeout => "timeout",
+            Reason::ConnectError => "connect_error",
+            Reason::DnsError => "dns_error",
+            Reason::BodyError => "body_error",
+            Reason::RequestError => "request_error",
+            Reason::RequestTimeout => "request_timeout",
+            Reason::RateLimited => "rate_limited",
+            Reason::AccessDenied => "access_denied",
+            Reason::ServerError => "server_error",
+            Reason::StorageError => "storage_error",
+            Reason::ExpiryUnconfirmed => "expiry_unconfirmed",
+            Reason::GaveUp => "gave_up",
+            Reason::DecodeLimit => "decode_limit",
+            Reason::RecordError => "record_error",
+            Reason::HeadRejected => "head_rejected",
+            Reason::HeadInconclusive => "head_inconclusive",
+            Reason::NonPublicAddress => "non_public_address",
+            Reason::NotAllowed => "not_allowed",
+        }
+    }
+
+    /// The status every verdict with this reason has.
+    pub fn status(self) -> Status {
+        match self {
+            Reason::NotCheckedYet => Status::Pending,
+            Reason::ValidImage | Reason::Unchanged | Reason::SourceChanged => Status::Mirrored,
+            Reason::ProviderNotexist
+            | Reason::NotFound
+            | Reason::Gone
+            | Reason::SignatureExpired
+            | Reason::SignatureRejected
+            | Reason::AvatarChanged
+            | Reason::PlaceholderImage
+            | Reason::DeprecatedHost => Status::Expired,
+            Reason::UrlTooLong
+            | Reason::UnparsableUrl
+            | Reason::UnsupportedScheme
+            | Reason::UrlHasCredentials
+            | Reason::DefaultAvatar
+            | Reason::UnexpectedRedirect
+            | Reason::HttpStatus
+            | Reason::TooManyRedirects
+            | Reason::BadRedirect
+            | Reason::TooLarge
+            | Reason::EmptyBody
+            | Reason::NotAnImage
+            | Reason::Truncated
+            | Reason::Malformed
+            | Reason::DimensionsTooLarge
+            | Reason::Undecodable
+            | Reason::SvgNotAllowed
+            | Reason::TooManyFrames => Status::Invalid,
+            Reason::Timeout
+            | Reason::ConnectError
+            | Reason::DnsError
+            | Reason::BodyError
+            | Reason::RequestError
+            | Reason::RequestTimeout
+            | Reason::RateLimited
+            | Reason::AccessDenied
+            | Reason::ServerError
+            | Reason::StorageError
+            | Reason::ExpiryUnconfirmed
+            | Reason::GaveUp
+            | Reason::DecodeLimit
+            | Reason::RecordError
+            | Reason::HeadRejected
+            | Reason::HeadInconclusive => Status::Failing,
+            Reason::NonPublicAddress | Reason::NotAllowed => Status::Blocked,
+        }
+    }
+
+    /// The provider says the picture is gone (counted towards `expiry.confirmations`).
+    pub fn is_expiry_signal(self) -> bool {
+        self.status() == Status::Expired && self != Reason::DeprecatedHost
+    }
+
+    /// Trouble that may pass by itself: never a reason to flag a user.
+    pub fn is_transient(self) -> bool {
+        self.status() == Status::Failing
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Reason {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Reason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown reason {s:?}"))
+    }
+}
+
+/// Tests and callers compare with the code as text.
+impl PartialEq<&str> for Reason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for Reason {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+/// A verdict: its reason (which knows the status) and an optional human
+/// `detail` (header value, status code...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verdict {
+    /// Always `code.status()`: kept as a field because it is read everywhere.
     pub status: Status,
-    pub code: &'static str,
+    pub code: Reason,
     pub detail: Option<String>,
 }
 
 impl Verdict {
-    pub fn new(status: Status, code: &'static str) -> Self {
+    pub fn new(code: Reason) -> Self {
         Verdict {
-            status,
+            status: code.status(),
             code,
             detail: None,
         }
@@ -90,7 +391,7 @@ impl Verdict {
     }
 
     pub fn mirrored() -> Self {
-        Verdict::new(Status::Mirrored, "valid_image")
+        Verdict::new(Reason::ValidImage)
     }
 }
 
@@ -163,7 +464,7 @@ pub struct AvatarRecord {
     pub user_id: UserId,
     pub source_url: String,
     pub status: Status,
-    pub reason: String,
+    pub reason: Reason,
     pub reason_detail: Option<String>,
     pub mirror_url: Option<String>,
     pub object_key: Option<String>,
@@ -182,6 +483,62 @@ pub struct AvatarRecord {
     pub checked_at: i64,
     /// `None`: not until the URL changes.
     pub next_check_at: Option<i64>,
+}
+
+impl AvatarRecord {
+    /// A record for `user_id`'s `source_url` checked at `checked_at` with
+    /// `reason` (its status follows), nothing mirrored, nothing flagged;
+    /// the `with_*` methods fill in the rest. For tests and benchmarks.
+    pub fn new(
+        user_id: UserId,
+        source_url: impl Into<String>,
+        reason: Reason,
+        checked_at: i64,
+    ) -> Self {
+        AvatarRecord {
+            user_id,
+            source_url: source_url.into(),
+            status: reason.status(),
+            reason,
+            reason_detail: None,
+            mirror_url: None,
+            object_key: None,
+            sha256: None,
+            size_bytes: None,
+            width: None,
+            height: None,
+            format: None,
+            validators: Validators::default(),
+            reauth_required: false,
+            attempts: 0,
+            expiry_signals: 0,
+            checked_at,
+            next_check_at: None,
+        }
+    }
+
+    /// The mirrored picture: where it is, its key and sha256.
+    pub fn with_mirror(
+        mut self,
+        url: impl Into<String>,
+        key: impl Into<String>,
+        sha256: impl Into<String>,
+    ) -> Self {
+        self.mirror_url = Some(url.into());
+        self.object_key = Some(key.into());
+        self.sha256 = Some(sha256.into());
+        self
+    }
+
+    pub fn with_reauth(mut self, reauth_required: bool) -> Self {
+        self.reauth_required = reauth_required;
+        self
+    }
+
+    pub fn with_next_check(mut self, at: Option<i64>) -> Self {
+        self.next_check_at = at;
+        self
+    }
 }
 
 /// How many throttled hosts a report lists.
@@ -343,3 +700,24 @@ impl StoreOp {
 
 /// Told how long each store operation took (metrics hook; keeps storage free of metrics).
 pub type OpObserver = Arc<dyn Fn(StoreOp, std::time::Duration) + Send + Sync>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reason_codes_are_the_stable_contract() {
+        for r in Reason::ALL {
+            assert_eq!(r.as_str().parse::<Reason>(), Ok(r));
+            // The JSON/serde spelling is the same code.
+            assert_eq!(serde_json::to_string(&r).unwrap(), format!("\"{r}\""));
+            assert_eq!(Verdict::new(r).status, r.status());
+        }
+        assert!("no_such_reason".parse::<Reason>().is_err());
+        let failing: Vec<_> = Reason::ALL.iter().filter(|r| r.is_transient()).collect();
+        assert!(failing.iter().all(|r| !r.status().requires_reauth()));
+        assert!(Reason::ProviderNotexist.is_expiry_signal());
+        assert!(!Reason::DeprecatedHost.is_expiry_signal());
+        assert_eq!(Reason::ALL.len(), 48);
+    }
+}

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::check::{Checker, HostLimiter, Known, Reverified};
-use crate::classify::{Status, Verdict};
+use crate::classify::{Reason, Status, Verdict};
 use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
     AvatarRecord, Claim, Database, DbError, DueAvatar, RunRecord, Selection, Shard, UrlFilter,
@@ -127,7 +127,7 @@ impl ScanReport {
             self.flagged.push(FlaggedUser {
                 user_id: record.user_id.to_string(),
                 status: record.status.to_string(),
-                reason: record.reason.clone(),
+                reason: record.reason.to_string(),
             });
         }
     }
@@ -168,9 +168,9 @@ impl MirrorKind {
     /// From the recorded outcome: `unchanged` and `source_changed` are
     /// re-verifications, any other newly stored object is a first mirror.
     fn of(record: &AvatarRecord, stored: bool) -> Option<Self> {
-        match record.reason.as_str() {
-            "unchanged" => Some(MirrorKind::Unchanged),
-            "source_changed" => Some(MirrorKind::Changed),
+        match record.reason {
+            Reason::Unchanged => Some(MirrorKind::Unchanged),
+            Reason::SourceChanged => Some(MirrorKind::Changed),
             _ if stored => Some(MirrorKind::First),
             _ => None,
         }
@@ -268,7 +268,7 @@ async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Che
             Ok(stored) => mirror = Some((info, body.sha256, stored)),
             Err(e) => {
                 tracing::warn!(user_id = %due.user_id, error = %e, "storing the mirror failed");
-                verdict = Verdict::new(Status::Failing, "storage_error").with_detail(e.to_string());
+                verdict = Verdict::new(Reason::StorageError).with_detail(e.to_string());
             }
         }
     }
@@ -341,13 +341,12 @@ pub fn build_record(
         && verdict.code == Verdict::mirrored().code
     {
         verdict = if old.eq_ignore_ascii_case(sha) {
-            Verdict::new(Status::Mirrored, "unchanged").with_detail("get: same sha256")
+            Verdict::new(Reason::Unchanged).with_detail("get: same sha256")
         } else {
-            Verdict::new(Status::Mirrored, "source_changed")
-                .with_detail(format!("sha256 was {old}"))
+            Verdict::new(Reason::SourceChanged).with_detail(format!("sha256 was {old}"))
         };
     }
-    let confirmed = verdict.code == "unchanged";
+    let confirmed = verdict.code == Reason::Unchanged;
     let signals_before = if same_url {
         prev.map_or(0, |p| p.expiry_signals)
     } else {
@@ -357,7 +356,7 @@ pub fn build_record(
         user_id: due.user_id.clone(),
         source_url: due.avatar_url.clone(),
         status: verdict.status,
-        reason: verdict.code.to_string(),
+        reason: verdict.code,
         reason_detail: verdict.detail.clone(),
         // The last good mirror stays visible until a new one replaces it.
         mirror_url: prev.and_then(|p| p.mirror_url.clone()),
@@ -402,13 +401,13 @@ pub fn build_record(
             record.next_check_at = Some(now + wait);
         }
         Status::Expired => {
-            let is_signal = verdict.code != "deprecated_host";
+            let is_signal = verdict.code.is_expiry_signal();
             if is_signal {
                 record.expiry_signals += 1;
             }
             if is_signal && record.expiry_signals < policy.expiry.confirmations {
                 record.status = Status::Failing;
-                record.reason = "expiry_unconfirmed".into();
+                record.reason = Reason::ExpiryUnconfirmed;
                 record.reason_detail = Some(format!(
                     "{} of {} expiry signals; last: {}{}",
                     record.expiry_signals,
@@ -439,7 +438,7 @@ pub fn build_record(
             };
             record.attempts = before + 1;
             if record.attempts >= policy.max_attempts {
-                record.reason = "gave_up".into();
+                record.reason = Reason::GaveUp;
                 record.reason_detail = Some(format!(
                     "{} failing checks in a row; last: {}{}",
                     record.attempts,
@@ -1051,7 +1050,7 @@ mod tests {
     }
 
     fn expired() -> Verdict {
-        Verdict::new(Status::Expired, "provider_notexist").with_detail("X-ErrNo: -6101")
+        Verdict::new(Reason::ProviderNotexist).with_detail("X-ErrNo: -6101")
     }
 
     #[test]
@@ -1160,7 +1159,7 @@ mod tests {
         };
         let r = build_record(
             &due(Some(p.clone())),
-            Verdict::new(Status::Mirrored, "unchanged"),
+            Verdict::new(Reason::Unchanged),
             None,
             None,
             0,
@@ -1224,25 +1223,21 @@ mod tests {
         // A failing check keeps the mirror's validators for the next try...
         let r = record(
             &due(Some(prev(Status::Mirrored, 0))),
-            Verdict::new(Status::Failing, "timeout"),
+            Verdict::new(Reason::Timeout),
             &policy(),
         );
         assert_eq!(r.validators.etag.as_deref(), Some("\"v1\""));
         // ...but a new URL that failed must not inherit the old URL's.
         let mut moved = prev(Status::Mirrored, 0);
         moved.source_url = "https://thirdwx.qlogo.cn/mmopen/old/132".into();
-        let r = record(
-            &due(Some(moved)),
-            Verdict::new(Status::Failing, "timeout"),
-            &policy(),
-        );
+        let r = record(&due(Some(moved)), Verdict::new(Reason::Timeout), &policy());
         assert_eq!(r.validators, Validators::default());
         assert!(r.mirror_url.is_some(), "the last good mirror stays visible");
     }
 
     #[test]
     fn failing_avatars_back_off_never_flag_and_give_up_after_max_attempts() {
-        let v = Verdict::new(Status::Failing, "server_error");
+        let v = Verdict::new(Reason::ServerError);
         let r = record(&due(Some(prev(Status::Failing, 3))), v.clone(), &policy());
         assert_eq!(r.attempts, 4);
         assert!(!r.reauth_required);
@@ -1261,7 +1256,7 @@ mod tests {
 
     #[test]
     fn a_signed_url_is_retried_before_its_signature_runs_out() {
-        let v = Verdict::new(Status::Failing, "timeout");
+        let v = Verdict::new(Reason::Timeout);
         // The 6th failure in a row would wait 60 * 2^5 s: the signature runs out sooner.
         let r = build_record(
             &due(Some(prev(Status::Failing, 5))),
@@ -1279,7 +1274,7 @@ mod tests {
 
     #[test]
     fn a_deprecated_host_keeps_its_new_mirror_and_flags_the_user() {
-        let v = Verdict::new(Status::Expired, "deprecated_host");
+        let v = Verdict::new(Reason::DeprecatedHost);
         let m = mirror();
         let r = build_record(
             &due(None),

@@ -403,7 +403,7 @@ impl AvatarRecord {
         const RETRY_SECS: i64 = 3600;
         AvatarRecord {
             status: Status::Failing,
-            reason: "record_error".into(),
+            reason: crate::model::Reason::RecordError,
             reason_detail: Some(crate::model::bounded(
                 format!("the database refused this row: {error}"),
                 crate::model::MAX_DETAIL_BYTES,
@@ -572,7 +572,7 @@ macro_rules! row_readers {
                 user_id: super::UserId::Text(text(row, "user_id")?),
                 source_url: text(row, "source_url")?,
                 status: super::parse_status(&text(row, "status")?)?,
-                reason: text(row, "reason")?,
+                reason: super::parse_reason(&text(row, "reason")?)?,
                 reason_detail: opt_text(row, "reason_detail")?,
                 mirror_url: opt_text(row, "mirror_url")?,
                 object_key: opt_text(row, "object_key")?,
@@ -1165,6 +1165,11 @@ impl Database {
     pub async fn ping(&self) -> Result<(), DbError> {
         dispatch!(self, db => db.ping())
     }
+}
+
+fn parse_reason(s: &str) -> Result<crate::model::Reason, DbError> {
+    s.parse()
+        .map_err(|e| DbError::Data(format!("{STATE_TABLE}.reason: {e}")))
 }
 
 fn parse_status(s: &str) -> Result<Status, DbError> {

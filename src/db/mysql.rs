@@ -367,7 +367,7 @@ fn upsert_state(records: &[&AvatarRecord]) -> Result<(String, MySqlArguments), D
             a.add(r.user_id.to_string())?;
             a.add(r.source_url.clone())?;
             a.add(r.status.as_str())?;
-            a.add(r.reason.clone())?;
+            a.add(r.reason.as_str())?;
             a.add(r.reason_detail.clone())?;
             a.add(r.mirror_url.clone())?;
             a.add(r.object_key.clone())?;

@@ -334,7 +334,7 @@ impl Postgres {
             .bind(col(|r| Some(r.user_id.to_string())))
             .bind(col(|r| Some(r.source_url.clone())))
             .bind(col(|r| Some(r.status.to_string())))
-            .bind(col(|r| Some(r.reason.clone())))
+            .bind(col(|r| Some(r.reason.as_str().to_string())))
             .bind(col(|r| r.reason_detail.clone()))
             .bind(col(|r| r.mirror_url.clone()))
             .bind(col(|r| r.object_key.clone()))

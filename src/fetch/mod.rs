@@ -17,8 +17,10 @@ use reqwest::redirect;
 use sha2::{Digest, Sha256};
 use url::{Host, Url};
 
-use crate::classify::{Status, Verdict};
 use crate::config::FetchSettings;
+#[cfg(test)]
+use crate::model::Status;
+use crate::model::{Reason, Verdict};
 
 pub const DEFAULT_USER_AGENT: &str = concat!("avatar-warden/", env!("CARGO_PKG_VERSION"));
 
@@ -61,26 +63,25 @@ impl FetchError {
     }
 
     pub fn verdict(&self) -> Verdict {
-        let (status, code) = match self {
+        let reason = match self {
             FetchError::Blocked(class) => {
-                return Verdict::new(Status::Blocked, "non_public_address").with_detail(*class);
+                return Verdict::new(Reason::NonPublicAddress).with_detail(*class);
             }
             FetchError::NotAllowed(why) => {
-                return Verdict::new(Status::Blocked, "not_allowed").with_detail(why.clone());
+                return Verdict::new(Reason::NotAllowed).with_detail(why.clone());
             }
-            FetchError::Timeout => (Status::Failing, "timeout"),
-            FetchError::Connect(_) => (Status::Failing, "connect_error"),
-            FetchError::Dns(_) => (Status::Failing, "dns_error"),
-            FetchError::Body(_) => (Status::Failing, "body_error"),
-            FetchError::Other(_) => (Status::Failing, "request_error"),
-            FetchError::TooManyRedirects(_) => (Status::Invalid, "too_many_redirects"),
-            FetchError::BadRedirect => (Status::Invalid, "bad_redirect"),
             FetchError::TooLarge(limit) => {
-                return Verdict::new(Status::Invalid, "too_large")
-                    .with_detail(format!("over {limit} bytes"));
+                return Verdict::new(Reason::TooLarge).with_detail(format!("over {limit} bytes"));
             }
+            FetchError::Timeout => Reason::Timeout,
+            FetchError::Connect(_) => Reason::ConnectError,
+            FetchError::Dns(_) => Reason::DnsError,
+            FetchError::Body(_) => Reason::BodyError,
+            FetchError::Other(_) => Reason::RequestError,
+            FetchError::TooManyRedirects(_) => Reason::TooManyRedirects,
+            FetchError::BadRedirect => Reason::BadRedirect,
         };
-        Verdict::new(status, code).with_detail(self.to_string())
+        Verdict::new(reason).with_detail(self.to_string())
     }
 }
 

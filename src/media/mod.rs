@@ -8,8 +8,10 @@ mod png;
 
 use std::io::Cursor;
 
-use crate::classify::{Status, Verdict};
 use crate::config::{MediaSettings, VerifyMode};
+#[cfg(test)]
+use crate::model::Status;
+use crate::model::{Reason, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageFormat {
@@ -135,17 +137,17 @@ pub enum MediaError {
 }
 
 impl MediaError {
-    pub fn code(&self) -> &'static str {
+    pub fn code(&self) -> Reason {
         match self {
-            MediaError::Empty => "empty_body",
-            MediaError::NotAnImage(_) => "not_an_image",
-            MediaError::Truncated => "truncated",
-            MediaError::Malformed(_) => "malformed",
-            MediaError::DimensionsTooLarge { .. } => "dimensions_too_large",
-            MediaError::Undecodable(_) => "undecodable",
-            MediaError::Svg => "svg_not_allowed",
-            MediaError::TooManyFrames(_) => "too_many_frames",
-            MediaError::DecodeLimit(_) => "decode_limit",
+            MediaError::Empty => Reason::EmptyBody,
+            MediaError::NotAnImage(_) => Reason::NotAnImage,
+            MediaError::Truncated => Reason::Truncated,
+            MediaError::Malformed(_) => Reason::Malformed,
+            MediaError::DimensionsTooLarge { .. } => Reason::DimensionsTooLarge,
+            MediaError::Undecodable(_) => Reason::Undecodable,
+            MediaError::Svg => Reason::SvgNotAllowed,
+            MediaError::TooManyFrames(_) => Reason::TooManyFrames,
+            MediaError::DecodeLimit(_) => Reason::DecodeLimit,
         }
     }
 
@@ -157,9 +159,9 @@ impl MediaError {
     pub fn verdict(&self) -> Verdict {
         if let MediaError::DecodeLimit(d) = self {
             // Not the picture's fault: never a flagging verdict.
-            return Verdict::new(Status::Failing, self.code()).with_detail(d.clone());
+            return Verdict::new(self.code()).with_detail(d.clone());
         }
-        let v = Verdict::new(Status::Invalid, self.code());
+        let v = Verdict::new(self.code());
         match self {
             MediaError::NotAnImage(what) => v.with_detail(*what),
             MediaError::Malformed(d) | MediaError::Undecodable(d) => v.with_detail(d.clone()),
@@ -823,7 +825,7 @@ pub(crate) mod tests {
     fn every_media_error_is_an_invalid_verdict_with_its_code() {
         let v = MediaError::NotAnImage("html").verdict();
         assert_eq!(
-            (v.status, v.code, v.detail.as_deref()),
+            (v.status, v.code.as_str(), v.detail.as_deref()),
             (Status::Invalid, "not_an_image", Some("html"))
         );
         assert_eq!(MediaError::Truncated.verdict().code, "truncated");
@@ -1064,7 +1066,7 @@ pub(crate) mod tests {
         png.extend_from_slice(&png_chunk(b"IEND", b"", true));
         let v = validate(&png, &settings()).unwrap_err().verdict();
         assert_eq!(
-            (v.code, v.detail.as_deref()),
+            (v.code.as_str(), v.detail.as_deref()),
             ("dimensions_too_large", Some("2147483647x2147483647"))
         );
     }

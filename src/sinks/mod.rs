@@ -135,7 +135,7 @@ impl Event {
             ),
             mirror_url: rec.mirror_url.clone(),
             status: rec.status.to_string(),
-            reason: rec.reason.clone(),
+            reason: rec.reason.to_string(),
             reason_detail: rec.reason_detail.clone(),
             reauth_required: rec.reauth_required,
             previous_status: prev.map(|p| p.status.to_string()),
@@ -406,7 +406,7 @@ impl Deliverer {
             )
             .await?;
         let slow_down = std::sync::atomic::AtomicBool::new(false);
-        let outcomes: Vec<Result<&'static str, DbError>> = futures::stream::iter(batch)
+        let outcomes: Vec<Result<Option<DeliveryOutcome>, DbError>> = futures::stream::iter(batch)
             .map(|d| {
                 let (token, slow_down) = (&token, &slow_down);
                 async move {
@@ -434,36 +434,37 @@ impl Deliverer {
                         }
                     };
                     self.db.settle_delivery(d.id, token, &settle).await?;
-                    let label = match &settle {
-                        Settle::Delivered => "delivered",
+                    let outcome = match &settle {
+                        Settle::Delivered => Some(DeliveryOutcome::Delivered),
                         Settle::Retry { error, .. } => {
                             tracing::info!(sink = sink.name(), user_id = %d.user_id, event = %d.kind, attempts = d.attempts + 1, error = %error, "delivery failed, will retry");
-                            "retried"
+                            Some(DeliveryOutcome::Retried)
                         }
-                        Settle::Later { .. } if self.winding_down() => "released",
-                        Settle::Later { .. } => "",
+                        Settle::Later { .. } if self.winding_down() => Some(DeliveryOutcome::Released),
+                        // Rate limited: back in line, not an attempt.
+                        Settle::Later { .. } => None,
                         Settle::Dead { error } => {
                             tracing::warn!(sink = sink.name(), user_id = %d.user_id, event = %d.kind, error = %error, "delivery given up");
-                            "dead"
+                            Some(DeliveryOutcome::Dead)
                         }
                     };
-                    if !label.is_empty() && label != "released" {
+                    if let Some(label) = outcome.and_then(DeliveryOutcome::metric_label) {
                         self.metrics.delivery(sink.name(), label);
                     }
-                    Ok(label)
+                    Ok(outcome)
                 }
             })
             .buffer_unordered(s.concurrency.max(1))
             .collect()
             .await;
         let mut counts = DeliveryCounts::default();
-        for o in outcomes {
-            match o? {
-                "delivered" => counts.delivered += 1,
-                "retried" => counts.retried += 1,
-                "dead" => counts.dead += 1,
-                "released" => counts.released += 1,
-                _ => {}
+        for outcome in outcomes {
+            match outcome? {
+                Some(DeliveryOutcome::Delivered) => counts.delivered += 1,
+                Some(DeliveryOutcome::Retried) => counts.retried += 1,
+                Some(DeliveryOutcome::Dead) => counts.dead += 1,
+                Some(DeliveryOutcome::Released) => counts.released += 1,
+                None => {}
             }
         }
         Ok(counts)
@@ -491,6 +492,28 @@ impl Deliverer {
                 at: crate::model::unix_now() + backoff_secs(d.attempts, s, &mut rand::rng()) as i64,
                 error: bound(e.to_string()),
             },
+        }
+    }
+}
+
+/// What became of one claimed delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeliveryOutcome {
+    Delivered,
+    Retried,
+    Dead,
+    /// Given back unattempted (shutdown, or the drain's time ran out).
+    Released,
+}
+
+impl DeliveryOutcome {
+    /// The `result` label of `sink_deliveries_total`; a release is no attempt.
+    fn metric_label(self) -> Option<&'static str> {
+        match self {
+            DeliveryOutcome::Delivered => Some("delivered"),
+            DeliveryOutcome::Retried => Some("retried"),
+            DeliveryOutcome::Dead => Some("dead"),
+            DeliveryOutcome::Released => None,
         }
     }
 }
@@ -594,26 +617,24 @@ mod tests {
     use crate::db::UserId;
 
     fn rec(status: Status, mirror: Option<&str>, reauth: bool) -> AvatarRecord {
-        AvatarRecord {
-            user_id: UserId::Int(7),
-            source_url: "https://thirdwx.qlogo.cn/mmopen/x/132".into(),
-            status,
-            reason: "r".into(),
-            reason_detail: None,
-            mirror_url: mirror.map(Into::into),
-            object_key: None,
-            sha256: None,
-            size_bytes: None,
-            width: None,
-            height: None,
-            format: None,
-            validators: Default::default(),
-            reauth_required: reauth,
-            attempts: 0,
-            expiry_signals: 0,
-            checked_at: 1_700_000_000,
-            next_check_at: None,
-        }
+        use crate::model::Reason;
+        let reason = match status {
+            Status::Mirrored => Reason::ValidImage,
+            Status::Expired => Reason::NotFound,
+            Status::Invalid => Reason::NotAnImage,
+            Status::Failing => Reason::Timeout,
+            Status::Blocked => Reason::NotAllowed,
+            Status::Pending => Reason::NotCheckedYet,
+        };
+        let mut r = AvatarRecord::new(
+            UserId::Int(7),
+            "https://thirdwx.qlogo.cn/mmopen/x/132",
+            reason,
+            1_700_000_000,
+        )
+        .with_reauth(reauth);
+        r.mirror_url = mirror.map(Into::into);
+        r
     }
 
     fn prev(status: Status, mirror: Option<&str>, reauth: bool) -> Previous {

@@ -98,7 +98,7 @@ async fn bad_rows_get_a_specific_reason_and_never_stop_the_run() {
                 .await
                 .into_iter()
                 .find(|r| r.user_id.to_string() == id);
-            s.map(|s| (s.status, s.reason))
+            s.map(|s| (s.status, s.reason.to_string()))
         }
     };
     for id in ["1", "2", "3"] {

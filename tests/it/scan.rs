@@ -380,7 +380,7 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
         .map(|d| {
             pipeline::build_record(
                 d,
-                avatar_warden::classify::Verdict::new(Status::Expired, "not_found"),
+                avatar_warden::classify::Verdict::new(avatar_warden::classify::Reason::NotFound),
                 None,
                 None,
                 0,

@@ -1,0 +1,633 @@
+//! One scan end to end: read due avatars page by page, check them with bounded
+//! concurrency, store valid pictures, and record outcomes in batches.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt, stream};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::check::{Checker, HostLimiter, Known, Reverified};
+use crate::classify::{Reason, Status, Verdict};
+use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
+use crate::db::{
+    AvatarRecord, Claim, Database, DbError, DueAvatar, RunRecord, Selection, Shard, UrlFilter,
+    UserId, new_lease_token,
+};
+use crate::metrics::Metrics;
+pub use crate::model::{
+    FlaggedUser, MirrorKind, REPORT_FLAGGED_LIMIT, REPORT_HOSTS_LIMIT, ScanReport, unix_now,
+};
+use crate::storage::{ImageWriter, StoredObject};
+
+mod policy;
+mod writer;
+
+pub use policy::{Mirror, backoff_secs, build_record};
+use writer::{Pace, WriteOptions, renew_leases, write_results};
+
+/// Everything a scan needs, built once by the binary (or a test).
+#[derive(Clone)]
+pub struct Deps {
+    pub db: Arc<Database>,
+    pub checker: Checker,
+    pub images: ImageWriter,
+    pub policy: Policy,
+    pub metrics: Metrics,
+    pub sinks: crate::sinks::Sinks,
+}
+
+/// The rules that turn a verdict into what is recorded.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub recheck: RecheckSettings,
+    pub expiry: ExpirySettings,
+    pub when_mirror_exists: WhenMirrorExists,
+    pub max_attempts: i64,
+}
+
+impl Policy {
+    pub fn from_settings(s: &Settings) -> Self {
+        Policy {
+            recheck: s.recheck.clone(),
+            expiry: s.expiry.clone(),
+            when_mirror_exists: s.reauth.when_mirror_exists,
+            max_attempts: s.retry.max_attempts.max(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    pub batch_size: usize,
+    pub concurrency: usize,
+    /// How long claimed avatars stay leased to this scan (renewed while it runs).
+    pub lease_secs: u64,
+    /// A result is written at the latest this long after it finished.
+    pub flush: Duration,
+    /// Static sharding: only ids of this shard.
+    pub shard: Option<Shard>,
+    /// Backfill controls: force, only statuses, users, dry run.
+    pub selection: Selection,
+    /// Stop after this many avatars.
+    pub limit: Option<u64>,
+    /// Only avatars of this provider (a rule name from the provider rules).
+    pub provider: Option<String>,
+    /// Cancelled: stop reading new avatars, finish and record those in flight.
+    pub shutdown: CancellationToken,
+    /// After shutdown, how long avatars in flight may take before they are
+    /// abandoned (their leases are released; nothing half-done is recorded).
+    pub grace: Duration,
+    /// Download every picture again instead of re-verifying with headers
+    /// (`scan --redownload`).
+    pub redownload: bool,
+}
+
+impl ScanReport {
+    fn add(&mut self, c: &Checked) {
+        let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
+        self.bytes_downloaded += c.downloaded;
+        match c.kind {
+            Some(MirrorKind::First) => self.first_mirrors += 1,
+            Some(MirrorKind::Unchanged) => self.unchanged += 1,
+            Some(MirrorKind::Changed) => self.changed += 1,
+            None => {}
+        }
+        if let Some(kind) = c.kind.filter(|k| *k != MirrorKind::First) {
+            // No re-verification request: a full download of the same URL decided.
+            let method = c.reverified.map_or("get", |r| r.method);
+            *self
+                .reverified
+                .entry(format!("{method}/{}", kind.as_str()))
+                .or_default() += 1;
+        }
+        let before = c.previous.map_or("new", |s| s.as_str());
+        if before != record.status.as_str() {
+            *self
+                .changes
+                .entry(format!("{before} -> {}", record.status))
+                .or_default() += 1;
+        }
+        self.processed += 1;
+        *self.by_status.entry(record.status.to_string()).or_default() += 1;
+        *self
+            .by_reason
+            .entry(format!("{}/{}", record.status, record.reason))
+            .or_default() += 1;
+        if let Some(s) = stored {
+            if s.deduplicated {
+                self.objects_deduplicated += 1;
+            } else {
+                self.objects_uploaded += 1;
+                self.bytes_uploaded += bytes;
+            }
+        }
+        // The record's own flag: the policy may keep a user quiet (#12).
+        if record.reauth_required {
+            self.flagged_total += 1;
+        }
+        if record.reauth_required && self.flagged.len() < REPORT_FLAGGED_LIMIT {
+            self.flagged.push(FlaggedUser {
+                user_id: record.user_id.to_string(),
+                status: record.status.to_string(),
+                reason: record.reason.to_string(),
+            });
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("a scan task failed: {0}")]
+    Task(String),
+    /// Stored objects could not be made durable: their rows are not written.
+    #[error(transparent)]
+    Store(#[from] crate::storage::StoreError),
+}
+
+impl ScanError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ScanError::Db(e) => e.is_retryable(),
+            ScanError::Task(_) => false,
+            ScanError::Store(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// One avatar after its fetch: what was found, not yet stored or recorded.
+struct Examined {
+    due: DueAvatar,
+    exam: crate::check::Examination,
+    started: Instant,
+    now: i64,
+    span: tracing::Span,
+    _in_flight: crate::metrics::InFlight,
+}
+
+impl MirrorKind {
+    /// From the recorded outcome: `unchanged` and `source_changed` are
+    /// re-verifications, any other newly stored object is a first mirror.
+    fn of(record: &AvatarRecord, stored: bool) -> Option<Self> {
+        match record.reason {
+            Reason::Unchanged => Some(MirrorKind::Unchanged),
+            Reason::SourceChanged => Some(MirrorKind::Changed),
+            _ if stored => Some(MirrorKind::First),
+            _ => None,
+        }
+    }
+}
+
+/// The mirrored picture a re-check compares with: only for the same URL.
+fn known_picture(due: &DueAvatar) -> Option<Known> {
+    let prev = due.previous.as_ref()?;
+    if prev.source_url != due.avatar_url {
+        return None;
+    }
+    Some(Known {
+        sha256: prev.sha256.clone()?,
+        validators: prev.validators.clone(),
+    })
+}
+
+/// Stage one: fetch, classify and validate one avatar, in its own span.
+async fn examine_avatar(
+    deps: &Deps,
+    due: DueAvatar,
+    hosts: &HostLimiter,
+    redownload: bool,
+) -> Examined {
+    let span = tracing::info_span!(
+        "avatar",
+        user_id = %due.user_id,
+        host = url::Url::parse(&due.avatar_url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default(),
+        status = tracing::field::Empty,
+        reason = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    let started = Instant::now();
+    let in_flight = deps.metrics.in_flight_guard();
+    let now = unix_now();
+    let mut known = known_picture(&due).filter(|_| !redownload);
+    let object_key = due.previous.as_ref().and_then(|p| p.object_key.clone());
+    if let (Some(_), Some(key)) = (&known, &object_key) {
+        // A re-verification that would only confirm headers must not confirm
+        // a mirror whose object is gone: one existence check (cheap next to
+        // the request) and, if it is missing, a full download stores it again.
+        if let Ok(false) = deps.images.store().exists(key).await {
+            tracing::warn!(parent: &span, user_id = %due.user_id, key, "the mirrored object is missing from the store: downloading the picture again");
+            deps.images.forget(key);
+            known = None;
+        }
+    }
+    let exam = deps
+        .checker
+        .reexamine(&due.avatar_url, now, hosts, known.as_ref())
+        .instrument(span.clone())
+        .await;
+    if exam.requests > 0 {
+        deps.metrics.observe_fetch(exam.fetch_time, exam.bytes_read);
+    }
+    Examined {
+        due,
+        exam,
+        started,
+        now,
+        span,
+        _in_flight: in_flight,
+    }
+}
+
+/// Stage two: store the picture and build the record. Its own stage so a
+/// slow disk or object store never holds one of the fetch slots (t2 in
+/// BENCHMARKS.md: fsync latency there cost a fifth of the throughput).
+async fn finish_avatar(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
+    let span = examined.span.clone();
+    finish_avatar_in(deps, examined, dry_run)
+        .instrument(span)
+        .await
+}
+
+async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
+    let Examined {
+        due,
+        exam,
+        started,
+        now,
+        ..
+    } = examined;
+    let mut verdict = exam.verdict;
+    let mut mirror = None;
+    let mut size = 0;
+    if let Some((info, body)) = exam.image.filter(|_| !dry_run) {
+        size = body.bytes.len() as u64;
+        match deps
+            .images
+            .store_image(&body.sha256, info.format, body.bytes)
+            .await
+        {
+            Ok(stored) => mirror = Some((info, body.sha256, stored)),
+            Err(e) => {
+                tracing::warn!(user_id = %due.user_id, error = %e, "storing the mirror failed");
+                verdict = Verdict::new(Reason::StorageError).with_detail(e.to_string());
+            }
+        }
+    }
+    let mut rng = rand::rng();
+    let record = build_record(
+        &due,
+        verdict,
+        exam.expires_at,
+        mirror.as_ref(),
+        size,
+        &exam.validators,
+        now,
+        &deps.policy,
+        &mut rng,
+    );
+    let span = tracing::Span::current();
+    span.record("status", record.status.as_str());
+    span.record("reason", record.reason.as_str());
+    span.record("duration_ms", started.elapsed().as_millis() as u64);
+    deps.metrics.observe_avatar(started.elapsed());
+    tracing::debug!(
+        provider = exam.provider.as_deref().unwrap_or("-"),
+        requests = exam.requests,
+        "avatar checked"
+    );
+    let kind = MirrorKind::of(&record, mirror.is_some());
+    deps.metrics
+        .observe_mirror_check(kind, exam.reverified, exam.bytes_read);
+    Checked {
+        outbox: deps.sinks.outbox_rows(due.previous.as_ref(), &record),
+        kind,
+        reverified: exam.reverified,
+        previous: due.previous.as_ref().map(|p| p.status),
+        was_flagged: due.previous.as_ref().is_some_and(|p| p.reauth_required),
+        record,
+        stored: mirror.map(|(_, _, s)| s),
+        size,
+        downloaded: exam.bytes_read,
+        provider: exam.provider,
+    }
+}
+
+/// Scans everything due once: the unit the scheduler repeats and tests call.
+/// Avatars are claimed page by page under a lease, so several workers can
+/// scan one table at once without checking anything twice.
+pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
+    let token = new_lease_token();
+    let span = tracing::info_span!("scan", lease = &token[..8]);
+    scan_traced(deps, opts, &token).instrument(span).await
+}
+
+async fn scan_traced(
+    deps: &Deps,
+    opts: &ScanOptions,
+    token: &str,
+) -> Result<ScanReport, ScanError> {
+    let started = Instant::now();
+    let started_at = unix_now();
+    deps.metrics.scan_started();
+    deps.images.forget_all();
+    update_backlog(deps).await;
+    let result = scan_with_lease(deps, opts, token).await;
+    // Give back what was claimed but not checked (shutdown, or an error mid-way).
+    if let Err(e) = deps.db.release(token).await {
+        tracing::warn!(error = %e, "could not release leases; they expire by themselves");
+    }
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // What this scan wrote but never made durable is not kept, and
+            // not trusted by the next scan of this process.
+            deps.images.discard_unsynced().await;
+            deps.metrics.scan_failed();
+            if !opts.selection.dry_run {
+                let run = RunRecord {
+                    started_at,
+                    finished_at: unix_now(),
+                    result: "failed".into(),
+                    worker: worker_name(),
+                    error: Some(crate::classify::bounded(
+                        e.to_string(),
+                        crate::classify::MAX_DETAIL_BYTES,
+                    )),
+                    ..RunRecord::default()
+                };
+                // The database may be what failed: then say so, once.
+                if let Err(record) = deps.db.record_run(&run).await {
+                    tracing::warn!(error = %record, "the failed scan could not be recorded in avatar_warden_runs either");
+                }
+            }
+            return Err(e);
+        }
+    };
+    report.interrupted = opts.shutdown.is_cancelled();
+    report.duration_secs = started.elapsed().as_secs_f64();
+    deps.metrics.scan_finished(&report);
+    if !report.interrupted {
+        update_backlog(deps).await;
+    }
+    if !report.dry_run {
+        let run = RunRecord {
+            started_at,
+            finished_at: unix_now(),
+            result: if report.interrupted {
+                "interrupted"
+            } else {
+                "completed"
+            }
+            .into(),
+            processed: report.processed as i64,
+            failing: report.count(Status::Failing) as i64,
+            flagged: report.flagged_total as i64,
+            worker: worker_name(),
+            error: None,
+        };
+        if let Err(e) = deps.db.record_run(&run).await {
+            tracing::warn!(error = %e, "could not record the run in avatar_warden_runs");
+        }
+    }
+    tracing::info!(
+        processed = report.processed,
+        interrupted = report.interrupted,
+        abandoned = report.abandoned,
+        duration_secs = report.duration_secs,
+        "scan finished"
+    );
+    Ok(report)
+}
+
+/// The due backlog gauge; a count that fails is logged, never fatal.
+async fn update_backlog(deps: &Deps) {
+    match deps.db.count_due(unix_now()).await {
+        Ok(n) => deps.metrics.set_due_backlog(n),
+        Err(e) => tracing::warn!(error = %e, "could not count the due backlog"),
+    }
+}
+
+/// This worker's name in `avatar_warden_runs`: the host (the pod, in Kubernetes).
+pub fn worker_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// `scan --provider NAME`: only URLs that rule matches.
+struct ProviderFilter {
+    checker: Checker,
+    name: String,
+}
+
+impl UrlFilter for ProviderFilter {
+    fn keep(&self, url: &str) -> bool {
+        self.checker.provider_of(url).as_deref() == Some(self.name.as_str())
+    }
+}
+
+/// One checked avatar: its record, the object stored for it, bytes fetched.
+struct Checked {
+    record: AvatarRecord,
+    stored: Option<StoredObject>,
+    /// Bytes of the stored picture.
+    size: u64,
+    /// Response bytes downloaded to decide.
+    downloaded: u64,
+    previous: Option<Status>,
+    /// The user's re-auth flag before this check.
+    was_flagged: bool,
+    provider: Option<String>,
+    /// First mirror, unchanged or changed picture.
+    kind: Option<MirrorKind>,
+    reverified: Option<Reverified>,
+    /// Sink deliveries this verdict causes, written in its batch.
+    outbox: Vec<crate::db::OutboxRow>,
+}
+
+async fn scan_with_lease(
+    deps: &Deps,
+    opts: &ScanOptions,
+    token: &str,
+) -> Result<ScanReport, ScanError> {
+    let batch = opts.batch_size.max(1);
+    let (lease_secs, shard) = (opts.lease_secs as i64, opts.shard);
+    let selection = Arc::new(opts.selection.clone());
+    let dry_run = opts.selection.dry_run;
+    let redownload = opts.redownload;
+    let keep_url = opts.provider.clone().map(|name| {
+        Arc::new(ProviderFilter {
+            checker: deps.checker.clone(),
+            name,
+        })
+    });
+    // Keyset pages, claimed lazily as the workers need them: memory is bounded
+    // by two pages plus what is in flight, whatever the table size. Each claim
+    // runs as its own task so its transaction finishes even while this stream
+    // is not being polled (an open transaction would block the writer).
+    // The next page is claimed while this one is checked: waiting for the
+    // claim between pages left the workers idle (t2 in BENCHMARKS.md).
+    let db = deps.db.clone();
+    let claim_token = token.to_string();
+    let pace = Arc::new(Pace::new(opts.concurrency.max(1), batch, opts.lease_secs));
+    let claim_pace = pace.clone();
+    let claim = move |after: Option<UserId>| {
+        let db = db.clone();
+        let token = claim_token.clone();
+        let selection = selection.clone();
+        let keep_url = keep_url.clone();
+        let limit = claim_pace.page_size();
+        AbortOnDrop(tokio::spawn(async move {
+            let now = unix_now();
+            db.claim_page(&Claim {
+                after: after.as_ref(),
+                now,
+                limit,
+                token: &token,
+                lease_until: now + lease_secs,
+                shard,
+                selection: &selection,
+                keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
+            })
+            .await
+        }))
+    };
+    let first = claim(None);
+    let pages = stream::try_unfold(Some(first), move |pending| {
+        let claim = claim.clone();
+        async move {
+            let Some(pending) = pending else {
+                return Ok::<_, ScanError>(None);
+            };
+            let page = pending
+                .await
+                .map_err(|e| ScanError::Task(e.to_string()))??;
+            let next = page.cursor.map(|after| claim(Some(after)));
+            let items = page.claimed.into_iter().map(Ok::<DueAvatar, ScanError>);
+            Ok(Some((stream::iter(items), next)))
+        }
+    });
+
+    // The heartbeat: while this scan runs, what it claimed and has not
+    // written stays leased to it, however slow a page is.
+    let _heartbeat = (!dry_run).then(|| {
+        AbortOnDrop(tokio::spawn(renew_leases(
+            deps.db.clone(),
+            token.to_string(),
+            opts.lease_secs,
+        )))
+    });
+
+    // The writer drains results in batches on its own task, so checking
+    // never pauses while a batch is written.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Checked>(batch * 2);
+    let writer = tokio::spawn(write_results(
+        deps.clone(),
+        rx,
+        WriteOptions {
+            batch,
+            flush: opts.flush,
+            token: token.to_string(),
+            dry_run,
+        },
+    ));
+
+    let hosts = deps.checker.host_limiter();
+    let hosts = &hosts;
+    let shutdown = opts.shutdown.clone();
+    let limit = opts.limit.map_or(usize::MAX, |l| l as usize);
+    let results = pages
+        .try_flatten()
+        .take(limit)
+        .take_until(async move { shutdown.cancelled().await })
+        .map_ok(|due| async move {
+            Ok::<_, ScanError>(examine_avatar(deps, due, hosts, redownload).await)
+        })
+        .try_buffer_unordered(opts.concurrency.max(1))
+        // Storing is a stage of its own with as many slots: a slow disk no
+        // longer holds fetch slots (bodies held: at most 2 × concurrency).
+        .map_ok(|ex| async move { Ok::<_, ScanError>(finish_avatar(deps, ex, dry_run).await) })
+        .try_buffer_unordered(opts.concurrency.max(1));
+    // Boxed, not pinned on the stack, so dropping it cancels what is in flight.
+    let mut results = Box::pin(results);
+    let mut failure = None;
+    // After shutdown, in-flight avatars get `grace` to finish; then they are dropped.
+    let (stop, grace) = (opts.shutdown.clone(), opts.grace);
+    let hard_stop = async move {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    futures::pin_mut!(hard_stop);
+    let mut abandoned = 0;
+    loop {
+        let next = tokio::select! {
+            next = results.try_next() => next,
+            _ = &mut hard_stop => {
+                abandoned = deps.metrics.in_flight() as u64;
+                tracing::warn!(abandoned, ?grace, "grace period over: abandoning avatars in flight");
+                break;
+            }
+        };
+        match next {
+            Ok(Some(checked)) => {
+                pace.finished();
+                if tx.send(checked).await.is_err() {
+                    break; // the writer stopped: its error is reported below
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    drop(results);
+    drop(tx);
+    let mut report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
+    report.abandoned = abandoned;
+    report.hosts = hosts
+        .throttled()
+        .into_iter()
+        .take(REPORT_HOSTS_LIMIT)
+        .map(|mut h| {
+            h.provider = deps.checker.provider_of(&format!("https://{}/", h.host));
+            h
+        })
+        .collect();
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// A prefetched claim that nobody will read (limit reached, shutdown, error)
+/// is cancelled: its transaction rolls back, or, if it committed already, the
+/// scan's final release gives its leases back.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}

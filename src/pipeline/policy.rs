@@ -1,0 +1,537 @@
+//! The policy: what a verdict becomes in the state row (what carries over,
+//! expiry confirmations, `gave_up`, when to look again, the re-auth flag). Pure.
+
+use rand::Rng;
+
+use crate::classify::{Reason, Status, Verdict};
+use crate::config::{RecheckSettings, WhenMirrorExists};
+use crate::db::{AvatarRecord, DueAvatar, Validators};
+use crate::media::ImageInfo;
+use crate::storage::StoredObject;
+
+use super::Policy;
+
+/// A newly stored picture: what it is, its sha256, where it went.
+pub type Mirror = (ImageInfo, String, StoredObject);
+
+/// Re-check a URL whose signature expires this long before it does.
+const EXPIRY_MARGIN_SECS: i64 = 60;
+
+/// Turns a verdict into the row to record: what carries over from the last
+/// check, when to look again, and whether the user must re-authorize.
+/// `validators` are what the source said in this check (kept with a new
+/// mirror, or with one confirmed `unchanged`).
+#[allow(clippy::too_many_arguments)]
+pub fn build_record(
+    due: &DueAvatar,
+    mut verdict: Verdict,
+    expires_at: Option<i64>,
+    mirror: Option<&Mirror>,
+    size: u64,
+    validators: &Validators,
+    now: i64,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) -> AvatarRecord {
+    let prev = due.previous.as_ref();
+    let same_url = prev.is_some_and(|p| p.source_url == due.avatar_url);
+    // The same URL downloaded again: name what the picture did.
+    if let (Some((_, sha, _)), Some(old)) = (mirror, prev.and_then(|p| p.sha256.as_deref()))
+        && same_url
+        && verdict.code == Verdict::mirrored().code
+    {
+        verdict = if old.eq_ignore_ascii_case(sha) {
+            Verdict::new(Reason::Unchanged).with_detail("get: same sha256")
+        } else {
+            Verdict::new(Reason::SourceChanged).with_detail(format!("sha256 was {old}"))
+        };
+    }
+    let confirmed = verdict.code == Reason::Unchanged;
+    let signals_before = if same_url {
+        prev.map_or(0, |p| p.expiry_signals)
+    } else {
+        0
+    };
+    let mut record = AvatarRecord {
+        user_id: due.user_id.clone(),
+        source_url: due.avatar_url.clone(),
+        status: verdict.status,
+        reason: verdict.code,
+        reason_detail: verdict.detail.clone(),
+        // The last good mirror stays visible until a new one replaces it.
+        mirror_url: prev.and_then(|p| p.mirror_url.clone()),
+        object_key: prev.and_then(|p| p.object_key.clone()),
+        sha256: prev.and_then(|p| p.sha256.clone()),
+        size_bytes: prev.and_then(|p| p.meta.size_bytes),
+        width: prev.and_then(|p| p.meta.width),
+        height: prev.and_then(|p| p.meta.height),
+        format: prev.and_then(|p| p.meta.format.clone()),
+        // Validators belong to the URL they came from.
+        validators: if mirror.is_some() || confirmed {
+            validators.clone()
+        } else if same_url {
+            prev.map(|p| p.validators.clone()).unwrap_or_default()
+        } else {
+            Validators::default()
+        },
+        reauth_required: prev.is_some_and(|p| p.reauth_required),
+        attempts: 0,
+        expiry_signals: signals_before,
+        checked_at: now,
+        next_check_at: None,
+    };
+    if let Some((info, sha, stored)) = mirror {
+        record.mirror_url = Some(stored.url.clone());
+        record.object_key = Some(stored.key.clone());
+        record.sha256 = Some(sha.clone());
+        record.size_bytes = Some(size as i64);
+        record.width = Some(i64::from(info.width));
+        record.height = Some(i64::from(info.height));
+        record.format = Some(info.format.name().to_string());
+    }
+    match verdict.status {
+        Status::Mirrored => {
+            record.reauth_required = false;
+            // A URL that has said "gone" before is dying: look again soon.
+            let wait = if signals_before > 0 {
+                policy.expiry.min_interval_secs as i64
+            } else {
+                jitter(policy.recheck.mirrored_secs, 0.1, rng)
+            };
+            record.next_check_at = Some(now + wait);
+        }
+        Status::Expired => {
+            let is_signal = verdict.code.is_expiry_signal();
+            if is_signal {
+                record.expiry_signals += 1;
+            }
+            if is_signal && record.expiry_signals < policy.expiry.confirmations {
+                record.status = Status::Failing;
+                record.reason = Reason::ExpiryUnconfirmed;
+                record.reason_detail = Some(format!(
+                    "{} of {} expiry signals; last: {}{}",
+                    record.expiry_signals,
+                    policy.expiry.confirmations,
+                    verdict.code,
+                    verdict
+                        .detail
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ));
+                record.next_check_at = Some(before_expiry(
+                    now + policy.expiry.min_interval_secs as i64,
+                    expires_at,
+                    now,
+                ));
+            } else {
+                let keep_quiet = record.mirror_url.is_some()
+                    && policy.when_mirror_exists == WhenMirrorExists::Keep;
+                record.reauth_required = !keep_quiet;
+            }
+        }
+        Status::Invalid => record.reauth_required = true,
+        Status::Failing => {
+            let before = if same_url && prev.is_some_and(|p| p.status == Status::Failing) {
+                prev.map_or(0, |p| p.attempts)
+            } else {
+                0
+            };
+            record.attempts = before + 1;
+            if record.attempts >= policy.max_attempts {
+                record.reason = Reason::GaveUp;
+                record.reason_detail = Some(format!(
+                    "{} failing checks in a row; last: {}{}",
+                    record.attempts,
+                    verdict.code,
+                    verdict
+                        .detail
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default()
+                ));
+            } else {
+                let backoff = backoff_secs(record.attempts, &policy.recheck);
+                let next = now + jitter(backoff, 0.2, rng);
+                record.next_check_at = Some(before_expiry(next, expires_at, now));
+            }
+        }
+        Status::Blocked | Status::Pending => {}
+    }
+    // The composed detail quotes remote text: bound it once more as a whole.
+    record.reason_detail = record
+        .reason_detail
+        .map(|d| crate::classify::bounded(d, crate::classify::MAX_DETAIL_BYTES));
+    record
+}
+
+/// A signed URL must be tried again before its signature runs out.
+fn before_expiry(next: i64, expires_at: Option<i64>, now: i64) -> i64 {
+    match expires_at {
+        Some(t) if t > now => next.min((t - EXPIRY_MARGIN_SECS).max(now + 1)),
+        _ => next,
+    }
+}
+
+/// `initial * 2^(attempts-1)`, capped.
+pub fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
+    let exp = attempts.clamp(1, 40) as u32 - 1;
+    recheck
+        .failing_initial_secs
+        .max(1)
+        .saturating_mul(1u64 << exp.min(40))
+        .min(recheck.failing_max_secs.max(1))
+}
+
+/// Spreads re-checks so a million avatars mirrored on one day are not all due on the same second.
+fn jitter(secs: u64, fraction: f64, rng: &mut impl Rng) -> i64 {
+    let spread = secs as f64 * fraction;
+    (secs as f64 + rng.random_range(-spread..=spread)).max(1.0) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExpirySettings;
+    use crate::db::{MirrorMeta, Previous, UserId};
+    use crate::media::ImageFormat;
+    use rand::SeedableRng;
+
+    fn policy() -> Policy {
+        Policy {
+            recheck: RecheckSettings {
+                mirrored_secs: 1000,
+                failing_initial_secs: 60,
+                failing_max_secs: 86_400,
+            },
+            expiry: ExpirySettings {
+                confirmations: 1,
+                min_interval_secs: 600,
+            },
+            when_mirror_exists: WhenMirrorExists::Flag,
+            max_attempts: 10,
+        }
+    }
+
+    const URL: &str = "https://thirdwx.qlogo.cn/mmopen/a/132";
+
+    fn due(prev: Option<Previous>) -> DueAvatar {
+        DueAvatar {
+            user_id: UserId::Int(7),
+            avatar_url: URL.into(),
+            previous: prev,
+        }
+    }
+
+    fn prev(status: Status, attempts: i64) -> Previous {
+        Previous {
+            source_url: URL.into(),
+            status,
+            mirror_url: Some("https://cdn/avatars/ab/ab.jpg".into()),
+            object_key: Some("avatars/ab/ab.jpg".into()),
+            sha256: Some("ab".into()),
+            meta: MirrorMeta {
+                size_bytes: Some(4000),
+                width: Some(132),
+                height: Some(132),
+                format: Some("jpeg".into()),
+            },
+            validators: Validators {
+                etag: Some("\"v1\"".into()),
+                last_modified: None,
+                length: Some(4000),
+            },
+            attempts,
+            expiry_signals: 0,
+            reauth_required: false,
+        }
+    }
+
+    fn rng() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(1)
+    }
+
+    fn record(d: &DueAvatar, v: Verdict, p: &Policy) -> AvatarRecord {
+        build_record(
+            d,
+            v,
+            None,
+            None,
+            0,
+            &Validators::default(),
+            100,
+            p,
+            &mut rng(),
+        )
+    }
+
+    fn mirror() -> Mirror {
+        let info = ImageInfo {
+            format: ImageFormat::Jpeg,
+            width: 132,
+            height: 132,
+            tolerated: crate::media::Tolerated::default(),
+        };
+        let stored = StoredObject {
+            key: "avatars/cd/cd.jpg".into(),
+            url: "https://cdn/avatars/cd/cd.jpg".into(),
+            deduplicated: false,
+        };
+        (info, "cd".to_string(), stored)
+    }
+
+    fn expired() -> Verdict {
+        Verdict::new(Reason::ProviderNotexist).with_detail("X-ErrNo: -6101")
+    }
+
+    #[test]
+    fn expired_avatar_flags_user_and_keeps_the_last_mirror() {
+        let r = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &policy());
+        assert!(r.reauth_required);
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/ab/ab.jpg")
+        );
+        assert_eq!(r.next_check_at, None, "expired avatars wait for a new URL");
+        assert_eq!(r.expiry_signals, 1);
+    }
+
+    #[test]
+    fn an_existing_mirror_can_keep_the_user_unflagged_by_policy() {
+        let mut p = policy();
+        p.when_mirror_exists = WhenMirrorExists::Keep;
+        let r = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &p);
+        assert_eq!((r.status, r.reauth_required), (Status::Expired, false));
+        // Without a mirror there is nothing to show: flag.
+        let r = record(&due(None), expired(), &p);
+        assert!(r.reauth_required);
+    }
+
+    #[test]
+    fn mirrored_avatar_clears_the_flag_and_schedules_a_jittered_recheck() {
+        let mut p = prev(Status::Expired, 0);
+        p.reauth_required = true;
+        let m = mirror();
+        let r = build_record(
+            &due(Some(p)),
+            Verdict::mirrored(),
+            None,
+            Some(&m),
+            5000,
+            &Validators::default(),
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert!(!r.reauth_required);
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/cd/cd.jpg")
+        );
+        assert_eq!(
+            (r.width, r.height, r.size_bytes),
+            (Some(132), Some(132), Some(5000))
+        );
+        let next = r.next_check_at.unwrap() - 100;
+        assert!((900..=1100).contains(&next), "{next}");
+    }
+
+    #[test]
+    fn expiry_needs_the_configured_confirmations_and_counts_signals_across_valid_answers() {
+        let mut p = policy();
+        p.expiry.confirmations = 2;
+        // First signal: not yet expired, not flagged, re-checked after min_interval.
+        let first = record(&due(Some(prev(Status::Mirrored, 0))), expired(), &p);
+        assert_eq!(
+            (first.status, first.reason.as_str()),
+            (Status::Failing, "expiry_unconfirmed")
+        );
+        assert!(!first.reauth_required);
+        assert_eq!(first.next_check_at, Some(100 + 600));
+        assert_eq!(first.expiry_signals, 1);
+        // A valid answer in between (a node that has not caught up): mirrored, signal kept, looked at again soon.
+        let mut after = prev(Status::Failing, 0);
+        after.expiry_signals = first.expiry_signals;
+        let m = mirror();
+        let valid = build_record(
+            &due(Some(after.clone())),
+            Verdict::mirrored(),
+            None,
+            Some(&m),
+            1,
+            &Validators::default(),
+            100,
+            &p,
+            &mut rng(),
+        );
+        assert_eq!((valid.status, valid.expiry_signals), (Status::Mirrored, 1));
+        assert_eq!(valid.next_check_at, Some(100 + 600));
+        // Second signal: confirmed.
+        after.status = Status::Mirrored;
+        after.expiry_signals = valid.expiry_signals;
+        let second = record(&due(Some(after)), expired(), &p);
+        assert_eq!((second.status, second.expiry_signals), (Status::Expired, 2));
+        assert!(second.reauth_required);
+        // A new URL starts counting from zero.
+        let mut changed = prev(Status::Failing, 0);
+        changed.source_url = "https://thirdwx.qlogo.cn/old/132".into();
+        changed.expiry_signals = 1;
+        let r = record(&due(Some(changed)), expired(), &p);
+        assert_eq!((r.status, r.expiry_signals), (Status::Failing, 1));
+    }
+
+    #[test]
+    fn an_unchanged_picture_keeps_its_mirror_and_what_is_known_of_it() {
+        let p = prev(Status::Mirrored, 0);
+        let seen = Validators {
+            etag: Some("\"v1\"".into()),
+            last_modified: Some("Tue, 14 Nov 2023 22:13:20 GMT".into()),
+            length: Some(4000),
+        };
+        let r = build_record(
+            &due(Some(p.clone())),
+            Verdict::new(Reason::Unchanged),
+            None,
+            None,
+            0,
+            &seen,
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!(
+            (r.status, r.reason.as_str()),
+            (Status::Mirrored, "unchanged")
+        );
+        assert_eq!((&r.mirror_url, &r.sha256), (&p.mirror_url, &p.sha256));
+        assert_eq!(
+            (r.size_bytes, r.width, r.format.as_deref()),
+            (Some(4000), Some(132), Some("jpeg"))
+        );
+        assert_eq!(r.validators, seen, "a 304's news is kept");
+        let next = r.next_check_at.unwrap() - 100;
+        assert!((900..=1100).contains(&next), "the weekly cadence: {next}");
+    }
+
+    #[test]
+    fn a_download_of_the_same_url_says_whether_the_picture_changed() {
+        let m = mirror(); // sha "cd"; the previous mirror is "ab"
+        let fresh = Validators {
+            etag: Some("\"v2\"".into()),
+            ..Validators::default()
+        };
+        let build = |p: Previous| {
+            build_record(
+                &due(Some(p)),
+                Verdict::mirrored(),
+                None,
+                Some(&m),
+                5000,
+                &fresh,
+                100,
+                &policy(),
+                &mut rng(),
+            )
+        };
+        let r = build(prev(Status::Mirrored, 0));
+        assert_eq!(r.reason, "source_changed");
+        assert_eq!(r.reason_detail.as_deref(), Some("sha256 was ab"));
+        assert_eq!((r.sha256.as_deref(), &r.validators), (Some("cd"), &fresh));
+        let mut same = prev(Status::Mirrored, 0);
+        same.sha256 = Some("cd".into());
+        assert_eq!(build(same).reason, "unchanged");
+        let mut other_url = prev(Status::Mirrored, 0);
+        other_url.source_url = "https://thirdwx.qlogo.cn/mmopen/old/132".into();
+        assert_eq!(
+            build(other_url).reason,
+            "valid_image",
+            "a new URL is a first mirror"
+        );
+    }
+
+    #[test]
+    fn validators_stay_with_their_url() {
+        // A failing check keeps the mirror's validators for the next try...
+        let r = record(
+            &due(Some(prev(Status::Mirrored, 0))),
+            Verdict::new(Reason::Timeout),
+            &policy(),
+        );
+        assert_eq!(r.validators.etag.as_deref(), Some("\"v1\""));
+        // ...but a new URL that failed must not inherit the old URL's.
+        let mut moved = prev(Status::Mirrored, 0);
+        moved.source_url = "https://thirdwx.qlogo.cn/mmopen/old/132".into();
+        let r = record(&due(Some(moved)), Verdict::new(Reason::Timeout), &policy());
+        assert_eq!(r.validators, Validators::default());
+        assert!(r.mirror_url.is_some(), "the last good mirror stays visible");
+    }
+
+    #[test]
+    fn failing_avatars_back_off_never_flag_and_give_up_after_max_attempts() {
+        let v = Verdict::new(Reason::ServerError);
+        let r = record(&due(Some(prev(Status::Failing, 3))), v.clone(), &policy());
+        assert_eq!(r.attempts, 4);
+        assert!(!r.reauth_required);
+        let next = r.next_check_at.unwrap() - 100;
+        assert!((384..=576).contains(&next), "60*2^3=480 +-20%: {next}");
+        let r = record(&due(None), v.clone(), &policy());
+        assert_eq!(r.attempts, 1, "a first failure starts the count");
+        let r = record(&due(Some(prev(Status::Failing, 9))), v, &policy());
+        assert_eq!(
+            (r.status, r.reason.as_str(), r.next_check_at),
+            (Status::Failing, "gave_up", None)
+        );
+        assert!(!r.reauth_required, "giving up is never the user's fault");
+        assert!(r.reason_detail.unwrap().contains("server_error"));
+    }
+
+    #[test]
+    fn a_signed_url_is_retried_before_its_signature_runs_out() {
+        let v = Verdict::new(Reason::Timeout);
+        // The 6th failure in a row would wait 60 * 2^5 s: the signature runs out sooner.
+        let r = build_record(
+            &due(Some(prev(Status::Failing, 5))),
+            v,
+            Some(100 + 400),
+            None,
+            0,
+            &Validators::default(),
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!(r.next_check_at, Some(100 + 400 - EXPIRY_MARGIN_SECS));
+    }
+
+    #[test]
+    fn a_deprecated_host_keeps_its_new_mirror_and_flags_the_user() {
+        let v = Verdict::new(Reason::DeprecatedHost);
+        let m = mirror();
+        let r = build_record(
+            &due(None),
+            v,
+            None,
+            Some(&m),
+            10,
+            &Validators::default(),
+            100,
+            &policy(),
+            &mut rng(),
+        );
+        assert_eq!((r.status, r.reauth_required), (Status::Expired, true));
+        assert_eq!(
+            r.mirror_url.as_deref(),
+            Some("https://cdn/avatars/cd/cd.jpg")
+        );
+        assert_eq!(
+            r.expiry_signals, 0,
+            "a retiring host is not a flapping signal"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let rc = policy().recheck;
+        assert_eq!(backoff_secs(1, &rc), 60);
+        assert_eq!(backoff_secs(2, &rc), 120);
+        assert_eq!(backoff_secs(30, &rc), 86_400);
+    }
+}

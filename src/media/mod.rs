@@ -233,30 +233,31 @@ struct Walked {
     cleaned: Option<Vec<u8>>,
 }
 
+impl Walked {
+    /// A single-frame picture (JPEG, PNG).
+    fn still(width: u32, height: u32, tolerated: Tolerated, cleaned: Option<Vec<u8>>) -> Self {
+        Walked {
+            width,
+            height,
+            frames: 1,
+            tolerated,
+            cleaned,
+        }
+    }
+}
+
 fn walk(bytes: &[u8], format: ImageFormat) -> Result<Walked, MediaError> {
     Ok(match format {
         ImageFormat::Jpeg => {
             let l = jpeg::walk(bytes)?;
             let cleaned = (l.tolerated.skipped_bytes > 0).then(|| jpeg::rebuild(bytes, &l, true));
-            Walked {
-                width: l.width,
-                height: l.height,
-                frames: 1,
-                tolerated: l.tolerated,
-                cleaned,
-            }
+            Walked::still(l.width, l.height, l.tolerated, cleaned)
         }
         ImageFormat::Png => {
             let l = png::walk(bytes)?;
             let cleaned =
                 (l.tolerated.bad_ancillary_crcs > 0).then(|| png::rebuild(bytes, &l, true));
-            Walked {
-                width: l.width,
-                height: l.height,
-                frames: 1,
-                tolerated: l.tolerated,
-                cleaned,
-            }
+            Walked::still(l.width, l.height, l.tolerated, cleaned)
         }
         ImageFormat::Gif => {
             let g = gif_layout(bytes)?;

@@ -174,22 +174,29 @@ async fn a_lost_object_is_reported_and_stored_again() {
     assert_eq!(json["missing"], 0);
 }
 
+/// `n` users whose distinct avatars (`/avatar/jpeg/<tag><i>`) the origin
+/// serves after 200 ms; `None` when `backend` is not available here.
+async fn slow_origin_users(backend: Backend, n: i64, tag: &str) -> Option<TestApp> {
+    let origin = avatar_warden::demo::OriginOptions {
+        latency: std::time::Duration::from_millis(200),
+        ..Default::default()
+    };
+    let app = TestApp::empty_on(backend, origin).await?;
+    let rows: Vec<(i64, String)> = (1..=n)
+        .map(|i| (i, app.origin.url(&format!("/avatar/jpeg/{tag}{i}"))))
+        .collect();
+    app.users(&rows).await;
+    Some(app)
+}
+
 /// Three replicas against an origin that gives each about 20 avatars/s, with
 /// pages that take longer than a lease: renewals keep every page with its
 /// holder, so no URL is fetched twice and no result is thrown away.
 async fn slow_replicas_never_fetch_twice_with_a_short_lease(backend: Backend) {
     const USERS: i64 = 240;
-    let origin = avatar_warden::demo::OriginOptions {
-        latency: std::time::Duration::from_millis(200),
-        ..Default::default()
-    };
-    let Some(mut app) = TestApp::empty_on(backend, origin).await else {
+    let Some(mut app) = slow_origin_users(backend, USERS, "r").await else {
         return;
     };
-    let rows: Vec<(i64, String)> = (1..=USERS)
-        .map(|i| (i, app.origin.url(&format!("/avatar/jpeg/r{i}"))))
-        .collect();
-    app.users(&rows).await;
     // 4 slots x 200 ms = 20 avatars/s per replica; a 80-avatar page takes
     // 4 s, longer than the 3 s lease.
     app.set("FETCH__CONCURRENCY", "4");
@@ -228,17 +235,9 @@ async fn slow_replicas_never_fetch_twice_with_a_short_lease(backend: Backend) {
 /// rest due once the leases expire, and finished rows hold no lease.
 async fn a_kill_loses_at_most_the_last_flush_interval(backend: Backend) {
     const USERS: i64 = 400;
-    let origin = avatar_warden::demo::OriginOptions {
-        latency: std::time::Duration::from_millis(200),
-        ..Default::default()
-    };
-    let Some(mut app) = TestApp::empty_on(backend, origin).await else {
+    let Some(mut app) = slow_origin_users(backend, USERS, "k").await else {
         return;
     };
-    let rows: Vec<(i64, String)> = (1..=USERS)
-        .map(|i| (i, app.origin.url(&format!("/avatar/jpeg/k{i}"))))
-        .collect();
-    app.users(&rows).await;
     app.set("FETCH__CONCURRENCY", "4");
     app.set("SCAN__FLUSH_SECS", "1");
     let mut child = crate::cli::command(&app, &["scan", "--no-progress"])

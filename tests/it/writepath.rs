@@ -315,10 +315,10 @@ async fn app_with_a_hanging_sink() -> TestApp {
     app
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_ends_scan_within_its_grace_period_although_a_sink_hangs() {
-    let app = app_with_a_hanging_sink().await;
-    let child = crate::cli::command(&app, &["scan", "--no-progress"])
+/// Runs the binary with `args`, sends SIGTERM after two seconds, and checks
+/// it exited 0 within the 3 s grace period and a 2 s margin.
+async fn sigterm_after_two_seconds(app: &TestApp, args: &[&str]) -> std::process::Output {
+    let child = crate::cli::command(app, args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -330,10 +330,17 @@ async fn sigterm_ends_scan_within_its_grace_period_although_a_sink_hangs() {
     let took = signalled.elapsed();
     assert!(
         took < std::time::Duration::from_secs(3 + 2),
-        "exited {took:?} after SIGTERM:\n{}",
+        "{args:?} exited {took:?} after SIGTERM:\n{}",
         crate::cli::stderr(&out)
     );
     assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_scan_within_its_grace_period_although_a_sink_hangs() {
+    let app = app_with_a_hanging_sink().await;
+    let out = sigterm_after_two_seconds(&app, &["scan", "--no-progress"]).await;
     assert!(
         stdout(&out).contains("given back unattempted"),
         "{}",
@@ -363,22 +370,7 @@ async fn a_hanging_sink_holds_scan_no_longer_than_the_drain_and_run_stops_in_tim
     // `run` picks them up between scans; SIGTERM ends it within the grace period.
     app.set("SCHEDULE__CRON", "0 0 1 1 *");
     app.set("METRICS__LISTEN", "127.0.0.1:0");
-    let child = crate::cli::command(&app, &["run"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    crate::ops::sigterm(&child);
-    let signalled = std::time::Instant::now();
-    let out = child.wait_with_output().unwrap();
-    let took = signalled.elapsed();
-    assert!(
-        took < std::time::Duration::from_secs(3 + 2),
-        "run exited {took:?} after SIGTERM:\n{}",
-        crate::cli::stderr(&out)
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    sigterm_after_two_seconds(&app, &["run"]).await;
     assert_eq!(outbox_rows(&app).await, ("40".into(), "0".into()));
 }
 

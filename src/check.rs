@@ -5,10 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{
-    CONTENT_LENGTH, ETAG, HeaderMap, HeaderValue, IF_MODIFIED_SINCE, IF_NONE_MATCH, LAST_MODIFIED,
-    RETRY_AFTER,
-};
+use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use url::Url;
 
@@ -21,6 +18,12 @@ use crate::media::{self, ImageInfo};
 pub use crate::model::Reverified;
 use crate::model::Validators;
 use crate::providers::{ProviderRule, Providers, Reverify};
+
+mod retry;
+mod reverify;
+
+pub use retry::parse_retry_after;
+use reverify::{conditional_headers, merge, same_picture, validators_of};
 
 /// Headers `check` shows: the ones rules read, and the ones people ask about.
 const RELEVANT_HEADERS: &[&str] = &[
@@ -227,241 +230,6 @@ impl Checker {
         self.reexamine(raw_url, now, hosts, None).await
     }
 
-    /// As `examine`; with `known` (the URL's mirrored picture) it re-verifies:
-    /// headers only where the source allows it, a download only when the
-    /// picture may have changed.
-    pub async fn reexamine(
-        &self,
-        raw_url: &str,
-        now: i64,
-        hosts: &HostLimiter,
-        known: Option<&Known>,
-    ) -> Examination {
-        let url = match classify::parse_avatar_url(raw_url) {
-            Ok(u) => u,
-            Err(v) => return Examination::decided(v, "URL rules"),
-        };
-        let mut deadline = None;
-        let Some(rule) = self.providers.find(&url) else {
-            return match known {
-                Some(k) => self.reverify(&url, None, k, hosts, &mut deadline).await,
-                None => {
-                    self.fetch_with_retries(&url, None, hosts, Ask::Get, &mut deadline)
-                        .await
-                }
-            };
-        };
-        let by = |what: &str| format!("provider {}: {what}", rule.name);
-        let with_provider = |mut e: Examination| {
-            e.provider = Some(rule.name.clone());
-            e
-        };
-        if rule.is_default_avatar(&url) {
-            let v = Verdict::new(Reason::DefaultAvatar);
-            return with_provider(Examination::decided(v, by("default_avatar_paths")));
-        }
-        let expires_at = rule.signature_expiry(&url);
-        if let Some(t) = expires_at
-            && t <= now
-        {
-            let param = rule.expiry_param.as_deref().unwrap_or_default();
-            let v = Verdict::new(Reason::SignatureExpired)
-                .with_detail(format!("{param} passed at {}", format_time(t)));
-            let mut e = with_provider(Examination::decided(
-                v,
-                by(&format!("expiry_param {param}")),
-            ));
-            e.expires_at = expires_at;
-            return e;
-        }
-        let deprecated = |mut e: Examination| {
-            if rule.deprecated && e.verdict.status == Status::Mirrored {
-                // Keep the picture while the host still serves it, and ask the user to log in again.
-                e.verdict = Verdict::new(Reason::DeprecatedHost)
-                    .with_detail(url.host_str().unwrap_or_default());
-                e.decided_by = by("deprecated");
-            }
-            e
-        };
-        // The largest size first: it may fail while the stored size works, and
-        // the verdict is about the stored URL. A mirrored picture came from
-        // the largest size too, so that is what is re-verified.
-        let largest = rule.largest_size_url(&url);
-        let mut earlier = None;
-        if let Some(target) = largest.as_ref().or(known.map(|_| &url)) {
-            let e = match known {
-                Some(k) => {
-                    self.reverify(target, Some(rule), k, hosts, &mut deadline)
-                        .await
-                }
-                None => {
-                    self.fetch_with_retries(target, Some(rule), hosts, Ask::Get, &mut deadline)
-                        .await
-                }
-            };
-            if e.verdict.status == Status::Mirrored || largest.is_none() {
-                let mut e = with_provider(e);
-                if largest.is_some() {
-                    e.decided_by = by(&format!("size_segment (largest size /0), {}", e.decided_by));
-                }
-                e.expires_at = expires_at;
-                return deprecated(e);
-            }
-            earlier = Some(e);
-        }
-        let mut e = with_provider(
-            self.fetch_with_retries(&url, Some(rule), hosts, Ask::Get, &mut deadline)
-                .await,
-        );
-        if let Some(earlier) = &earlier {
-            e = e.absorb(earlier);
-        }
-        e.expires_at = expires_at;
-        deprecated(e)
-    }
-
-    /// Re-verifies a mirrored picture: `HEAD` or a conditional `GET` per the
-    /// provider rule, falling back to a full `GET` (remembered per host for
-    /// the scan) when the host rejects `HEAD` or ignores validators.
-    async fn reverify(
-        &self,
-        url: &Url,
-        rule: Option<&ProviderRule>,
-        known: &Known,
-        hosts: &HostLimiter,
-        deadline: &mut Option<Instant>,
-    ) -> Examination {
-        let host = url.host_str().unwrap_or_default();
-        let v = &known.validators;
-        let comparable = v.etag.is_some() || v.last_modified.is_some();
-        let mut mode = rule.map_or(Reverify::Conditional, |r| r.reverify);
-        if mode == Reverify::Head && (hosts.rejects_head(host) || !comparable) {
-            mode = Reverify::Conditional;
-        }
-        if mode == Reverify::Conditional && (hosts.ignores_validators(host) || !comparable) {
-            mode = Reverify::Get;
-        }
-        let mut earlier: Option<Examination> = None;
-        if mode == Reverify::Head {
-            let mut e = self
-                .fetch_with_retries(url, rule, hosts, Ask::Head(v), deadline)
-                .await;
-            match e.probe {
-                Some(Probe::Unchanged) => {
-                    e.reverified = Some(Reverified { method: "head" });
-                    return e;
-                }
-                Some(Probe::HeadRejected) => {
-                    hosts.mark_rejects_head(host);
-                    mode = Reverify::Conditional;
-                }
-                // It changed, or the headers cannot tell: a validator would
-                // only earn a 304 the HEAD already ruled out.
-                Some(Probe::Download) => mode = Reverify::Get,
-                None => return e,
-            }
-            earlier = Some(e);
-        }
-        let (ask, method) = match mode {
-            Reverify::Conditional => (Ask::Conditional(v), "conditional"),
-            _ => (Ask::Get, "get"),
-        };
-        let mut e = self
-            .fetch_with_retries(url, rule, hosts, ask, deadline)
-            .await;
-        if let Some(earlier) = &earlier {
-            e = e.absorb(earlier);
-        }
-        if e.probe == Some(Probe::Unchanged) {
-            e.reverified = Some(Reverified { method });
-            return e;
-        }
-        let Some((_, body)) = &e.image else {
-            return e;
-        };
-        if body.sha256.eq_ignore_ascii_case(&known.sha256) {
-            if matches!(ask, Ask::Conditional(_)) {
-                // A 200 with the very same picture: this host does not honour
-                // validators, so stop sending them for the rest of the scan.
-                hosts.mark_ignores_validators(host);
-            }
-            e.verdict =
-                Verdict::new(Reason::Unchanged).with_detail(format!("{method}: same sha256"));
-            // The same object is already stored.
-            e.image = None;
-        } else {
-            e.verdict = Verdict::new(Reason::SourceChanged)
-                .with_detail(format!("sha256 was {}", known.sha256));
-        }
-        e.reverified = Some(Reverified { method });
-        e
-    }
-
-    /// One request and its retries. `deadline` is the avatar's budget
-    /// (`retry.budget_secs`), set by its first request and shared by every
-    /// request made for it (sizes, HEAD then GET).
-    async fn fetch_with_retries(
-        &self,
-        url: &Url,
-        rule: Option<&ProviderRule>,
-        hosts: &HostLimiter,
-        ask: Ask<'_>,
-        deadline: &mut Option<Instant>,
-    ) -> Examination {
-        let host = url.host_str().unwrap_or_default().to_string();
-        let mut requests = 0;
-        let mut attempt = 0;
-        let mut timed_out = false;
-        let (mut fetch_time, mut bytes_read) = (Duration::ZERO, 0);
-        let mut previous: Option<Examination> = None;
-        loop {
-            let permit = hosts.acquire(&host).await;
-            let started = Instant::now();
-            // The most one avatar may spend in requests and the waits between
-            // them (it holds a fetch slot all that time), from its first request.
-            let deadline = *deadline.get_or_insert(started + self.retry.budget());
-            let left = deadline.saturating_duration_since(started);
-            if left.is_zero()
-                && let Some(previous) = previous
-            {
-                // The budget ran out while waiting for the host: the last
-                // answer stands (it says more than "timed out" would).
-                permit.done(Signal::Nothing);
-                return previous;
-            }
-            let mut e = match tokio::time::timeout(left, self.fetch_once(url, rule, ask)).await {
-                Ok(e) => e,
-                Err(_) => Examination::failed(FetchError::Timeout, "retry.budget_secs"),
-            };
-            permit.done(e.host_signal(started.elapsed()));
-            requests += 1;
-            fetch_time += started.elapsed();
-            bytes_read += e.bytes_read;
-            e.requests = requests;
-            e.fetch_time = fetch_time;
-            e.bytes_read = bytes_read;
-            let again = match e.retry() {
-                Retry::Never => false,
-                Retry::Again => true,
-                Retry::AfterTimeout => !std::mem::replace(&mut timed_out, true),
-            };
-            if !again || attempt >= self.retry.in_run {
-                return e;
-            }
-            let backoff =
-                Duration::from_millis(self.retry.backoff_ms.saturating_mul(1 << attempt.min(16)));
-            let cap = Duration::from_secs(self.retry.retry_after_cap_secs);
-            let wait = e.retry_after.map_or(backoff, |ra| ra.min(cap).max(backoff));
-            if Instant::now() + wait >= deadline {
-                return e;
-            }
-            tracing::debug!(%url, code = %e.verdict.code, ?wait, "retrying within the run");
-            tokio::time::sleep(wait).await;
-            attempt += 1;
-            previous = Some(e);
-        }
-    }
-
     async fn fetch_once(
         &self,
         url: &Url,
@@ -621,74 +389,6 @@ fn strip(body: Body, format: media::ImageFormat) -> Body {
     }
 }
 
-/// `If-None-Match` / `If-Modified-Since` from what the source said last time.
-fn conditional_headers(v: &Validators) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    for (name, value) in [
-        (IF_NONE_MATCH, &v.etag),
-        (IF_MODIFIED_SINCE, &v.last_modified),
-    ] {
-        if let Some(value) = value.as_deref().and_then(|t| HeaderValue::from_str(t).ok()) {
-            h.insert(name, value);
-        }
-    }
-    h
-}
-
-/// The validators of a response; a value too long to store is left out
-/// (never an error: one odd header must not fail the batch's write).
-fn validators_of(h: &HeaderMap) -> Validators {
-    let text = |name, max: usize| {
-        h.get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty() && v.len() <= max)
-            .map(str::to_owned)
-    };
-    Validators {
-        etag: text(ETAG, Validators::MAX_ETAG),
-        last_modified: text(LAST_MODIFIED, Validators::MAX_LAST_MODIFIED),
-        length: h
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok()),
-    }
-}
-
-/// What a headers-only answer says, over what was known.
-fn merge(known: &Validators, got: &Validators) -> Validators {
-    Validators {
-        etag: got.etag.clone().or_else(|| known.etag.clone()),
-        last_modified: got
-            .last_modified
-            .clone()
-            .or_else(|| known.last_modified.clone()),
-        length: got.length.or(known.length),
-    }
-}
-
-/// Whether a HEAD's validators show the stored picture: `Some(false)` when
-/// anything differs, `None` when they say too little to tell. Weak and strong
-/// ETags compare by their opaque part (RFC 9110 weak comparison).
-fn same_picture(known: &Validators, got: &Validators) -> Option<bool> {
-    if let (Some(a), Some(b)) = (known.length, got.length)
-        && a != b
-    {
-        return Some(false);
-    }
-    match (&known.etag, &got.etag) {
-        (Some(a), Some(b)) => {
-            return Some(a.trim_start_matches("W/") == b.trim_start_matches("W/"));
-        }
-        (Some(_), None) => return None,
-        _ => {}
-    }
-    match (&known.last_modified, &got.last_modified) {
-        (Some(a), Some(b)) => Some(a == b),
-        _ => None,
-    }
-}
-
 fn relevant_headers(h: &HeaderMap) -> Vec<(String, String)> {
     RELEVANT_HEADERS
         .iter()
@@ -705,18 +405,6 @@ fn relevant_headers(h: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `Retry-After` in seconds or as an HTTP date.
-pub fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
-    let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-    (when.with_timezone(&chrono::Utc) - chrono::Utc::now())
-        .to_std()
-        .ok()
-}
-
 fn format_time(t: i64) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339())
@@ -724,102 +412,4 @@ fn format_time(t: i64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use reqwest::header::HeaderValue;
-
-    #[test]
-    fn retry_after_in_seconds_and_as_a_date() {
-        let mut h = HeaderMap::new();
-        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
-        let later = (chrono::Utc::now() + chrono::Duration::seconds(120)).to_rfc2822();
-        h.insert(RETRY_AFTER, HeaderValue::from_str(&later).unwrap());
-        let d = parse_retry_after(&h).unwrap();
-        assert!(
-            d > Duration::from_secs(100) && d <= Duration::from_secs(120),
-            "{d:?}"
-        );
-        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
-        assert_eq!(parse_retry_after(&h), None);
-    }
-
-    fn v(etag: Option<&str>, lm: Option<&str>, len: Option<i64>) -> Validators {
-        Validators {
-            etag: etag.map(Into::into),
-            last_modified: lm.map(Into::into),
-            length: len,
-        }
-    }
-
-    #[test]
-    fn head_validators_decide_only_when_they_can() {
-        let lm = "Tue, 14 Nov 2023 22:13:20 GMT";
-        let known = v(Some("\"a\""), Some(lm), Some(100));
-        assert_eq!(
-            same_picture(&known, &v(Some("\"a\""), None, Some(100))),
-            Some(true)
-        );
-        assert_eq!(
-            same_picture(&known, &v(Some("W/\"a\""), None, None)),
-            Some(true),
-            "weak comparison"
-        );
-        assert_eq!(
-            same_picture(&known, &v(Some("\"b\""), Some(lm), Some(100))),
-            Some(false)
-        );
-        assert_eq!(
-            same_picture(&known, &v(Some("\"a\""), Some(lm), Some(101))),
-            Some(false),
-            "another length is another picture, whatever the ETag says"
-        );
-        assert_eq!(
-            same_picture(&known, &v(None, Some(lm), Some(100))),
-            None,
-            "the ETag went missing"
-        );
-        let dated = v(None, Some(lm), Some(100));
-        assert_eq!(
-            same_picture(&dated, &v(None, Some(lm), Some(100))),
-            Some(true)
-        );
-        assert_eq!(
-            same_picture(
-                &dated,
-                &v(None, Some("Wed, 15 Nov 2023 22:13:20 GMT"), Some(100))
-            ),
-            Some(false)
-        );
-        assert_eq!(
-            same_picture(&v(None, None, Some(100)), &v(None, None, Some(100))),
-            None,
-            "a length alone cannot tell"
-        );
-    }
-
-    #[test]
-    fn validators_too_long_to_store_are_left_out_and_a_304_keeps_what_was_known() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            ETAG,
-            HeaderValue::from_str(&format!("\"{}\"", "x".repeat(600))).unwrap(),
-        );
-        h.insert(
-            LAST_MODIFIED,
-            HeaderValue::from_static("Tue, 14 Nov 2023 22:13:20 GMT"),
-        );
-        h.insert(CONTENT_LENGTH, HeaderValue::from_static("4096"));
-        let got = validators_of(&h);
-        assert_eq!(got.etag, None);
-        assert_eq!(got.length, Some(4096));
-        let known = v(Some("\"a\""), None, Some(10));
-        assert_eq!(
-            merge(&known, &v(None, Some("d"), None)),
-            v(Some("\"a\""), Some("d"), Some(10))
-        );
-        let sent = conditional_headers(&known);
-        assert_eq!(sent.get(IF_NONE_MATCH).unwrap(), "\"a\"");
-        assert!(sent.get(IF_MODIFIED_SINCE).is_none());
-    }
-}
+mod tests;

@@ -4,6 +4,8 @@
 //! classify → validate → store → record. Each stage is a module; `pipeline`
 //! runs one scan end to end and `schedule` repeats it.
 
+#![warn(unreachable_pub)]
+
 pub mod app;
 pub mod check;
 pub mod classify;

@@ -164,4 +164,5 @@ pub enum ExportFormat {
 
 fn parse_status_arg(s: &str) -> Result<Status, String> {
     s.parse()
+        .map_err(|e: crate::model::UnknownCode| e.to_string())
 }

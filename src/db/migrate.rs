@@ -2,16 +2,16 @@
 //! `avatar_warden_migrations`, not sqlx's `_sqlx_migrations`, because the
 //! profile database usually belongs to an application with migrations of its own.
 
-pub const MIGRATIONS_TABLE: &str = "avatar_warden_migrations";
+pub(super) const MIGRATIONS_TABLE: &str = "avatar_warden_migrations";
 
 #[derive(Debug, Clone, Copy)]
-pub struct Migration {
-    pub version: i64,
-    pub name: &'static str,
-    pub sql: &'static str,
+pub(super) struct Migration {
+    pub(super) version: i64,
+    pub(super) name: &'static str,
+    pub(super) sql: &'static str,
 }
 
-pub const SQLITE: &[Migration] = &[
+pub(super) const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
         name: "avatar_state",
@@ -44,7 +44,7 @@ pub const SQLITE: &[Migration] = &[
     },
 ];
 
-pub const POSTGRES: &[Migration] = &[
+pub(super) const POSTGRES: &[Migration] = &[
     Migration {
         version: 1,
         name: "avatar_state",
@@ -77,7 +77,7 @@ pub const POSTGRES: &[Migration] = &[
     },
 ];
 
-pub const MYSQL: &[Migration] = &[
+pub(super) const MYSQL: &[Migration] = &[
     Migration {
         version: 1,
         name: "avatar_state",
@@ -111,7 +111,7 @@ pub const MYSQL: &[Migration] = &[
 ];
 
 /// Splits a migration file into statements (our files keep `;` out of literals).
-pub fn statements(sql: &str) -> impl Iterator<Item = &str> {
+pub(super) fn statements(sql: &str) -> impl Iterator<Item = &str> {
     sql.split(';').map(|s| s.trim()).filter(|s| {
         s.lines()
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))

@@ -1,8 +1,12 @@
 //! The outbox: sink deliveries written in the verdict's own transaction and
-//! drained by the delivery loop. The same SQL on every backend; only the
-//! placeholders and the "insert unless present" spelling differ.
+//! drained by the delivery loop (its statements are in `store`).
 
-use super::UserId;
+use async_trait::async_trait;
+
+use super::dialect::{Args, Dialect};
+use super::driver::{Driver, Value};
+use super::store::{Store, Tx};
+use super::{DbError, UserId};
 
 pub const OUTBOX_TABLE: &str = "avatar_warden_outbox";
 
@@ -42,193 +46,6 @@ pub struct OutboxBacklog {
     pub oldest_pending_at: Option<i64>,
 }
 
-/// `?` placeholders as PostgreSQL's `$1, $2, …`.
-pub fn numbered(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len() + 16);
-    let mut n = 0;
-    for c in sql.chars() {
-        if c == '?' {
-            n += 1;
-            out.push_str(&format!("${n}"));
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Columns of an outbox insert, in bind order.
-pub const INSERT_COLUMNS: &str =
-    "event_id, sink, kind, user_id, payload, created_at, next_attempt_at";
-pub const INSERT_ARITY: usize = 7;
-
-/// The outbox statements for one backend: `$db` its sqlx database type,
-/// `$ph` turns `?` placeholders into its own, `$insert`/`$ignore` spell
-/// "insert, skipping rows already there" around the column list and values.
-macro_rules! outbox_statements {
-    ($db:ty, $ph:expr, $insert:literal, $ignore:literal) => {
-        /// Writes deliveries inside the verdict's transaction.
-        async fn insert_outbox(
-            tx: &mut sqlx::Transaction<'_, $db>,
-            rows: &[&super::outbox::OutboxRow],
-        ) -> Result<(), super::DbError> {
-            use super::outbox::{INSERT_ARITY, INSERT_COLUMNS, OUTBOX_TABLE};
-            // Bound parameters per statement stay under every backend's limit.
-            for chunk in rows.chunks(500) {
-                let sql = $ph(&format!(
-                    "{} {OUTBOX_TABLE} ({INSERT_COLUMNS}) VALUES {} {}",
-                    $insert,
-                    super::question_marks(chunk.len(), INSERT_ARITY),
-                    $ignore
-                ));
-                let mut q = sqlx::query(&sql);
-                for r in chunk {
-                    q = q
-                        .bind(&r.event_id)
-                        .bind(&r.sink)
-                        .bind(&r.kind)
-                        .bind(r.user_id.to_string())
-                        .bind(&r.payload)
-                        .bind(r.created_at)
-                        .bind(r.created_at);
-                }
-                q.execute(&mut **tx).await?;
-            }
-            Ok(())
-        }
-
-        /// Leases up to `limit` due deliveries of `sink` to `token`: only the
-        /// oldest pending one per user, so a user's events arrive in order.
-        pub async fn claim_deliveries(
-            &self,
-            sink: &str,
-            now: i64,
-            limit: usize,
-            token: &str,
-            lease_until: i64,
-        ) -> Result<Vec<super::outbox::Delivery>, super::DbError> {
-            use super::outbox::OUTBOX_TABLE;
-            let sql = $ph(&format!(
-                "SELECT o.id FROM {OUTBOX_TABLE} o WHERE o.sink = ? AND o.state = 'pending' \
-                 AND o.next_attempt_at <= ? AND (o.lease_until IS NULL OR o.lease_until <= ?) \
-                 AND NOT EXISTS (SELECT 1 FROM {OUTBOX_TABLE} p WHERE p.sink = o.sink \
-                 AND p.user_id = o.user_id AND p.state = 'pending' AND p.id < o.id) \
-                 ORDER BY o.id LIMIT {limit}"
-            ));
-            let ids: Vec<i64> = sqlx::query_scalar(&sql)
-                .bind(sink)
-                .bind(now)
-                .bind(now)
-                .fetch_all(&self.pool)
-                .await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            // Ids come from the database as integers: safe to inline.
-            let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
-            // Re-checked in the UPDATE: another loop may have leased some meanwhile.
-            let sql = $ph(&format!(
-                "UPDATE {OUTBOX_TABLE} SET lease_token = ?, lease_until = ? WHERE id IN ({list}) \
-                 AND state = 'pending' AND (lease_until IS NULL OR lease_until <= ?)"
-            ));
-            sqlx::query(&sql)
-                .bind(token)
-                .bind(lease_until)
-                .bind(now)
-                .execute(&self.pool)
-                .await?;
-            let sql = $ph(&format!(
-                "SELECT id, event_id, sink, kind, user_id, payload, attempts FROM {OUTBOX_TABLE} \
-                 WHERE lease_token = ? AND state = 'pending' ORDER BY id"
-            ));
-            let rows = sqlx::query(&sql).bind(token).fetch_all(&self.pool).await?;
-            use sqlx::Row;
-            rows.iter()
-                .map(|row| {
-                    Ok(super::outbox::Delivery {
-                        id: row.try_get("id")?,
-                        event_id: text(row, "event_id")?,
-                        sink: text(row, "sink")?,
-                        kind: text(row, "kind")?,
-                        user_id: text(row, "user_id")?,
-                        payload: text(row, "payload")?,
-                        attempts: row.try_get("attempts")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(Into::into)
-        }
-
-        /// Settles one claimed delivery: delivered (removed), retried later, or dead.
-        pub async fn settle_delivery(
-            &self,
-            id: i64,
-            token: &str,
-            outcome: &super::outbox::Settle,
-        ) -> Result<(), super::DbError> {
-            use super::outbox::{OUTBOX_TABLE, Settle};
-            let sql = $ph(&match outcome {
-                Settle::Delivered => {
-                    format!("DELETE FROM {OUTBOX_TABLE} WHERE id = ? AND lease_token = ?")
-                }
-                _ => format!(
-                    "UPDATE {OUTBOX_TABLE} SET state = ?, attempts = attempts + ?, \
-                     next_attempt_at = COALESCE(?, next_attempt_at), last_error = ?, \
-                     lease_token = NULL, lease_until = NULL WHERE id = ? AND lease_token = ?"
-                ),
-            });
-            let q = sqlx::query(&sql);
-            let q = match outcome {
-                Settle::Delivered => q,
-                Settle::Retry { at, error } => q
-                    .bind("pending")
-                    .bind(1_i64)
-                    .bind(Some(*at))
-                    .bind(error.as_str()),
-                Settle::Later { at } => q
-                    .bind("pending")
-                    .bind(0_i64)
-                    .bind(Some(*at))
-                    .bind(None::<&str>),
-                Settle::Dead { error } => q
-                    .bind("dead")
-                    .bind(1_i64)
-                    .bind(None::<i64>)
-                    .bind(error.as_str()),
-            };
-            q.bind(id).bind(token).execute(&self.pool).await?;
-            Ok(())
-        }
-
-        pub async fn outbox_backlog(
-            &self,
-        ) -> Result<Vec<super::outbox::OutboxBacklog>, super::DbError> {
-            use super::outbox::OUTBOX_TABLE;
-            let sql = format!(
-                "SELECT sink, COUNT(CASE WHEN state = 'pending' THEN 1 END) AS pending, \
-                 COUNT(CASE WHEN state = 'dead' THEN 1 END) AS dead, \
-                 MIN(CASE WHEN state = 'pending' THEN created_at END) AS oldest \
-                 FROM {OUTBOX_TABLE} GROUP BY sink ORDER BY sink"
-            );
-            let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
-            use sqlx::Row;
-            rows.iter()
-                .map(|row| {
-                    Ok(super::outbox::OutboxBacklog {
-                        sink: text(row, "sink")?,
-                        pending: row.try_get("pending")?,
-                        dead: row.try_get("dead")?,
-                        oldest_pending_at: row.try_get("oldest")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()
-                .map_err(Into::into)
-        }
-    };
-}
-
-pub(crate) use outbox_statements;
-
 /// How a claimed delivery ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settle {
@@ -248,15 +65,191 @@ pub enum Settle {
     },
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[async_trait]
+pub(super) trait OutboxStore: Send + Sync {
+    async fn claim_deliveries(
+        &self,
+        sink: &str,
+        now: i64,
+        limit: usize,
+        token: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Delivery>, DbError>;
+    async fn settle_delivery(&self, id: i64, token: &str, outcome: &Settle) -> Result<(), DbError>;
+    async fn outbox_backlog(&self) -> Result<Vec<OutboxBacklog>, DbError>;
+}
 
-    #[test]
-    fn placeholders_are_numbered_for_postgres() {
-        assert_eq!(
-            numbered("UPDATE t SET a = ? WHERE id IN (1, 2) AND b = ?"),
-            "UPDATE t SET a = $1 WHERE id IN (1, 2) AND b = $2"
+impl<D: Dialect> Store<D> {
+    /// Writes deliveries inside the verdict's transaction.
+    pub(super) async fn insert_outbox(
+        &self,
+        tx: &mut Tx<D>,
+        rows: &[&OutboxRow],
+    ) -> Result<(), DbError> {
+        const COLUMNS: &str = "event_id, sink, kind, user_id, payload, created_at, next_attempt_at";
+        // 500 rows of 7: under every backend's limit of bound parameters.
+        for chunk in rows.chunks(500) {
+            let sql = format!(
+                "INSERT INTO {OUTBOX_TABLE} ({COLUMNS}) VALUES {} {}",
+                D::params().rows(chunk.len(), 7),
+                self.dialect.skip_existing("event_id, sink"),
+            );
+            let mut args = Args::<D>::default();
+            for r in chunk {
+                for v in [
+                    Value::from(r.event_id.as_str()),
+                    r.sink.as_str().into(),
+                    r.kind.as_str().into(),
+                    r.user_id.to_string().into(),
+                    r.payload.as_str().into(),
+                    r.created_at.into(),
+                    r.created_at.into(),
+                ] {
+                    D::Db::bind(&mut args, v)?;
+                }
+            }
+            D::Db::execute(tx, &sql, args).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> OutboxStore for Store<D> {
+    /// Leases up to `limit` due deliveries of `sink` to `token`: only the
+    /// oldest pending one per user, so a user's events arrive in order.
+    async fn claim_deliveries(
+        &self,
+        sink: &str,
+        now: i64,
+        limit: usize,
+        token: &str,
+        lease_until: i64,
+    ) -> Result<Vec<Delivery>, DbError> {
+        let mut p = D::params();
+        let sql = format!(
+            "SELECT o.id AS id FROM {OUTBOX_TABLE} o WHERE o.sink = {} AND o.state = 'pending' \
+             AND o.next_attempt_at <= {} AND (o.lease_until IS NULL OR o.lease_until <= {}) \
+             AND NOT EXISTS (SELECT 1 FROM {OUTBOX_TABLE} p WHERE p.sink = o.sink \
+             AND p.user_id = o.user_id AND p.state = 'pending' AND p.id < o.id) \
+             ORDER BY o.id LIMIT {limit}",
+            p.one(),
+            p.one(),
+            p.one()
         );
+        let rows = self
+            .fetch(&sql, Self::args([sink.into(), now.into(), now.into()])?)
+            .await?;
+        let ids = rows
+            .iter()
+            .map(|row| D::Db::required_int(row, "id"))
+            .collect::<Result<Vec<i64>, _>>()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Ids come from the database as integers: safe to inline.
+        let list = ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Re-checked in the UPDATE: another loop may have leased some meanwhile.
+        let mut p = D::params();
+        let sql = format!(
+            "UPDATE {OUTBOX_TABLE} SET lease_token = {}, lease_until = {} WHERE id IN ({list}) \
+             AND state = 'pending' AND (lease_until IS NULL OR lease_until <= {})",
+            p.one(),
+            p.one(),
+            p.one()
+        );
+        self.execute(
+            &sql,
+            Self::args([token.into(), lease_until.into(), now.into()])?,
+        )
+        .await?;
+        let sql = format!(
+            "SELECT id, event_id, sink, kind, user_id, payload, attempts FROM {OUTBOX_TABLE} \
+             WHERE lease_token = {} AND state = 'pending' ORDER BY id",
+            D::params().one()
+        );
+        let rows = self.fetch(&sql, Self::args([token.into()])?).await?;
+        let text = |row, col| D::Db::required_text(row, col);
+        rows.iter()
+            .map(|row| {
+                Ok(Delivery {
+                    id: D::Db::required_int(row, "id")?,
+                    event_id: text(row, "event_id")?,
+                    sink: text(row, "sink")?,
+                    kind: text(row, "kind")?,
+                    user_id: text(row, "user_id")?,
+                    payload: text(row, "payload")?,
+                    attempts: D::Db::required_int(row, "attempts")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Settles one claimed delivery: delivered (removed), retried later, or dead.
+    async fn settle_delivery(&self, id: i64, token: &str, outcome: &Settle) -> Result<(), DbError> {
+        let mut p = D::params();
+        let (sql, mut values) = match outcome {
+            Settle::Delivered => (
+                format!(
+                    "DELETE FROM {OUTBOX_TABLE} WHERE id = {} AND lease_token = {}",
+                    p.one(),
+                    p.one()
+                ),
+                Vec::new(),
+            ),
+            _ => {
+                let (state, failed, at, error): (&str, i64, Option<i64>, Option<String>) =
+                    match outcome {
+                        Settle::Retry { at, error } => {
+                            ("pending", 1, Some(*at), Some(error.clone()))
+                        }
+                        Settle::Later { at } => ("pending", 0, Some(*at), None),
+                        Settle::Dead { error } => ("dead", 1, None, Some(error.clone())),
+                        Settle::Delivered => unreachable!("handled above"),
+                    };
+                let sql = format!(
+                    "UPDATE {OUTBOX_TABLE} SET state = {}, attempts = attempts + {}, \
+                     next_attempt_at = COALESCE({}, next_attempt_at), last_error = {}, \
+                     lease_token = NULL, lease_until = NULL WHERE id = {} AND lease_token = {}",
+                    p.one(),
+                    p.one(),
+                    p.one(),
+                    p.one(),
+                    p.one(),
+                    p.one()
+                );
+                (
+                    sql,
+                    vec![state.into(), failed.into(), at.into(), error.into()],
+                )
+            }
+        };
+        values.extend([id.into(), token.into()]);
+        self.execute(&sql, Self::args(values)?).await?;
+        Ok(())
+    }
+
+    async fn outbox_backlog(&self) -> Result<Vec<OutboxBacklog>, DbError> {
+        let sql = format!(
+            "SELECT sink, COUNT(CASE WHEN state = 'pending' THEN 1 END) AS pending, \
+             COUNT(CASE WHEN state = 'dead' THEN 1 END) AS dead, \
+             MIN(CASE WHEN state = 'pending' THEN created_at END) AS oldest \
+             FROM {OUTBOX_TABLE} GROUP BY sink ORDER BY sink"
+        );
+        let rows = self.fetch(&sql, Args::<D>::default()).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(OutboxBacklog {
+                    sink: D::Db::required_text(row, "sink")?,
+                    pending: D::Db::required_int(row, "pending")?,
+                    dead: D::Db::required_int(row, "dead")?,
+                    oldest_pending_at: D::Db::int(row, "oldest")?,
+                })
+            })
+            .collect()
     }
 }

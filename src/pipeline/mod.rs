@@ -24,7 +24,7 @@ use crate::storage::{ImageWriter, StoredObject};
 mod policy;
 mod writer;
 
-pub use policy::{Mirror, backoff_secs, build_record};
+pub use policy::{Found, Mirror, backoff_secs, build_record};
 use writer::{Pace, WriteOptions, renew_leases, write_results};
 
 /// Everything a scan needs, built once by the binary (or a test).
@@ -277,17 +277,15 @@ async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Che
         }
     }
     let mut rng = rand::rng();
-    let record = build_record(
-        &due,
+    let found = Found {
         verdict,
-        exam.expires_at,
-        mirror.as_ref(),
+        expires_at: exam.expires_at,
+        mirror: mirror.as_ref(),
         size,
-        &exam.validators,
+        validators: &exam.validators,
         now,
-        &deps.policy,
-        &mut rng,
-    );
+    };
+    let record = build_record(&due, found, &deps.policy, &mut rng);
     let span = tracing::Span::current();
     span.record("status", record.status.as_str());
     span.record("reason", record.reason.as_str());

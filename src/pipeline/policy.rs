@@ -5,7 +5,7 @@ use rand::Rng;
 
 use crate::classify::{Reason, Status, Verdict};
 use crate::config::{RecheckSettings, WhenMirrorExists};
-use crate::db::{AvatarRecord, DueAvatar, Validators};
+use crate::db::{AvatarRecord, DueAvatar, Previous, Validators};
 use crate::media::ImageInfo;
 use crate::storage::StoredObject;
 
@@ -17,118 +17,70 @@ pub type Mirror = (ImageInfo, String, StoredObject);
 /// Re-check a URL whose signature expires this long before it does.
 const EXPIRY_MARGIN_SECS: i64 = 60;
 
-/// Turns a verdict into the row to record: what carries over from the last
-/// check, when to look again, and whether the user must re-authorize.
-/// `validators` are what the source said in this check (kept with a new
-/// mirror, or with one confirmed `unchanged`).
-#[allow(clippy::too_many_arguments)]
+/// What one check found, as the policy needs it.
+#[derive(Debug, Clone)]
+pub struct Found<'a> {
+    pub verdict: Verdict,
+    /// When a signed URL's signature runs out.
+    pub expires_at: Option<i64>,
+    /// The picture stored by this check, if any.
+    pub mirror: Option<&'a Mirror>,
+    /// Its size in bytes.
+    pub size: u64,
+    /// What the source said in this check (kept with a new mirror, or with
+    /// one confirmed `unchanged`).
+    pub validators: &'a Validators,
+    pub now: i64,
+}
+
+impl<'a> Found<'a> {
+    /// A verdict without a new picture or validators.
+    pub fn verdict(verdict: Verdict, validators: &'a Validators, now: i64) -> Self {
+        Found {
+            verdict,
+            expires_at: None,
+            mirror: None,
+            size: 0,
+            validators,
+            now,
+        }
+    }
+}
+
+/// Turns what a check found into the row to record: what carries over from
+/// the last check, when to look again, and whether the user must re-authorize.
 pub fn build_record(
     due: &DueAvatar,
-    mut verdict: Verdict,
-    expires_at: Option<i64>,
-    mirror: Option<&Mirror>,
-    size: u64,
-    validators: &Validators,
-    now: i64,
+    mut found: Found<'_>,
     policy: &Policy,
     rng: &mut impl Rng,
 ) -> AvatarRecord {
     let prev = due.previous.as_ref();
     let same_url = prev.is_some_and(|p| p.source_url == due.avatar_url);
-    // The same URL downloaded again: name what the picture did.
-    if let (Some((_, sha, _)), Some(old)) = (mirror, prev.and_then(|p| p.sha256.as_deref()))
-        && same_url
-        && verdict.code == Verdict::mirrored().code
-    {
-        verdict = if old.eq_ignore_ascii_case(sha) {
-            Verdict::new(Reason::Unchanged).with_detail("get: same sha256")
-        } else {
-            Verdict::new(Reason::SourceChanged).with_detail(format!("sha256 was {old}"))
-        };
-    }
-    let confirmed = verdict.code == Reason::Unchanged;
-    let signals_before = if same_url {
-        prev.map_or(0, |p| p.expiry_signals)
-    } else {
-        0
-    };
-    let mut record = AvatarRecord {
-        user_id: due.user_id.clone(),
-        source_url: due.avatar_url.clone(),
-        status: verdict.status,
-        reason: verdict.code,
-        reason_detail: verdict.detail.clone(),
-        // The last good mirror stays visible until a new one replaces it.
-        mirror_url: prev.and_then(|p| p.mirror_url.clone()),
-        object_key: prev.and_then(|p| p.object_key.clone()),
-        sha256: prev.and_then(|p| p.sha256.clone()),
-        size_bytes: prev.and_then(|p| p.meta.size_bytes),
-        width: prev.and_then(|p| p.meta.width),
-        height: prev.and_then(|p| p.meta.height),
-        format: prev.and_then(|p| p.meta.format.clone()),
-        // Validators belong to the URL they came from.
-        validators: if mirror.is_some() || confirmed {
-            validators.clone()
-        } else if same_url {
-            prev.map(|p| p.validators.clone()).unwrap_or_default()
-        } else {
-            Validators::default()
-        },
-        reauth_required: prev.is_some_and(|p| p.reauth_required),
-        attempts: 0,
-        expiry_signals: signals_before,
-        checked_at: now,
-        next_check_at: None,
-    };
-    if let Some((info, sha, stored)) = mirror {
+    found.verdict = name_the_picture(found.verdict, found.mirror, prev, same_url);
+    let mut record = carried_over(due, &found, same_url);
+    if let Some((info, sha, stored)) = found.mirror {
         record.mirror_url = Some(stored.url.clone());
         record.object_key = Some(stored.key.clone());
         record.sha256 = Some(sha.clone());
-        record.size_bytes = Some(size as i64);
+        record.size_bytes = Some(found.size as i64);
         record.width = Some(i64::from(info.width));
         record.height = Some(i64::from(info.height));
         record.format = Some(info.format.name().to_string());
     }
-    match verdict.status {
+    let now = found.now;
+    match found.verdict.status {
         Status::Mirrored => {
             record.reauth_required = false;
             // A URL that has said "gone" before is dying: look again soon.
-            let wait = if signals_before > 0 {
+            let wait = if record.expiry_signals > 0 {
                 policy.expiry.min_interval_secs as i64
             } else {
                 jitter(policy.recheck.mirrored_secs, 0.1, rng)
             };
             record.next_check_at = Some(now + wait);
         }
-        Status::Expired => {
-            let is_signal = verdict.code.is_expiry_signal();
-            if is_signal {
-                record.expiry_signals += 1;
-            }
-            if is_signal && record.expiry_signals < policy.expiry.confirmations {
-                record.status = Status::Failing;
-                record.reason = Reason::ExpiryUnconfirmed;
-                record.reason_detail = Some(format!(
-                    "{} of {} expiry signals; last: {}{}",
-                    record.expiry_signals,
-                    policy.expiry.confirmations,
-                    verdict.code,
-                    verdict
-                        .detail
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ));
-                record.next_check_at = Some(before_expiry(
-                    now + policy.expiry.min_interval_secs as i64,
-                    expires_at,
-                    now,
-                ));
-            } else {
-                let keep_quiet = record.mirror_url.is_some()
-                    && policy.when_mirror_exists == WhenMirrorExists::Keep;
-                record.reauth_required = !keep_quiet;
-            }
-        }
+        Status::Expired => expired(&mut record, &found, policy),
         Status::Invalid => record.reauth_required = true,
         Status::Failing => {
             let before = if same_url && prev.is_some_and(|p| p.status == Status::Failing) {
@@ -136,23 +88,7 @@ pub fn build_record(
             } else {
                 0
             };
-            record.attempts = before + 1;
-            if record.attempts >= policy.max_attempts {
-                record.reason = Reason::GaveUp;
-                record.reason_detail = Some(format!(
-                    "{} failing checks in a row; last: {}{}",
-                    record.attempts,
-                    verdict.code,
-                    verdict
-                        .detail
-                        .map(|d| format!(" ({d})"))
-                        .unwrap_or_default()
-                ));
-            } else {
-                let backoff = backoff_secs(record.attempts, &policy.recheck);
-                let next = now + jitter(backoff, 0.2, rng);
-                record.next_check_at = Some(before_expiry(next, expires_at, now));
-            }
+            failing(&mut record, &found, before, policy, rng);
         }
         Status::Blocked | Status::Pending => {}
     }
@@ -161,6 +97,121 @@ pub fn build_record(
         .reason_detail
         .map(|d| crate::classify::bounded(d, crate::classify::MAX_DETAIL_BYTES));
     record
+}
+
+/// The same URL downloaded again: name what the picture did.
+fn name_the_picture(
+    verdict: Verdict,
+    mirror: Option<&Mirror>,
+    prev: Option<&Previous>,
+    same_url: bool,
+) -> Verdict {
+    match (mirror, prev.and_then(|p| p.sha256.as_deref())) {
+        (Some((_, sha, _)), Some(old)) if same_url && verdict.code == Reason::ValidImage => {
+            if old.eq_ignore_ascii_case(sha) {
+                Verdict::new(Reason::Unchanged).with_detail("get: same sha256")
+            } else {
+                Verdict::new(Reason::SourceChanged).with_detail(format!("sha256 was {old}"))
+            }
+        }
+        _ => verdict,
+    }
+}
+
+/// The verdict over what the last check left: the last good mirror stays
+/// visible until a new one replaces it; validators belong to their URL.
+fn carried_over(due: &DueAvatar, found: &Found<'_>, same_url: bool) -> AvatarRecord {
+    let prev = due.previous.as_ref();
+    let confirmed = found.verdict.code == Reason::Unchanged;
+    AvatarRecord {
+        user_id: due.user_id.clone(),
+        source_url: due.avatar_url.clone(),
+        status: found.verdict.status,
+        reason: found.verdict.code,
+        reason_detail: found.verdict.detail.clone(),
+        mirror_url: prev.and_then(|p| p.mirror_url.clone()),
+        object_key: prev.and_then(|p| p.object_key.clone()),
+        sha256: prev.and_then(|p| p.sha256.clone()),
+        size_bytes: prev.and_then(|p| p.meta.size_bytes),
+        width: prev.and_then(|p| p.meta.width),
+        height: prev.and_then(|p| p.meta.height),
+        format: prev.and_then(|p| p.meta.format.clone()),
+        validators: if found.mirror.is_some() || confirmed {
+            found.validators.clone()
+        } else if same_url {
+            prev.map(|p| p.validators.clone()).unwrap_or_default()
+        } else {
+            Validators::default()
+        },
+        reauth_required: prev.is_some_and(|p| p.reauth_required),
+        attempts: 0,
+        expiry_signals: if same_url {
+            prev.map_or(0, |p| p.expiry_signals)
+        } else {
+            0
+        },
+        checked_at: found.now,
+        next_check_at: None,
+    }
+}
+
+/// `reason (detail)`: the last verdict, quoted in a composed detail.
+fn last_said(verdict: &Verdict) -> String {
+    match &verdict.detail {
+        Some(d) => format!("{} ({d})", verdict.code),
+        None => verdict.code.to_string(),
+    }
+}
+
+/// Gone: confirmed after enough expiry signals, then flagged (unless the
+/// policy keeps users with a mirror quiet).
+fn expired(record: &mut AvatarRecord, found: &Found<'_>, policy: &Policy) {
+    let is_signal = found.verdict.code.is_expiry_signal();
+    if is_signal {
+        record.expiry_signals += 1;
+    }
+    if is_signal && record.expiry_signals < policy.expiry.confirmations {
+        record.status = Status::Failing;
+        record.reason = Reason::ExpiryUnconfirmed;
+        record.reason_detail = Some(format!(
+            "{} of {} expiry signals; last: {}",
+            record.expiry_signals,
+            policy.expiry.confirmations,
+            last_said(&found.verdict)
+        ));
+        record.next_check_at = Some(before_expiry(
+            found.now + policy.expiry.min_interval_secs as i64,
+            found.expires_at,
+            found.now,
+        ));
+    } else {
+        let keep_quiet =
+            record.mirror_url.is_some() && policy.when_mirror_exists == WhenMirrorExists::Keep;
+        record.reauth_required = !keep_quiet;
+    }
+}
+
+/// Failing again: back off, or give up after `max_attempts` in a row.
+fn failing(
+    record: &mut AvatarRecord,
+    found: &Found<'_>,
+    attempts_before: i64,
+    policy: &Policy,
+    rng: &mut impl Rng,
+) {
+    record.attempts = attempts_before + 1;
+    if record.attempts >= policy.max_attempts {
+        record.reason = Reason::GaveUp;
+        record.reason_detail = Some(format!(
+            "{} failing checks in a row; last: {}",
+            record.attempts,
+            last_said(&found.verdict)
+        ));
+    } else {
+        let backoff = backoff_secs(record.attempts, &policy.recheck);
+        let next = found.now + jitter(backoff, 0.2, rng);
+        record.next_check_at = Some(before_expiry(next, found.expires_at, found.now));
+    }
 }
 
 /// A signed URL must be tried again before its signature runs out.
@@ -252,12 +303,14 @@ mod tests {
     fn record(d: &DueAvatar, v: Verdict, p: &Policy) -> AvatarRecord {
         build_record(
             d,
-            v,
-            None,
-            None,
-            0,
-            &Validators::default(),
-            100,
+            Found {
+                verdict: v,
+                expires_at: None,
+                mirror: None,
+                size: 0,
+                validators: &Validators::default(),
+                now: 100,
+            },
             p,
             &mut rng(),
         )
@@ -312,12 +365,14 @@ mod tests {
         let m = mirror();
         let r = build_record(
             &due(Some(p)),
-            Verdict::mirrored(),
-            None,
-            Some(&m),
-            5000,
-            &Validators::default(),
-            100,
+            Found {
+                verdict: Verdict::mirrored(),
+                expires_at: None,
+                mirror: Some(&m),
+                size: 5000,
+                validators: &Validators::default(),
+                now: 100,
+            },
             &policy(),
             &mut rng(),
         );
@@ -353,12 +408,14 @@ mod tests {
         let m = mirror();
         let valid = build_record(
             &due(Some(after.clone())),
-            Verdict::mirrored(),
-            None,
-            Some(&m),
-            1,
-            &Validators::default(),
-            100,
+            Found {
+                verdict: Verdict::mirrored(),
+                expires_at: None,
+                mirror: Some(&m),
+                size: 1,
+                validators: &Validators::default(),
+                now: 100,
+            },
             &p,
             &mut rng(),
         );
@@ -388,12 +445,14 @@ mod tests {
         };
         let r = build_record(
             &due(Some(p.clone())),
-            Verdict::new(Reason::Unchanged),
-            None,
-            None,
-            0,
-            &seen,
-            100,
+            Found {
+                verdict: Verdict::new(Reason::Unchanged),
+                expires_at: None,
+                mirror: None,
+                size: 0,
+                validators: &seen,
+                now: 100,
+            },
             &policy(),
             &mut rng(),
         );
@@ -421,12 +480,14 @@ mod tests {
         let build = |p: Previous| {
             build_record(
                 &due(Some(p)),
-                Verdict::mirrored(),
-                None,
-                Some(&m),
-                5000,
-                &fresh,
-                100,
+                Found {
+                    verdict: Verdict::mirrored(),
+                    expires_at: None,
+                    mirror: Some(&m),
+                    size: 5000,
+                    validators: &fresh,
+                    now: 100,
+                },
                 &policy(),
                 &mut rng(),
             )
@@ -489,12 +550,10 @@ mod tests {
         // The 6th failure in a row would wait 60 * 2^5 s: the signature runs out sooner.
         let r = build_record(
             &due(Some(prev(Status::Failing, 5))),
-            v,
-            Some(100 + 400),
-            None,
-            0,
-            &Validators::default(),
-            100,
+            Found {
+                expires_at: Some(100 + 400),
+                ..Found::verdict(v, &Validators::default(), 100)
+            },
             &policy(),
             &mut rng(),
         );
@@ -507,12 +566,14 @@ mod tests {
         let m = mirror();
         let r = build_record(
             &due(None),
-            v,
-            None,
-            Some(&m),
-            10,
-            &Validators::default(),
-            100,
+            Found {
+                verdict: v,
+                expires_at: None,
+                mirror: Some(&m),
+                size: 10,
+                validators: &Validators::default(),
+                now: 100,
+            },
             &policy(),
             &mut rng(),
         );

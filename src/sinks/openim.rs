@@ -35,7 +35,7 @@ struct Token {
 
 /// When to refresh a token valid for `lifetime`: at 80 % of it, and at least
 /// a minute early (OpenIM's default lifetime is 90 days).
-pub fn refresh_after(lifetime: Duration) -> Duration {
+pub(super) fn refresh_after(lifetime: Duration) -> Duration {
     let early = (lifetime / 5).max(Duration::from_secs(60).min(lifetime / 2));
     lifetime.saturating_sub(early)
 }

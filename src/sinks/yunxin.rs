@@ -9,7 +9,7 @@ use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
 use crate::config::{ConfigError, OnExpired, YunxinSettings, resolve_secret};
 
 /// Yunxin refuses an `icon` longer than this.
-pub const MAX_ICON_BYTES: usize = 1024;
+pub(super) const MAX_ICON_BYTES: usize = 1024;
 
 pub struct YunxinSink {
     name: String,

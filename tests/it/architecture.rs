@@ -40,20 +40,35 @@ fn rust_files(path: &Path, out: &mut Vec<PathBuf>) {
         for entry in std::fs::read_dir(path).unwrap().flatten() {
             rust_files(&entry.path(), out);
         }
-    } else if path.extension().is_some_and(|e| e == "rs") {
+    } else if path.extension().is_some_and(|e| e == "rs")
+        // A module's unit tests in a file of their own (`mod tests;` under `#[cfg(test)]`).
+        && path.file_name().is_some_and(|n| n != "tests.rs")
+    {
         out.push(path.to_path_buf());
     }
 }
 
-/// The code of a file without its test module (tests may reach anywhere).
+/// The code of a file without its `#[cfg(test)]` items (tests may reach
+/// anywhere): each guarded item is skipped, one line or a whole block; the
+/// code after it still counts.
 fn without_tests(text: &str) -> String {
     let mut code = String::new();
-    for line in text.lines() {
-        if line.trim_start().starts_with("#[cfg(test)]") {
-            break;
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("#[cfg(test)]") {
+            let mut depth = 0i64;
+            for item in lines.by_ref() {
+                depth += item.matches('{').count() as i64 - item.matches('}').count() as i64;
+                let end = item.trim_end();
+                if depth <= 0 && (end.ends_with(';') || end.ends_with('}')) {
+                    break;
+                }
+            }
+            continue;
         }
         // Doc and line comments may name paths freely.
-        if !line.trim_start().starts_with("//") {
+        if !trimmed.starts_with("//") {
             code.push_str(line);
             code.push('\n');
         }
@@ -191,6 +206,14 @@ fn the_checker_sees_imports() {
     assert_eq!(
         refs.into_iter().collect::<Vec<_>>(),
         ["config", "db", "model"]
+    );
+    let code = without_tests(
+        "use crate::model;\n#[cfg(test)]\nuse crate::cli::X;\n#[cfg(test)]\nmod tests {\n    use crate::app;\n}\nfn f() { crate::db::g() }\n",
+    );
+    assert_eq!(
+        references(&code).into_iter().collect::<Vec<_>>(),
+        ["db", "model"],
+        "test items skipped, the code after them kept: {code}"
     );
     let graph = imports();
     assert!(graph["pipeline"].contains("check"), "{graph:?}");

@@ -378,16 +378,11 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
         .claimed
         .iter()
         .map(|d| {
-            pipeline::build_record(
-                d,
-                avatar_warden::classify::Verdict::new(avatar_warden::classify::Reason::NotFound),
-                None,
-                None,
-                0,
-                &Default::default(),
+            AvatarRecord::new(
+                d.user_id.clone(),
+                d.avatar_url.clone(),
+                avatar_warden::classify::Reason::NotFound,
                 now,
-                &avatar_warden::pipeline::Policy::from_settings(&app.settings()),
-                &mut rand::rng(),
             )
         })
         .collect();

@@ -1,0 +1,188 @@
+//! What reports and `gc` ask of the state tables: runs, counts, the backlog,
+//! export pages, and which objects rows still point at.
+
+use async_trait::async_trait;
+
+use super::columns::{RUNS_TABLE, STATE_TABLE, record, state_names};
+use super::dialect::{Args, Dialect};
+use super::driver::{Driver, Row};
+use super::store::Store;
+use super::{DbError, RunRecord, Selection, StatusCounts};
+use crate::model::AvatarRecord;
+
+/// Object keys asked about in one `gc` statement.
+const KEYS_PER_STATEMENT: usize = 500;
+
+#[async_trait]
+pub(super) trait RunStore: Send + Sync {
+    async fn export_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AvatarRecord>, DbError>;
+    async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError>;
+    async fn count_due(&self, now: i64) -> Result<i64, DbError>;
+    async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError>;
+    async fn record_run(&self, run: &RunRecord) -> Result<(), DbError>;
+    async fn last_run(&self) -> Result<Option<RunRecord>, DbError>;
+    async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError>;
+    async fn forget_objects(&self, keys: &[String]) -> Result<u64, DbError>;
+}
+
+impl<D: Dialect> Store<D> {
+    /// Runs `sql` for each chunk of `keys` (`IN (…)` filled in).
+    async fn per_key_chunk(
+        &self,
+        keys: &[String],
+        sql: impl Fn(&str) -> String,
+    ) -> Result<Vec<Row<D>>, DbError> {
+        let mut rows = Vec::new();
+        for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+            let sql = sql(&D::params().list(chunk.len()));
+            let args = Self::args(chunk.iter().map(|k| k.as_str().into()))?;
+            rows.extend(self.fetch(&sql, args).await?);
+        }
+        Ok(rows)
+    }
+}
+
+#[async_trait]
+impl<D: Dialect> RunStore for Store<D> {
+    async fn export_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AvatarRecord>, DbError> {
+        let mut p = D::params();
+        let sql = format!(
+            "SELECT {} FROM {STATE_TABLE} WHERE user_id > {} ORDER BY user_id LIMIT {}",
+            state_names(),
+            p.one(),
+            p.one()
+        );
+        let args = Self::args([after.unwrap_or("").into(), (limit as i64).into()])?;
+        let rows = self.fetch(&sql, args).await?;
+        rows.iter().map(record::<D::Db>).collect()
+    }
+
+    async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError> {
+        let sql = format!(
+            "SELECT status, COUNT(*) AS n FROM {STATE_TABLE} GROUP BY status ORDER BY status"
+        );
+        let mut counts = Vec::new();
+        for row in self.fetch(&sql, Args::<D>::default()).await? {
+            counts.push((
+                D::Db::required_text(&row, "status")?,
+                D::Db::required_int(&row, "n")?,
+            ));
+        }
+        let sql = format!(
+            "SELECT COUNT(CASE WHEN reauth_required THEN 1 END) AS flagged, \
+             COUNT(CASE WHEN next_check_at <= {} THEN 1 END) AS due FROM {STATE_TABLE}",
+            D::params().one()
+        );
+        let rows = self.fetch(&sql, Self::args([now.into()])?).await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        Ok(StatusCounts {
+            counts,
+            reauth_required: D::Db::required_int(row, "flagged")?,
+            due_now: D::Db::required_int(row, "due")?,
+        })
+    }
+
+    async fn count_due(&self, now: i64) -> Result<i64, DbError> {
+        let mut p = D::params();
+        let sql = format!(
+            "SELECT COUNT(*) AS n {}",
+            self.due_from(false, &Selection::default(), &mut p)
+        );
+        let rows = self
+            .fetch(&sql, Self::args([now.into(), now.into()])?)
+            .await?;
+        let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
+        Ok(D::Db::required_int(row, "n")?)
+    }
+
+    async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError> {
+        let sql = format!(
+            "SELECT MIN(next_check_at) AS t FROM {STATE_TABLE} WHERE next_check_at <= {}",
+            D::params().one()
+        );
+        let rows = self.fetch(&sql, Self::args([now.into()])?).await?;
+        Ok(match rows.first() {
+            Some(row) => D::Db::int(row, "t")?,
+            None => None,
+        })
+    }
+
+    async fn record_run(&self, run: &RunRecord) -> Result<(), DbError> {
+        let sql = format!(
+            "INSERT INTO {RUNS_TABLE} (started_at, finished_at, result, processed, failing, flagged, worker, error) VALUES {}",
+            D::params().rows(1, 8)
+        );
+        let args = Self::args([
+            run.started_at.into(),
+            run.finished_at.into(),
+            run.result.as_str().into(),
+            run.processed.into(),
+            run.failing.into(),
+            run.flagged.into(),
+            run.worker.as_str().into(),
+            run.error.clone().into(),
+        ])?;
+        self.execute(&sql, args).await?;
+        Ok(())
+    }
+
+    async fn last_run(&self) -> Result<Option<RunRecord>, DbError> {
+        let sql = format!(
+            "SELECT started_at, finished_at, result, processed, failing, flagged, worker, error \
+             FROM {RUNS_TABLE} ORDER BY finished_at DESC LIMIT 1"
+        );
+        let rows = self.fetch(&sql, Args::<D>::default()).await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let int = |col| D::Db::required_int(row, col);
+        Ok(Some(RunRecord {
+            started_at: int("started_at")?,
+            finished_at: int("finished_at")?,
+            result: D::Db::required_text(row, "result")?,
+            processed: int("processed")?,
+            failing: int("failing")?,
+            flagged: int("flagged")?,
+            worker: D::Db::required_text(row, "worker")?,
+            error: D::Db::text(row, "error")?,
+        }))
+    }
+
+    async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError> {
+        let rows = self
+            .per_key_chunk(keys, |list| {
+                format!(
+                    "SELECT DISTINCT object_key FROM {STATE_TABLE} WHERE object_key IN ({list})"
+                )
+            })
+            .await?;
+        rows.iter()
+            .map(|row| Ok(D::Db::required_text(row, "object_key")?))
+            .collect()
+    }
+
+    /// Avatars pointing at `keys` (objects that are gone) forget their
+    /// picture and are due now: the next scan downloads and stores it again.
+    async fn forget_objects(&self, keys: &[String]) -> Result<u64, DbError> {
+        let mut changed = 0;
+        for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+            let sql = format!(
+                "UPDATE {STATE_TABLE} SET sha256 = NULL, source_etag = NULL, source_last_modified = NULL, \
+                 source_length = NULL, next_check_at = 0 WHERE object_key IN ({})",
+                D::params().list(chunk.len())
+            );
+            changed += self
+                .execute(&sql, Self::args(chunk.iter().map(|k| k.as_str().into()))?)
+                .await?;
+        }
+        Ok(changed)
+    }
+}

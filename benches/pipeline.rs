@@ -773,7 +773,7 @@ fn machine() -> Value {
         .and_then(|kb| kb.parse::<u64>().ok())
         .unwrap_or(0);
     json!({
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
         "cpu_model": cpu,
         "memory_gib": (mem as f64 / 1024.0 / 1024.0).round(),
         "os": std::env::consts::OS,
@@ -793,14 +793,15 @@ fn git_commit() -> String {
         .output()
         .ok()
         .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|| "unknown".into())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
 }
 
 fn fmt_opt(v: &Value, digits: usize) -> String {
     v.as_f64()
-        .map(|x| format!("{x:.digits$}"))
-        .unwrap_or_else(|| "-".into())
+        .map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
 
 fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commit: &str) -> String {

@@ -43,10 +43,10 @@ fn classify(c: &mut Criterion) {
             let url = parse_avatar_url(black_box(url)).unwrap();
             let rule = providers.find(&url).map(|r| r.name.len());
             (rule, classify_head(StatusCode::OK, black_box(&ok)))
-        })
+        });
     });
     c.bench_function("classify/head (WeChat -6101)", |b| {
-        b.iter(|| classify_head(StatusCode::OK, black_box(&expired)))
+        b.iter(|| classify_head(StatusCode::OK, black_box(&expired)));
     });
 }
 
@@ -61,18 +61,18 @@ fn media_stages(c: &mut Criterion) {
             image::ImageReader::with_format(std::io::Cursor::new(&jpeg[..]), to_image(format))
                 .into_dimensions()
                 .unwrap()
-        })
+        });
     });
     let structure = settings(VerifyMode::Structure);
     g.bench_function("validate (structure, default)", |b| {
-        b.iter(|| media::validate(black_box(&jpeg), &structure).unwrap())
+        b.iter(|| media::validate(black_box(&jpeg), &structure).unwrap());
     });
     let decode = settings(VerifyMode::Decode);
     g.bench_function("validate (full decode)", |b| {
-        b.iter(|| media::validate(black_box(&jpeg), &decode).unwrap())
+        b.iter(|| media::validate(black_box(&jpeg), &decode).unwrap());
     });
     g.bench_function("sha256", |b| {
-        b.iter(|| hex::encode(Sha256::digest(black_box(&jpeg))))
+        b.iter(|| hex::encode(Sha256::digest(black_box(&jpeg))));
     });
     g.finish();
 }
@@ -89,7 +89,7 @@ fn to_image(format: ImageFormat) -> image::ImageFormat {
 fn key_naming(c: &mut Criterion) {
     let sha = hex::encode(Sha256::digest(b"avatar"));
     c.bench_function("key naming", |b| {
-        b.iter(|| object_key(black_box("mirror/"), black_box(&sha), ImageFormat::Jpeg))
+        b.iter(|| object_key(black_box("mirror/"), black_box(&sha), ImageFormat::Jpeg));
     });
 }
 
@@ -171,7 +171,7 @@ fn batch_write(c: &mut Criterion) {
                 assert_eq!(done.written, BATCH);
             },
             BatchSize::PerIteration,
-        )
+        );
     });
     g.finish();
 }

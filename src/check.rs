@@ -11,18 +11,18 @@ use url::Url;
 
 use crate::classify::{self, HeadDecision, Reason, Status, Verdict};
 use crate::config::{ConfigError, FetchSettings, MediaSettings, RetrySettings, Settings};
+pub(crate) use crate::fetch::hosts::HostLimiter;
 use crate::fetch::hosts::Signal;
-pub use crate::fetch::hosts::{HostLimiter, HostState};
 use crate::fetch::{Body, FetchError, Fetcher};
 use crate::media::{self, ImageInfo};
-pub use crate::model::Reverified;
+pub(crate) use crate::model::Reverified;
 use crate::model::Validators;
 use crate::providers::{ProviderRule, Providers, Reverify};
 
 mod retry;
 mod reverify;
 
-pub use retry::parse_retry_after;
+pub(crate) use retry::parse_retry_after;
 use reverify::{conditional_headers, merge, same_picture, validators_of};
 
 /// Headers `check` shows: the ones rules read, and the ones people ask about.
@@ -154,12 +154,11 @@ impl Examination {
     fn host_signal(&self, took: Duration) -> Signal {
         match (&self.fetch_error, self.http_status) {
             (Some(FetchError::Timeout), _) => Signal::PushBack(None),
-            (Some(_), _) => Signal::Nothing,
             (None, Some(s)) if matches!(s.as_u16(), 429 | 503) => {
                 Signal::PushBack(self.retry_after)
             }
             (None, Some(_)) => Signal::Answered(took),
-            (None, None) => Signal::Nothing,
+            (Some(_), _) | (None, None) => Signal::Nothing,
         }
     }
 
@@ -172,9 +171,8 @@ impl Examination {
         match (&self.fetch_error, self.http_status) {
             (Some(FetchError::Timeout), _) => Retry::AfterTimeout,
             (Some(e), _) if e.is_transient() => Retry::Again,
-            (Some(_), _) => Retry::Never,
             (None, Some(status)) if classify::is_transient_status(status) => Retry::Again,
-            (None, _) => Retry::Never,
+            (Some(_) | None, _) => Retry::Never,
         }
     }
 }
@@ -406,9 +404,7 @@ fn relevant_headers(h: &HeaderMap) -> Vec<(String, String)> {
 }
 
 fn format_time(t: i64) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339())
-        .unwrap_or_else(|| t.to_string())
+    chrono::DateTime::from_timestamp(t, 0).map_or_else(|| t.to_string(), |d| d.to_rfc3339())
 }
 
 #[cfg(test)]

@@ -80,7 +80,7 @@ pub async fn collect_garbage(
         dry_run: opts.dry_run,
         ..GcReport::default()
     };
-    let cutoff = now - opts.grace.as_secs() as i64;
+    let cutoff = now - crate::model::saturating_i64(opts.grace.as_secs());
     let mut cursor = None;
     loop {
         let page = store.list_avatars(cursor.take()).await?;

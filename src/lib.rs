@@ -7,24 +7,28 @@
 #![warn(unreachable_pub)]
 
 pub mod app;
-pub mod check;
+pub(crate) mod check;
 pub mod classify;
-pub mod cli;
+pub(crate) mod cli;
 pub mod config;
 pub mod db;
 pub mod demo;
-pub mod fetch;
+pub(crate) mod fetch;
 pub mod gc;
 pub mod media;
-pub mod metrics;
-pub mod model;
+pub(crate) mod metrics;
+pub(crate) mod model;
 pub mod pipeline;
-pub mod progress;
+pub(crate) mod progress;
 pub mod providers;
-pub mod push;
-pub mod report;
-pub mod schedule;
-pub mod secret;
-pub mod serve;
+pub(crate) mod push;
+pub(crate) mod report;
+pub(crate) mod schedule;
+pub(crate) mod secret;
+pub(crate) mod serve;
 pub mod sinks;
 pub mod storage;
+
+/// The command line: parses the arguments, runs the command and returns
+/// its exit code (the binary's whole `main`).
+pub use cli::main as run_cli;

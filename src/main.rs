@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    avatar_warden::cli::main()
+    avatar_warden::run_cli()
 }

@@ -17,16 +17,16 @@ use crate::model::{
     AvatarRecord, MirrorKind, OpObserver, Reverified, ScanReport, Status, StoreOp, StoredObject,
 };
 
-pub const PREFIX: &str = "avatar_warden";
+pub(crate) const PREFIX: &str = "avatar_warden";
 
 /// Content type of [`Metrics::encode`].
-pub const OPENMETRICS_CONTENT_TYPE: &str =
+pub(crate) const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Content type of [`Metrics::encode_prometheus`] (Pushgateway, textfile collector, promtool).
-pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub(crate) const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub(crate) struct OutcomeLabels {
     pub status: String,
     pub reason: String,
     /// The provider rule's name, `other` when none matched.
@@ -491,7 +491,7 @@ impl Metrics {
                     .get_or_create(&StatusLabels {
                         status: status.as_str(),
                     })
-                    .set(report.count(status) as i64);
+                    .set(crate::model::saturating_i64(report.count(status)));
             }
         }
     }
@@ -553,7 +553,7 @@ fn unix_now_f64() -> f64 {
 /// `_total` (and an info family without `_info`), which a 0.0.4 parser would
 /// take for an empty family plus an untyped one. `# UNIT` and `# EOF` do not
 /// exist in 0.0.4.
-pub fn openmetrics_to_prometheus(text: &str) -> String {
+pub(crate) fn openmetrics_to_prometheus(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut help: Option<&str> = None;
     for line in text.lines() {
@@ -573,7 +573,7 @@ pub fn openmetrics_to_prometheus(text: &str) -> String {
             }
             out.push_str(&format!("# TYPE {name} {kind}\n"));
         } else if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
+            // OpenMetrics only: the text format has neither.
         } else {
             out.push_str(line);
             out.push('\n');

@@ -9,8 +9,10 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+mod cause;
 mod reason;
 
+pub(crate) use cause::Cause;
 pub use reason::{Reason, Status, UnknownCode};
 
 /// A verdict: its reason (which knows the status) and an optional human
@@ -271,6 +273,23 @@ impl MirrorKind {
             MirrorKind::Changed => "changed",
         }
     }
+}
+
+/// A count or a configured number of seconds as the `i64` the database
+/// stores: a value past `i64::MAX` (never sensible) saturates instead of
+/// wrapping to a negative time.
+pub(crate) fn saturating_i64<N: TryInto<i64>>(n: N) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
+/// `initial * 2^exp`, capped at `max` (both at least 1): the one
+/// exponential backoff curve (re-checks of failing avatars, sink
+/// deliveries, retries within a scan).
+pub(crate) fn exponential_backoff(initial: u64, max: u64, exp: u32) -> u64 {
+    initial
+        .max(1)
+        .saturating_mul(1u64 << exp.min(40))
+        .min(max.max(1))
 }
 
 /// Now, in unix seconds (the unit of every stored time).

@@ -13,7 +13,8 @@ use crate::metrics::Metrics;
 const LOG_EVERY: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(200);
 
-pub enum Mode {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
     Off,
     Bar,
     Log,
@@ -21,7 +22,7 @@ pub enum Mode {
 
 impl Mode {
     /// A bar when standard error is a terminal, log lines otherwise.
-    pub fn detect(disabled: bool) -> Mode {
+    pub(crate) fn detect(disabled: bool) -> Mode {
         if disabled {
             Mode::Off
         } else if std::io::stderr().is_terminal() {
@@ -33,24 +34,24 @@ impl Mode {
 }
 
 /// Stops the display when dropped or finished.
-pub struct Progress {
+pub(crate) struct Progress {
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Progress {
     /// Follows `metrics` (avatars finished, due backlog at scan start) until stopped.
-    pub fn start(mode: Mode, metrics: Metrics, limit: Option<u64>) -> Progress {
+    pub(crate) fn start(mode: Mode, metrics: &Metrics, limit: Option<u64>) -> Progress {
         let stop = CancellationToken::new();
         let task = match mode {
             Mode::Off => None,
-            Mode::Bar => Some(tokio::spawn(bar(metrics, limit, stop.clone()))),
-            Mode::Log => Some(tokio::spawn(log(metrics, limit, stop.clone()))),
+            Mode::Bar => Some(tokio::spawn(bar(metrics.clone(), limit, stop.clone()))),
+            Mode::Log => Some(tokio::spawn(log(metrics.clone(), limit, stop.clone()))),
         };
         Progress { stop, task }
     }
 
-    pub async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -68,7 +69,7 @@ impl Drop for Progress {
 fn total(metrics: &Metrics, start: u64, limit: Option<u64>) -> Option<u64> {
     let backlog = metrics.due_backlog();
     (backlog > 0).then(|| {
-        let t = backlog as u64 + start;
+        let t = u64::try_from(backlog).unwrap_or(0) + start;
         limit.map_or(t, |l| t.min(start + l))
     })
 }
@@ -88,8 +89,8 @@ async fn bar(metrics: Metrics, limit: Option<u64>, stop: CancellationToken) {
         }
         bar.set_position(metrics.progress() - start);
         tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(TICK) => {}
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(TICK) => {}
         }
     }
     bar.set_position(metrics.progress() - start);
@@ -100,13 +101,15 @@ async fn log(metrics: Metrics, limit: Option<u64>, stop: CancellationToken) {
     let (start, began) = (metrics.progress(), Instant::now());
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(LOG_EVERY) => {}
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LOG_EVERY) => {}
         }
         let done = metrics.progress() - start;
         let secs = began.elapsed().as_secs_f64();
         let rate = done as f64 / secs.max(0.001);
         let total = total(&metrics, start, limit).map(|t| t - start);
+        // Non-negative seconds for display.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let eta_secs =
             total.map(|t| (t.saturating_sub(done) as f64 / rate.max(0.001)).round() as u64);
         tracing::info!(

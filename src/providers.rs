@@ -277,7 +277,7 @@ mod tests {
         );
         assert_eq!(
             exp("https://scontent.xx.fbcdn.net/v/a.jpg?oh=1&oe=65A1B2C3"),
-            Some(0x65A1B2C3)
+            Some(0x65A1_B2C3)
         );
         assert_eq!(
             exp("https://platform-lookaside.fbsbx.com/p/?asid=1&ext=1700000001"),

@@ -12,7 +12,7 @@ use url::Url;
 use crate::metrics::PROMETHEUS_CONTENT_TYPE;
 
 #[derive(Debug, thiserror::Error)]
-pub enum PushError {
+pub(crate) enum PushError {
     #[error("pushgateway URL {0:?} is not an http(s) URL")]
     BadUrl(String),
     #[error("pushing to {url}: {source}")]
@@ -26,7 +26,7 @@ pub enum PushError {
 }
 
 impl PushError {
-    pub fn is_retryable(&self) -> bool {
+    pub(crate) fn is_retryable(&self) -> bool {
         match self {
             PushError::BadUrl(_) => false,
             PushError::Request { .. } => true,
@@ -38,7 +38,7 @@ impl PushError {
 
 /// The group a run's metrics replace.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Grouping {
+pub(crate) struct Grouping {
     pub job: String,
     pub instance: String,
 }
@@ -46,7 +46,7 @@ pub struct Grouping {
 impl Grouping {
     /// `instance` as configured, else the shard (`0-of-4`) or `all`: stable
     /// from run to run, unlike a pod name, so each push replaces the last.
-    pub fn new(job: &str, instance: &str, shard: Option<(u32, u32)>) -> Self {
+    pub(crate) fn new(job: &str, instance: &str, shard: Option<(u32, u32)>) -> Self {
         let instance = if !instance.is_empty() {
             instance.to_string()
         } else if let Some((i, n)) = shard {
@@ -62,7 +62,7 @@ impl Grouping {
 
     /// `{base}/metrics/job/{job}/instance/{instance}`; a value that cannot be a
     /// path segment (empty, or holding `/`) uses the gateway's `@base64` form.
-    pub fn url(&self, base: &str) -> Result<Url, PushError> {
+    pub(crate) fn url(&self, base: &str) -> Result<Url, PushError> {
         let mut url = Url::parse(base).map_err(|_| PushError::BadUrl(base.to_string()))?;
         if !matches!(url.scheme(), "http" | "https") || url.cannot_be_a_base() {
             return Err(PushError::BadUrl(base.to_string()));
@@ -70,7 +70,7 @@ impl Grouping {
         {
             let mut path = url
                 .path_segments_mut()
-                .map_err(|_| PushError::BadUrl(base.to_string()))?;
+                .map_err(|()| PushError::BadUrl(base.to_string()))?;
             path.pop_if_empty().push("metrics");
             for (name, value) in [("job", &self.job), ("instance", &self.instance)] {
                 if value.is_empty() || value.contains('/') {
@@ -90,20 +90,17 @@ const ATTEMPTS: u32 = 3;
 
 /// Replaces the group's metrics with `text` (Prometheus text format 0.0.4),
 /// retrying transient failures.
-pub async fn push(
+pub(crate) async fn push(
     base: &str,
     grouping: &Grouping,
     text: String,
     timeout: Duration,
 ) -> Result<Url, PushError> {
     let url = grouping.url(base)?;
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .build()
-        .map_err(|source| PushError::Request {
-            url: url.to_string(),
-            source,
-        })?;
+    let client = crate::fetch::service_client(timeout).map_err(|source| PushError::Request {
+        url: url.to_string(),
+        source,
+    })?;
     let mut attempt = 0;
     loop {
         attempt += 1;

@@ -8,7 +8,7 @@ use crate::classify::Status;
 use crate::model::ScanReport;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ReportError {
+pub(crate) enum ReportError {
     #[error("{0}: the report format comes from the extension (.json, .md)")]
     UnknownFormat(String),
     #[error("writing {path}: {source}")]
@@ -18,14 +18,8 @@ pub enum ReportError {
     },
 }
 
-impl ReportError {
-    pub fn is_retryable(&self) -> bool {
-        matches!(self, ReportError::Write { .. })
-    }
-}
-
 /// Writes the report as JSON or Markdown, chosen by the file's extension.
-pub fn write_report(path: &Path, report: &ScanReport) -> Result<(), ReportError> {
+pub(crate) fn write_report(path: &Path, report: &ScanReport) -> Result<(), ReportError> {
     let text = match path
         .extension()
         .and_then(|e| e.to_str())
@@ -43,7 +37,7 @@ pub fn write_report(path: &Path, report: &ScanReport) -> Result<(), ReportError>
 
 /// Writes aside and renames, so a reader (node_exporter's textfile
 /// collector, a CI step) never sees half a file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let err = |source| ReportError::Write {
         path: path.display().to_string(),
         source,
@@ -59,7 +53,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let mut file = std::fs::File::create(&tmp).map_err(err)?;
     file.write_all(bytes)
-        .and_then(|_| file.sync_all())
+        .and_then(|()| file.sync_all())
         .map_err(err)?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
@@ -67,7 +61,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), ReportError> {
     })
 }
 
-pub fn to_markdown(r: &ScanReport) -> String {
+pub(crate) fn to_markdown(r: &ScanReport) -> String {
     let mut out = String::from("# avatar-warden scan\n\n");
     if r.dry_run {
         out.push_str("**Dry run**: nothing was stored or written.\n\n");
@@ -167,7 +161,7 @@ mod tests {
         assert!(err.to_string().contains(".json, .md"), "{err}");
         let leftovers: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter_map(|e| e.ok())
+            .filter_map(std::result::Result::ok)
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::pipeline::{Deps, ScanOptions, scan_once};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ScheduleError {
+pub(crate) enum ScheduleError {
     #[error("schedule.cron {expr:?}: {message}")]
     Invalid { expr: String, message: String },
 }
@@ -17,7 +17,7 @@ pub enum ScheduleError {
 /// Parses a standard 5-field crontab expression (as Kubernetes CronJobs use:
 /// minute hour day-of-month month day-of-week, 0 or 7 = Sunday) or the cron
 /// crate's 6/7-field form with seconds first.
-pub fn parse_cron(expr: &str) -> Result<cron::Schedule, ScheduleError> {
+pub(crate) fn parse_cron(expr: &str) -> Result<cron::Schedule, ScheduleError> {
     let fields: Vec<&str> = expr.split_whitespace().collect();
     let normalized = match fields.len() {
         5 => {
@@ -76,7 +76,7 @@ fn crontab_dow(field: &str) -> Result<String, String> {
 
 /// Runs a scan on every tick until `shutdown` is cancelled. A failed scan is
 /// logged and the loop goes on: the next tick may find the database back.
-pub async fn run_until_stopped(deps: Deps, opts: ScanOptions, schedule: cron::Schedule) {
+pub(crate) async fn run_until_stopped(deps: Deps, opts: ScanOptions, schedule: cron::Schedule) {
     let shutdown = opts.shutdown.clone();
     loop {
         // Computed after each scan: ticks missed while scanning are skipped, not queued.
@@ -87,8 +87,8 @@ pub async fn run_until_stopped(deps: Deps, opts: ScanOptions, schedule: cron::Sc
         tracing::info!(next_run = %next.to_rfc3339(), "waiting for the next scheduled scan");
         let wait = (next - Utc::now()).to_std().unwrap_or_default();
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
         }
         let span = tracing::info_span!("scan", scheduled_for = %next.to_rfc3339());
         let _enter = span.enter();
@@ -110,14 +110,14 @@ pub async fn run_until_stopped(deps: Deps, opts: ScanOptions, schedule: cron::Sc
 }
 
 /// Exit code after a second SIGTERM (128 + 15, the shell's convention).
-pub const EXIT_SECOND_SIGTERM: i32 = 143;
+pub(crate) const EXIT_SECOND_SIGTERM: i32 = 143;
 /// Exit code after a second Ctrl-C / SIGINT (128 + 2).
-pub const EXIT_SECOND_SIGINT: i32 = 130;
+pub(crate) const EXIT_SECOND_SIGINT: i32 = 130;
 
 /// Cancels the token on SIGTERM or Ctrl-C; a second signal exits at once,
 /// with 143 (SIGTERM) or 130 (SIGINT): leases of avatars in flight then
 /// expire after `scan.lease_secs`, deliveries in flight after `outbox.lease_secs`.
-pub fn shutdown_on_signals() -> CancellationToken {
+pub(crate) fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
@@ -140,12 +140,9 @@ async fn wait_for_signal() -> i32 {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut term = match signal(SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-                return EXIT_SECOND_SIGINT;
-            }
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return EXIT_SECOND_SIGINT;
         };
         tokio::select! {
             _ = term.recv() => EXIT_SECOND_SIGTERM,

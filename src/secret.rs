@@ -153,16 +153,6 @@ pub fn redact_url(raw: &str) -> String {
     u.to_string()
 }
 
-/// A URL for logs and error messages: no user-info, no query at all.
-pub fn loggable_url(url: &url::Url) -> String {
-    let mut u = url.clone();
-    let _ = u.set_username("");
-    let _ = u.set_password(None);
-    u.set_query(None);
-    u.set_fragment(None);
-    u.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,7 +187,5 @@ mod tests {
             "https://hooks.example/in?token=REDACTED&team=ops"
         );
         assert_eq!(SecretUrl::from("not a url hunter2").redacted(), "REDACTED");
-        let logged = loggable_url(&url::Url::parse("https://u:p@h.example/x?token=t#f").unwrap());
-        assert_eq!(logged, "https://h.example/x");
     }
 }

@@ -15,7 +15,7 @@ use crate::pipeline::Deps;
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Binds first, so a port clash is an error at start-up, then serves in the background.
-pub async fn spawn(
+pub(crate) async fn spawn(
     listen: &str,
     deps: Deps,
     shutdown: CancellationToken,

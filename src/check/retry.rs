@@ -57,8 +57,11 @@ impl Checker {
             if !again || attempt >= self.retry.in_run {
                 return e;
             }
-            let backoff =
-                Duration::from_millis(self.retry.backoff_ms.saturating_mul(1 << attempt.min(16)));
+            let backoff = Duration::from_millis(crate::model::exponential_backoff(
+                self.retry.backoff_ms,
+                u64::MAX,
+                attempt.min(16),
+            ));
             let cap = Duration::from_secs(self.retry.retry_after_cap_secs);
             let wait = e.retry_after.map_or(backoff, |ra| ra.min(cap).max(backoff));
             if Instant::now() + wait >= deadline {
@@ -73,7 +76,7 @@ impl Checker {
 }
 
 /// `Retry-After` in seconds or as an HTTP date.
-pub fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
+pub(crate) fn parse_retry_after(h: &HeaderMap) -> Option<Duration> {
     let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(Duration::from_secs(secs));

@@ -23,7 +23,7 @@ then environment variables AVATAR_WARDEN__<SECTION>__<KEY>.\n\n\
 Exit codes: 0 all done; 2 done but some avatars are failing; 1 configuration or runtime error; \
 143 (SIGTERM) or 130 (Ctrl-C) after a second signal."
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Configuration file layered over the built-in defaults.
     #[arg(long, global = true, env = "AVATAR_WARDEN_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -32,7 +32,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create or upgrade the worker's own tables in the profile database.
     Migrate,
     /// Check every due avatar once and exit (a cron job or a backfill).
@@ -158,7 +158,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ExportFormat {
+pub(crate) enum ExportFormat {
     Jsonl,
 }
 

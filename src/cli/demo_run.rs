@@ -10,8 +10,10 @@ use crate::db::{AvatarRecord, Database};
 use crate::demo;
 use crate::pipeline::{self, Deps};
 
+use super::EXIT_OK;
 use super::output::print_report;
-use super::{EXIT_OK, build_deps, scan_options};
+use crate::app::App;
+use crate::pipeline::ScanOptions;
 
 /// A folder of our own in the temp dir by default; a folder we did not create is never wiped.
 pub(super) fn prepare_demo_dir(dir: Option<PathBuf>) -> anyhow::Result<PathBuf> {
@@ -71,9 +73,12 @@ pub(super) async fn run_demo(
     println!("  mirror directory: {}", mirror_root.display());
     println!();
 
-    let deps = build_deps(&settings).await?;
-    let report =
-        pipeline::scan_once(&deps, &scan_options(&settings, CancellationToken::new())).await?;
+    let deps = App::build(&settings).await?.into_deps();
+    let report = pipeline::scan_once(
+        &deps,
+        &ScanOptions::from_settings(&settings, CancellationToken::new()),
+    )
+    .await?;
     print_report(&report);
     println!();
     print_demo_users(&deps.db, &db_url).await?;
@@ -112,8 +117,11 @@ pub(super) async fn demo_week_later(
     .execute(&pool)
     .await?;
     pool.close().await;
-    let report =
-        pipeline::scan_once(deps, &scan_options(settings, CancellationToken::new())).await?;
+    let report = pipeline::scan_once(
+        deps,
+        &ScanOptions::from_settings(settings, CancellationToken::new()),
+    )
+    .await?;
     println!();
     println!(
         "A week later, {} avatars were due again: {} re-verified unchanged, {} changed, {} mirrored for the first time; {} bytes downloaded.",
@@ -149,9 +157,7 @@ pub(super) async fn print_demo_users(db: &Database, db_url: &str) -> anyhow::Res
             Some(r) => (r.status.to_string(), r.reason.to_string()),
             None => ("-".into(), "no avatar: skipped".into()),
         };
-        let mirror = mirror
-            .map(|m| short_mirror(&m))
-            .unwrap_or_else(|| "-".into());
+        let mirror = mirror.map_or_else(|| "-".into(), |m| short_mirror(&m));
         println!(
             "{id:<4} {nickname:<8} {status:<9} {reason:<20} {:<8} {mirror}",
             if reauth { "FLAGGED" } else { "" }

@@ -3,36 +3,31 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 
-use crate::check::Checker;
+use crate::app::App;
 use crate::classify::Status;
 use crate::config::{LogFormat, Settings};
 use crate::db::{Selection, Shard};
-use crate::metrics::Metrics;
-use crate::pipeline::{self, Deps, Policy, ScanOptions, ScanReport};
-use crate::storage::ImageWriter;
+use crate::pipeline::{self, Deps, ScanOptions, ScanReport};
 use crate::{demo, progress, schedule, serve};
 
 mod args;
 mod demo_run;
 mod output;
 
-pub use args::{Cli, Command, ExportFormat};
+pub(crate) use args::{Cli, Command, ExportFormat};
 use demo_run::run_demo;
-pub use output::export_object;
 use output::{check, export_jsonl, print_gc, print_report, print_status, status_json};
 
 /// Exit codes of the contract.
-pub const EXIT_OK: u8 = 0;
+pub(crate) const EXIT_OK: u8 = 0;
 
-pub const EXIT_ERROR: u8 = 1;
+pub(crate) const EXIT_ERROR: u8 = 1;
 
-pub const EXIT_SOME_FAILING: u8 = 2;
+pub(crate) const EXIT_SOME_FAILING: u8 = 2;
 
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
@@ -113,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             no_progress,
             failing_exit_code,
         } => {
-            let deps = build_deps(&settings).await?;
+            let deps = App::build(&settings).await?.into_deps();
             if let Some(name) = &provider
                 && !deps.checker.providers().names().any(|n| n == name)
             {
@@ -124,7 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 );
             }
             let shutdown = schedule::shutdown_on_signals();
-            let mut opts = scan_options(&settings, shutdown.clone());
+            let mut opts = ScanOptions::from_settings(&settings, shutdown.clone());
             opts.shard = shard;
             opts.limit = limit;
             opts.provider = provider;
@@ -137,7 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             };
             let progress = progress::Progress::start(
                 progress::Mode::detect(no_progress || json),
-                deps.metrics.clone(),
+                &deps.metrics,
                 limit,
             );
             let deliverer = crate::app::deliverer(&deps, &settings.outbox)
@@ -169,7 +164,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Run => {
             let cron = schedule::parse_cron(&settings.schedule.cron)?;
-            let deps = build_deps(&settings).await?;
+            let deps = App::build(&settings).await?.into_deps();
             let shutdown = schedule::shutdown_on_signals();
             let addr = serve::spawn(&settings.metrics.listen, deps.clone(), shutdown.clone())
                 .await
@@ -182,7 +177,12 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 let d = d.stop_with(&shutdown, grace);
                 tokio::spawn(async move { d.run(stop).await })
             });
-            schedule::run_until_stopped(deps, scan_options(&settings, shutdown), cron).await;
+            schedule::run_until_stopped(
+                deps,
+                ScanOptions::from_settings(&settings, shutdown),
+                cron,
+            )
+            .await;
             if let Some(h) = delivering {
                 let _ = h.await;
             }
@@ -346,51 +346,6 @@ fn init_logging(format: LogFormat, default_level: &str) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
-}
-
-pub fn scan_options(settings: &Settings, shutdown: CancellationToken) -> ScanOptions {
-    ScanOptions {
-        batch_size: settings.scan.batch_size,
-        concurrency: settings.fetch.concurrency,
-        lease_secs: settings.scan.lease_secs,
-        flush: settings.scan.flush(),
-        shard: None,
-        selection: Selection::default(),
-        limit: None,
-        provider: None,
-        shutdown,
-        grace: std::time::Duration::from_secs(settings.shutdown.grace_secs),
-        redownload: false,
-    }
-}
-
-/// Wires the pipeline from settings; reads as a sentence on purpose.
-pub async fn build_deps(settings: &Settings) -> anyhow::Result<Deps> {
-    if settings.fetch.allow_private_networks {
-        tracing::warn!(
-            "fetch.allow_private_networks = true: avatar URLs may reach loopback, private and link-local addresses"
-        );
-    }
-    let db = settings.profile.connect().await?;
-    db.migrate()
-        .await
-        .context("migrating the worker's tables")?;
-    db.check_profile().await?;
-    let checker = Checker::new(settings)?;
-    let store = settings
-        .storage
-        .open()
-        .await
-        .context("opening the object store")?;
-    let metrics = Metrics::new();
-    Ok(Deps {
-        db: Arc::new(db),
-        checker,
-        images: ImageWriter::new(store).observed(metrics.storage_observer()),
-        policy: Policy::from_settings(settings),
-        metrics,
-        sinks: crate::sinks::Sinks::from_settings(settings).context("configuring the sinks")?,
-    })
 }
 
 /// An error and its causes, each said once: our error types often quote

@@ -176,7 +176,7 @@ pub(super) async fn export_jsonl(db: &Database, mut out: impl Write) -> anyhow::
 /// The `export` contract: `user_id, source_url, status, reason, mirror_url,
 /// sha256, reauth_required, checked_at`, plus detail fields and the source's
 /// validators (`source_etag`, `source_last_modified`, `source_length`).
-pub fn export_object(r: &AvatarRecord) -> serde_json::Value {
+pub(crate) fn export_object(r: &AvatarRecord) -> serde_json::Value {
     let time = |t: i64| chrono::DateTime::from_timestamp(t, 0).map(|d| d.to_rfc3339());
     json!({
         "user_id": r.user_id.to_string(),
@@ -339,7 +339,7 @@ pub(super) async fn check(settings: &Settings, url: &str, json: bool) -> anyhow:
             "provider": exam.provider,
             "requests": exam.requests,
             "http_status": exam.http_status.map(|s| s.as_u16()),
-            "fetched_url": exam.fetched_url.as_ref().map(|u| u.as_str()),
+            "fetched_url": exam.fetched_url.as_ref().map(reqwest::Url::as_str),
             "signature_expires_at": exam.expires_at.and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map(|d| d.to_rfc3339()),
             "headers": exam.headers.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             "image": image,

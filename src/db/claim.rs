@@ -134,12 +134,12 @@ impl Shard {
     /// Integer ids shard by value, text ids by a stable FNV-1a hash.
     pub fn owns(&self, id: &UserId) -> bool {
         let bucket = match id {
-            UserId::Int(i) => i.rem_euclid(i64::from(self.count)) as u32,
+            UserId::Int(i) => u32::try_from(i.rem_euclid(i64::from(self.count))).unwrap_or(0),
             UserId::Text(s) => {
-                let h = s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+                let h = s.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
                 });
-                (h % u64::from(self.count)) as u32
+                u32::try_from(h % u64::from(self.count)).unwrap_or(0)
             }
         };
         bucket == self.index

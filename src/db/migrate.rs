@@ -112,7 +112,7 @@ pub(super) const MYSQL: &[Migration] = &[
 
 /// Splits a migration file into statements (our files keep `;` out of literals).
 pub(super) fn statements(sql: &str) -> impl Iterator<Item = &str> {
-    sql.split(';').map(|s| s.trim()).filter(|s| {
+    sql.split(';').map(str::trim).filter(|s| {
         s.lines()
             .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
     })
@@ -126,7 +126,7 @@ mod tests {
     fn migrations_are_numbered_in_order_and_split_into_statements() {
         for set in [SQLITE, POSTGRES, MYSQL] {
             for (i, m) in set.iter().enumerate() {
-                assert_eq!(m.version, i as i64 + 1);
+                assert_eq!(m.version, crate::model::saturating_i64(i) + 1);
             }
         }
         assert_eq!(SQLITE.len(), POSTGRES.len());

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use crate::config::ProfileSettings;
-pub use crate::model::{AvatarRecord, Status, UserId, Validators};
+pub use crate::model::{AvatarRecord, Status, UnknownCode, UserId, Validators};
 
 pub use claim::{Claim, ClaimedPage, DueAvatar, MirrorMeta, Previous, Selection, Shard, UrlFilter};
 pub use columns::{RUNS_TABLE, STATE_TABLE};
@@ -308,7 +308,7 @@ impl Database {
                 .await
             {
                 Ok(r) => {
-                    total.add(r);
+                    total.add(&r);
                     continue;
                 }
                 Err(e) if e.is_data_error() => e,
@@ -320,7 +320,7 @@ impl Database {
                 .await
             {
                 Ok(r) => {
-                    total.add(r);
+                    total.add(&r);
                     tracing::warn!(user_id, error = %refused, "row refused by the database: recorded as record_error");
                     total.replaced.push((index, Some(replacement)));
                 }
@@ -445,7 +445,7 @@ pub struct Recorded {
 }
 
 impl Recorded {
-    fn add(&mut self, other: Recorded) {
+    fn add(&mut self, other: &Recorded) {
         self.written += other.written;
         self.discarded += other.discarded;
     }

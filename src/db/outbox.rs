@@ -192,41 +192,38 @@ impl<D: Dialect> OutboxStore for Store<D> {
     /// Settles one claimed delivery: delivered (removed), retried later, or dead.
     async fn settle_delivery(&self, id: i64, token: &str, outcome: &Settle) -> Result<(), DbError> {
         let mut p = D::params();
-        let (sql, mut values) = match outcome {
-            Settle::Delivered => (
+        let (sql, mut values) = if outcome == &Settle::Delivered {
+            (
                 format!(
                     "DELETE FROM {OUTBOX_TABLE} WHERE id = {} AND lease_token = {}",
                     p.one(),
                     p.one()
                 ),
                 Vec::new(),
-            ),
-            _ => {
-                let (state, failed, at, error): (&str, i64, Option<i64>, Option<String>) =
-                    match outcome {
-                        Settle::Retry { at, error } => {
-                            ("pending", 1, Some(*at), Some(error.clone()))
-                        }
-                        Settle::Later { at } => ("pending", 0, Some(*at), None),
-                        Settle::Dead { error } => ("dead", 1, None, Some(error.clone())),
-                        Settle::Delivered => unreachable!("handled above"),
-                    };
-                let sql = format!(
-                    "UPDATE {OUTBOX_TABLE} SET state = {}, attempts = attempts + {}, \
-                     next_attempt_at = COALESCE({}, next_attempt_at), last_error = {}, \
-                     lease_token = NULL, lease_until = NULL WHERE id = {} AND lease_token = {}",
-                    p.one(),
-                    p.one(),
-                    p.one(),
-                    p.one(),
-                    p.one(),
-                    p.one()
-                );
-                (
-                    sql,
-                    vec![state.into(), failed.into(), at.into(), error.into()],
-                )
-            }
+            )
+        } else {
+            let (state, failed, at, error): (&str, i64, Option<i64>, Option<String>) = match outcome
+            {
+                Settle::Retry { at, error } => ("pending", 1, Some(*at), Some(error.clone())),
+                Settle::Later { at } => ("pending", 0, Some(*at), None),
+                Settle::Dead { error } => ("dead", 1, None, Some(error.clone())),
+                Settle::Delivered => unreachable!("handled above"),
+            };
+            let sql = format!(
+                "UPDATE {OUTBOX_TABLE} SET state = {}, attempts = attempts + {}, \
+                 next_attempt_at = COALESCE({}, next_attempt_at), last_error = {}, \
+                 lease_token = NULL, lease_until = NULL WHERE id = {} AND lease_token = {}",
+                p.one(),
+                p.one(),
+                p.one(),
+                p.one(),
+                p.one(),
+                p.one()
+            );
+            (
+                sql,
+                vec![state.into(), failed.into(), at.into(), error.into()],
+            )
         };
         values.extend([id.into(), token.into()]);
         self.execute(&sql, Self::args(values)?).await?;

@@ -60,7 +60,10 @@ impl<D: Dialect> RunStore for Store<D> {
             p.one(),
             p.one()
         );
-        let args = Self::args([after.unwrap_or("").into(), (limit as i64).into()])?;
+        let args = Self::args([
+            after.unwrap_or("").into(),
+            crate::model::saturating_i64(limit).into(),
+        ])?;
         let rows = self.fetch(&sql, args).await?;
         rows.iter().map(record::<D::Db>).collect()
     }

@@ -132,7 +132,7 @@ impl<D: Dialect> Store<D> {
         if let Some(after) = c.after {
             bind_id::<D::Db>(&mut args, after)?;
         }
-        for v in [c.now, c.now, c.limit as i64] {
+        for v in [c.now, c.now, crate::model::saturating_i64(c.limit)] {
             D::Db::bind(&mut args, v.into())?;
         }
         let rows = self.fetch(&sql, args).await?;

@@ -459,7 +459,8 @@ pub fn quirky_jpeg(jpeg: &[u8], kind: &str) -> Option<Vec<u8>> {
 pub fn with_gps_exif(jpeg: &[u8]) -> Vec<u8> {
     let payload = b"Exif\0\0MM\0*GPSLatitude 39.9042 N GPSLongitude 116.4074 E";
     let mut app1 = vec![0xFF, 0xE1];
-    app1.extend_from_slice(&((payload.len() + 2) as u16).to_be_bytes());
+    let len = u16::try_from(payload.len() + 2).expect("an APP1 segment holds at most 64 KiB");
+    app1.extend_from_slice(&len.to_be_bytes());
     app1.extend_from_slice(payload);
     [
         &jpeg[..2.min(jpeg.len())],
@@ -559,9 +560,10 @@ fn image_for(state: &State, kind: &str, name: &str) -> Option<Bytes> {
 }
 
 /// A gradient whose colours come from the name: distinct names, distinct bytes.
+#[allow(clippy::cast_possible_truncation)] // colour bytes: wrapping is the pattern
 pub fn render_avatar(name: &str, side: u32, format: image::ImageFormat) -> Vec<u8> {
-    let seed = name.bytes().fold(2166136261u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(16777619)
+    let seed = name.bytes().fold(2_166_136_261_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
     });
     let [r, g, b, _] = seed.to_le_bytes();
     let img = image::RgbImage::from_fn(side, side, |x, y| {
@@ -581,7 +583,7 @@ pub fn render_avatar(name: &str, side: u32, format: image::ImageFormat) -> Vec<u
 /// The gray "temporarily unavailable" picture WeChat serves for dead avatars.
 pub fn gray_placeholder_png() -> Vec<u8> {
     let img = image::GrayImage::from_fn(132, 132, |x, y| {
-        let ring = ((x as i32 - 66).pow(2) + (y as i32 - 50).pow(2)) < 24 * 24;
+        let ring = (x.abs_diff(66).pow(2) + y.abs_diff(50).pow(2)) < 24 * 24;
         image::Luma([if ring { 200 } else { 228 }])
     });
     let mut out = Cursor::new(Vec::new());

@@ -46,7 +46,7 @@ impl UrlPolicy {
 }
 
 /// The class of a non-public address, named in the `blocked` reason.
-pub fn non_public_class(ip: IpAddr) -> Option<&'static str> {
+pub(crate) fn non_public_class(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => v4_class(v4),
         IpAddr::V6(v6) => v6_class(v6),
@@ -156,7 +156,8 @@ fn v6_class(ip: Ipv6Addr) -> Option<&'static str> {
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         // NAT64 well-known prefix (RFC 6052, globally reachable): the
         // translator connects to the embedded IPv4 address.
-        let v4 = Ipv4Addr::from(u128::from(ip) as u32);
+        let o = ip.octets();
+        let v4 = Ipv4Addr::new(o[12], o[13], o[14], o[15]);
         return v4_class(v4).map(|_| "nat64_non_public");
     }
     let bits = u128::from(ip);

@@ -19,10 +19,10 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::FetchSettings;
-pub use crate::model::HostState;
+pub(crate) use crate::model::HostState;
 
 /// Slowest a host can make us: one request a minute.
-pub const MAX_HOST_INTERVAL: Duration = Duration::from_secs(60);
+pub(crate) const MAX_HOST_INTERVAL: Duration = Duration::from_secs(60);
 /// The first spacing when a host pushes back at a limit of one.
 const FIRST_INTERVAL: Duration = Duration::from_millis(250);
 /// Longest pause a `Retry-After` imposes on the whole host.
@@ -74,6 +74,7 @@ struct GateState {
 }
 
 impl GateState {
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // a small positive limit
     fn allowed(&self) -> usize {
         (self.limit.floor() as usize).max(1)
     }
@@ -265,7 +266,7 @@ impl HostLimiter {
                     host: host.clone(),
                     provider: None,
                     concurrency: (st.limit * 10.0).round() / 10.0,
-                    interval_ms: st.interval.as_millis() as u64,
+                    interval_ms: u64::try_from(st.interval.as_millis()).unwrap_or(u64::MAX),
                     push_backs: st.push_backs,
                 })
             })
@@ -294,6 +295,7 @@ impl HostLimiter {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // AIMD steps (halving, +1) are exact in f64
 mod tests {
     use super::*;
 

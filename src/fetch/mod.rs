@@ -2,8 +2,13 @@
 //! total timeouts, a redirect cap, a streamed body cap, no environment
 //! proxies, and the network guard applied where the connection is made.
 
-pub mod guard;
-pub mod hosts;
+mod error;
+pub(crate) mod guard;
+pub(crate) mod hosts;
+
+pub(crate) use crate::model::Cause;
+pub(crate) use error::FetchError;
+use error::{BlockedAddress, DnsFailure, RedirectRefused, map_reqwest_error};
 
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
@@ -20,98 +25,22 @@ use url::{Host, Url};
 use crate::config::FetchSettings;
 #[cfg(test)]
 use crate::model::Status;
-use crate::model::{Reason, Verdict};
 
-pub const DEFAULT_USER_AGENT: &str = concat!("avatar-warden/", env!("CARGO_PKG_VERSION"));
+pub(crate) const DEFAULT_USER_AGENT: &str = concat!("avatar-warden/", env!("CARGO_PKG_VERSION"));
 
-/// Why a request produced no usable response. Classifies itself.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    #[error("destination refused by the network guard: {0} address")]
-    Blocked(&'static str),
-    #[error("destination refused: {0}")]
-    NotAllowed(String),
-    #[error("timed out")]
-    Timeout,
-    #[error("cannot connect: {0}")]
-    Connect(String),
-    #[error("DNS lookup failed: {0}")]
-    Dns(String),
-    #[error("more than {0} redirects")]
-    TooManyRedirects(usize),
-    #[error("redirect to a non-http(s) URL")]
-    BadRedirect,
-    #[error("body larger than {0} bytes")]
-    TooLarge(u64),
-    #[error("connection broke while reading the body: {0}")]
-    Body(String),
-    #[error("request failed: {0}")]
-    Other(String),
+/// The client for services the operator configured (sinks, the
+/// Pushgateway), as opposed to avatar hosts: no redirects, and never a proxy
+/// from the environment: signed bodies and admin secrets go only where the
+/// config says.
+pub(crate) fn service_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.clamp(Duration::from_secs(1), Duration::from_secs(10)))
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(DEFAULT_USER_AGENT)
+        .build()
 }
-
-impl FetchError {
-    /// Worth asking again later: the network or the server may recover.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            FetchError::Timeout
-                | FetchError::Connect(_)
-                | FetchError::Dns(_)
-                | FetchError::Body(_)
-                | FetchError::Other(_)
-        )
-    }
-
-    pub fn verdict(&self) -> Verdict {
-        let reason = match self {
-            FetchError::Blocked(class) => {
-                return Verdict::new(Reason::NonPublicAddress).with_detail(*class);
-            }
-            FetchError::NotAllowed(why) => {
-                return Verdict::new(Reason::NotAllowed).with_detail(why.clone());
-            }
-            FetchError::TooLarge(limit) => {
-                return Verdict::new(Reason::TooLarge).with_detail(format!("over {limit} bytes"));
-            }
-            FetchError::Timeout => Reason::Timeout,
-            FetchError::Connect(_) => Reason::ConnectError,
-            FetchError::Dns(_) => Reason::DnsError,
-            FetchError::Body(_) => Reason::BodyError,
-            FetchError::Other(_) => Reason::RequestError,
-            FetchError::TooManyRedirects(_) => Reason::TooManyRedirects,
-            FetchError::BadRedirect => Reason::BadRedirect,
-        };
-        Verdict::new(reason).with_detail(self.to_string())
-    }
-}
-
-/// Raised inside the resolver and redirect hook, recognised again in the error chain.
-#[derive(Debug)]
-struct BlockedAddress(&'static str);
-impl std::fmt::Display for BlockedAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} address refused", self.0)
-    }
-}
-impl StdError for BlockedAddress {}
-
-#[derive(Debug)]
-struct DnsFailure(String);
-impl std::fmt::Display for DnsFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-impl StdError for DnsFailure {}
-
-#[derive(Debug)]
-struct RedirectRefused(FetchError);
-impl std::fmt::Display for RedirectRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-impl StdError for RedirectRefused {}
 
 /// Where names are looked up: the system resolver, or (in tests) a fixed
 /// table standing in for DNS answers.
@@ -154,7 +83,7 @@ impl Resolve for GuardedResolver {
             .is_some_and(|p| p.eq_ignore_ascii_case(host.trim_end_matches('.')));
         Box::pin(async move {
             let answers = lookup.addrs(&host).await.map_err(|e| {
-                Box::new(DnsFailure(format!("{host}: {e}"))) as Box<dyn StdError + Send + Sync>
+                Box::new(DnsFailure::new(&host, e)) as Box<dyn StdError + Send + Sync>
             })?;
             let mut allowed: Vec<SocketAddr> = Vec::new();
             let mut refused = None;
@@ -167,7 +96,7 @@ impl Resolve for GuardedResolver {
             if allowed.is_empty() {
                 let err: Box<dyn StdError + Send + Sync> = match refused {
                     Some(class) => Box::new(BlockedAddress(class)),
-                    None => Box::new(DnsFailure(format!("{host}: no addresses"))),
+                    None => Box::new(DnsFailure::new(&host, "no addresses")),
                 };
                 return Err(err);
             }
@@ -223,7 +152,7 @@ impl FetchSettings {
             .as_ref()
             .map(|p| crate::config::parse_proxy(p.expose()))
             .transpose()
-            .map_err(FetchError::Other)?;
+            .map_err(|why| FetchError::Other(Cause::text(why)))?;
         let proxy_host = proxy
             .as_ref()
             .and_then(|p| p.host_str())
@@ -263,12 +192,12 @@ impl FetchSettings {
         }
         if let Some(proxy) = &proxy {
             let proxy = reqwest::Proxy::all(proxy.as_str())
-                .map_err(|e| FetchError::Other(format!("fetch.proxy: {e}")))?;
+                .map_err(|e| FetchError::Other(Cause::new(e).context("fetch.proxy")))?;
             builder = builder.proxy(proxy);
         }
         let client = builder
             .build()
-            .map_err(|e| FetchError::Other(e.to_string()))?;
+            .map_err(|e| FetchError::Other(Cause::new(e)))?;
         Ok(Fetcher {
             client,
             max_bytes: self.max_bytes,
@@ -346,7 +275,7 @@ impl Fetcher {
             .content_length()
             .unwrap_or(64 * 1024)
             .min(self.max_bytes);
-        let mut buf = Vec::with_capacity(hint as usize);
+        let mut buf = Vec::with_capacity(usize::try_from(hint).unwrap_or(0));
         let mut hasher = Sha256::new();
         while let Some(chunk) = response.chunk().await.map_err(map_reqwest_error)? {
             if (buf.len() + chunk.len()) as u64 > self.max_bytes {
@@ -365,7 +294,7 @@ impl Fetcher {
 /// Reads at most `max` bytes of a body as text (lossy): for replies and
 /// error bodies of servers we talk to (sinks, the Pushgateway), which must
 /// not be able to exhaust memory with an endless answer.
-pub async fn capped_text(mut response: reqwest::Response, max: usize) -> String {
+pub(crate) async fn capped_text(mut response: reqwest::Response, max: usize) -> String {
     let mut buf = Vec::new();
     while buf.len() < max {
         match response.chunk().await {
@@ -377,48 +306,6 @@ pub async fn capped_text(mut response: reqwest::Response, max: usize) -> String 
         }
     }
     String::from_utf8_lossy(&buf).into_owned()
-}
-
-fn map_reqwest_error(err: reqwest::Error) -> FetchError {
-    // Our own errors travel inside reqwest's source chain: find them first.
-    let mut source: Option<&(dyn StdError + 'static)> = err.source();
-    while let Some(e) = source {
-        if let Some(b) = e.downcast_ref::<BlockedAddress>() {
-            return FetchError::Blocked(b.0);
-        }
-        if let Some(r) = e.downcast_ref::<RedirectRefused>() {
-            return r.0.clone();
-        }
-        if let Some(d) = e.downcast_ref::<DnsFailure>() {
-            return FetchError::Dns(d.0.clone());
-        }
-        source = e.source();
-    }
-    let detail = error_chain(&err);
-    if err.is_timeout() {
-        FetchError::Timeout
-    } else if err.is_connect() {
-        if detail.contains("dns error") || detail.contains("failed to lookup") {
-            FetchError::Dns(detail)
-        } else {
-            FetchError::Connect(detail)
-        }
-    } else if err.is_body() || err.is_decode() {
-        FetchError::Body(detail)
-    } else {
-        FetchError::Other(detail)
-    }
-}
-
-fn error_chain(err: &dyn StdError) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

@@ -351,7 +351,7 @@ fn strip_webp(b: &[u8]) -> Option<Vec<u8>> {
         }
         i = end;
     }
-    let riff = (out.len() - 8) as u32;
+    let riff = u32::try_from(out.len() - 8).ok()?;
     out[4..8].copy_from_slice(&riff.to_le_bytes());
     Some(out)
 }

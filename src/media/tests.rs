@@ -1,3 +1,13 @@
+// clippy::pedantic in tests (#17 triage): fixtures cast small counts, and
+// `Default::default()` fills fixture literals.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::default_trait_access,
+    clippy::trivially_copy_pass_by_ref
+)]
+
 use super::*;
 
 pub(crate) fn settings() -> MediaSettings {
@@ -414,7 +424,7 @@ fn png_chunk(kind: &[u8; 4], data: &[u8], crc_ok: bool) -> Vec<u8> {
     let mut c = (data.len() as u32).to_be_bytes().to_vec();
     c.extend_from_slice(kind);
     c.extend_from_slice(data);
-    let crc = crc32fast::hash(&c[4..]) ^ if crc_ok { 0 } else { 1 };
+    let crc = crc32fast::hash(&c[4..]) ^ u32::from(!crc_ok);
     c.extend_from_slice(&crc.to_be_bytes());
     c
 }

@@ -16,13 +16,17 @@ use crate::db::{
     UserId, new_lease_token,
 };
 use crate::metrics::Metrics;
+use crate::model::saturating_i64;
 pub use crate::model::{
     FlaggedUser, MirrorKind, REPORT_FLAGGED_LIMIT, REPORT_HOSTS_LIMIT, ScanReport, unix_now,
 };
 use crate::storage::{ImageWriter, StoredObject};
 
 mod policy;
+mod stages;
 mod writer;
+
+use stages::{Checked, examine_avatar, finish_avatar};
 
 pub use policy::{Found, Mirror, backoff_secs, build_record};
 use writer::{Pace, WriteOptions, renew_leases, write_results};
@@ -84,6 +88,25 @@ pub struct ScanOptions {
     pub redownload: bool,
 }
 
+impl ScanOptions {
+    /// A whole scan as configured: no shard, no backfill controls.
+    pub fn from_settings(settings: &Settings, shutdown: CancellationToken) -> Self {
+        ScanOptions {
+            batch_size: settings.scan.batch_size,
+            concurrency: settings.fetch.concurrency,
+            lease_secs: settings.scan.lease_secs,
+            flush: settings.scan.flush(),
+            shard: None,
+            selection: Selection::default(),
+            limit: None,
+            provider: None,
+            shutdown,
+            grace: Duration::from_secs(settings.shutdown.grace_secs),
+            redownload: false,
+        }
+    }
+}
+
 impl ScanReport {
     fn add(&mut self, c: &Checked) {
         let (record, stored, bytes) = (&c.record, c.stored.as_ref(), c.size);
@@ -142,7 +165,7 @@ pub enum ScanError {
     #[error(transparent)]
     Db(#[from] DbError),
     #[error("a scan task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
     /// Stored objects could not be made durable: their rows are not written.
     #[error(transparent)]
     Store(#[from] crate::storage::StoreError),
@@ -155,161 +178,6 @@ impl ScanError {
             ScanError::Task(_) => false,
             ScanError::Store(e) => e.is_retryable(),
         }
-    }
-}
-
-/// One avatar after its fetch: what was found, not yet stored or recorded.
-struct Examined {
-    due: DueAvatar,
-    exam: crate::check::Examination,
-    started: Instant,
-    now: i64,
-    span: tracing::Span,
-    _in_flight: crate::metrics::InFlight,
-}
-
-impl MirrorKind {
-    /// From the recorded outcome: `unchanged` and `source_changed` are
-    /// re-verifications, any other newly stored object is a first mirror.
-    fn of(record: &AvatarRecord, stored: bool) -> Option<Self> {
-        match record.reason {
-            Reason::Unchanged => Some(MirrorKind::Unchanged),
-            Reason::SourceChanged => Some(MirrorKind::Changed),
-            _ if stored => Some(MirrorKind::First),
-            _ => None,
-        }
-    }
-}
-
-/// The mirrored picture a re-check compares with: only for the same URL.
-fn known_picture(due: &DueAvatar) -> Option<Known> {
-    let prev = due.previous.as_ref()?;
-    if prev.source_url != due.avatar_url {
-        return None;
-    }
-    Some(Known {
-        sha256: prev.sha256.clone()?,
-        validators: prev.validators.clone(),
-    })
-}
-
-/// Stage one: fetch, classify and validate one avatar, in its own span.
-async fn examine_avatar(
-    deps: &Deps,
-    due: DueAvatar,
-    hosts: &HostLimiter,
-    redownload: bool,
-) -> Examined {
-    let span = tracing::info_span!(
-        "avatar",
-        user_id = %due.user_id,
-        host = url::Url::parse(&due.avatar_url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default(),
-        status = tracing::field::Empty,
-        reason = tracing::field::Empty,
-        duration_ms = tracing::field::Empty,
-    );
-    let started = Instant::now();
-    let in_flight = deps.metrics.in_flight_guard();
-    let now = unix_now();
-    let mut known = known_picture(&due).filter(|_| !redownload);
-    let object_key = due.previous.as_ref().and_then(|p| p.object_key.clone());
-    if let (Some(_), Some(key)) = (&known, &object_key) {
-        // A re-verification that would only confirm headers must not confirm
-        // a mirror whose object is gone: one existence check (cheap next to
-        // the request) and, if it is missing, a full download stores it again.
-        if let Ok(false) = deps.images.store().exists(key).await {
-            tracing::warn!(parent: &span, user_id = %due.user_id, key, "the mirrored object is missing from the store: downloading the picture again");
-            deps.images.forget(key);
-            known = None;
-        }
-    }
-    let exam = deps
-        .checker
-        .reexamine(&due.avatar_url, now, hosts, known.as_ref())
-        .instrument(span.clone())
-        .await;
-    if exam.requests > 0 {
-        deps.metrics.observe_fetch(exam.fetch_time, exam.bytes_read);
-    }
-    Examined {
-        due,
-        exam,
-        started,
-        now,
-        span,
-        _in_flight: in_flight,
-    }
-}
-
-/// Stage two: store the picture and build the record. Its own stage so a
-/// slow disk or object store never holds one of the fetch slots (t2 in
-/// BENCHMARKS.md: fsync latency there cost a fifth of the throughput).
-async fn finish_avatar(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
-    let span = examined.span.clone();
-    finish_avatar_in(deps, examined, dry_run)
-        .instrument(span)
-        .await
-}
-
-async fn finish_avatar_in(deps: &Deps, examined: Examined, dry_run: bool) -> Checked {
-    let Examined {
-        due,
-        exam,
-        started,
-        now,
-        ..
-    } = examined;
-    let mut verdict = exam.verdict;
-    let mut mirror = None;
-    let mut size = 0;
-    if let Some((info, body)) = exam.image.filter(|_| !dry_run) {
-        size = body.bytes.len() as u64;
-        match deps
-            .images
-            .store_image(&body.sha256, info.format, body.bytes)
-            .await
-        {
-            Ok(stored) => mirror = Some((info, body.sha256, stored)),
-            Err(e) => {
-                tracing::warn!(user_id = %due.user_id, error = %e, "storing the mirror failed");
-                verdict = Verdict::new(Reason::StorageError).with_detail(e.to_string());
-            }
-        }
-    }
-    let mut rng = rand::rng();
-    let found = Found {
-        verdict,
-        expires_at: exam.expires_at,
-        mirror: mirror.as_ref(),
-        size,
-        validators: &exam.validators,
-        now,
-    };
-    let record = build_record(&due, found, &deps.policy, &mut rng);
-    let span = tracing::Span::current();
-    span.record("status", record.status.as_str());
-    span.record("reason", record.reason.as_str());
-    span.record("duration_ms", started.elapsed().as_millis() as u64);
-    deps.metrics.observe_avatar(started.elapsed());
-    tracing::debug!(
-        provider = exam.provider.as_deref().unwrap_or("-"),
-        requests = exam.requests,
-        "avatar checked"
-    );
-    let kind = MirrorKind::of(&record, mirror.is_some());
-    deps.metrics
-        .observe_mirror_check(kind, exam.reverified, exam.bytes_read);
-    Checked {
-        outbox: deps.sinks.outbox_rows(due.previous.as_ref(), &record),
-        kind,
-        reverified: exam.reverified,
-        previous: due.previous.as_ref().map(|p| p.status),
-        was_flagged: due.previous.as_ref().is_some_and(|p| p.reauth_required),
-        record,
-        stored: mirror.map(|(_, _, s)| s),
-        size,
-        downloaded: exam.bytes_read,
-        provider: exam.provider,
     }
 }
 
@@ -380,9 +248,9 @@ async fn scan_traced(
                 "completed"
             }
             .into(),
-            processed: report.processed as i64,
-            failing: report.count(Status::Failing) as i64,
-            flagged: report.flagged_total as i64,
+            processed: saturating_i64(report.processed),
+            failing: saturating_i64(report.count(Status::Failing)),
+            flagged: saturating_i64(report.flagged_total),
             worker: worker_name(),
             error: None,
         };
@@ -433,32 +301,13 @@ impl UrlFilter for ProviderFilter {
     }
 }
 
-/// One checked avatar: its record, the object stored for it, bytes fetched.
-struct Checked {
-    record: AvatarRecord,
-    stored: Option<StoredObject>,
-    /// Bytes of the stored picture.
-    size: u64,
-    /// Response bytes downloaded to decide.
-    downloaded: u64,
-    previous: Option<Status>,
-    /// The user's re-auth flag before this check.
-    was_flagged: bool,
-    provider: Option<String>,
-    /// First mirror, unchanged or changed picture.
-    kind: Option<MirrorKind>,
-    reverified: Option<Reverified>,
-    /// Sink deliveries this verdict causes, written in its batch.
-    outbox: Vec<crate::db::OutboxRow>,
-}
-
 async fn scan_with_lease(
     deps: &Deps,
     opts: &ScanOptions,
     token: &str,
 ) -> Result<ScanReport, ScanError> {
     let batch = opts.batch_size.max(1);
-    let (lease_secs, shard) = (opts.lease_secs as i64, opts.shard);
+    let (lease_secs, shard) = (saturating_i64(opts.lease_secs), opts.shard);
     let selection = Arc::new(opts.selection.clone());
     let dry_run = opts.selection.dry_run;
     let redownload = opts.redownload;
@@ -506,9 +355,7 @@ async fn scan_with_lease(
             let Some(pending) = pending else {
                 return Ok::<_, ScanError>(None);
             };
-            let page = pending
-                .await
-                .map_err(|e| ScanError::Task(e.to_string()))??;
+            let page = pending.await.map_err(ScanError::Task)??;
             let next = page.cursor.map(|after| claim(Some(after)));
             let items = page.claimed.into_iter().map(Ok::<DueAvatar, ScanError>);
             Ok(Some((stream::iter(items), next)))
@@ -542,7 +389,9 @@ async fn scan_with_lease(
     let hosts = deps.checker.host_limiter();
     let hosts = &hosts;
     let shutdown = opts.shutdown.clone();
-    let limit = opts.limit.map_or(usize::MAX, |l| l as usize);
+    let limit = opts
+        .limit
+        .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
     let results = pages
         .try_flatten()
         .take(limit)
@@ -569,8 +418,8 @@ async fn scan_with_lease(
     loop {
         let next = tokio::select! {
             next = results.try_next() => next,
-            _ = &mut hard_stop => {
-                abandoned = deps.metrics.in_flight() as u64;
+            () = &mut hard_stop => {
+                abandoned = u64::try_from(deps.metrics.in_flight()).unwrap_or(0);
                 tracing::warn!(abandoned, ?grace, "grace period over: abandoning avatars in flight");
                 break;
             }
@@ -591,7 +440,7 @@ async fn scan_with_lease(
     }
     drop(results);
     drop(tx);
-    let mut report = writer.await.map_err(|e| ScanError::Task(e.to_string()))??;
+    let mut report = writer.await.map_err(ScanError::Task)??;
     report.abandoned = abandoned;
     report.hosts = hosts
         .throttled()

@@ -7,6 +7,7 @@ use crate::classify::{Reason, Status, Verdict};
 use crate::config::{RecheckSettings, WhenMirrorExists};
 use crate::db::{AvatarRecord, DueAvatar, Previous, Validators};
 use crate::media::ImageInfo;
+use crate::model::saturating_i64;
 use crate::storage::StoredObject;
 
 use super::Policy;
@@ -63,7 +64,7 @@ pub fn build_record(
         record.mirror_url = Some(stored.url.clone());
         record.object_key = Some(stored.key.clone());
         record.sha256 = Some(sha.clone());
-        record.size_bytes = Some(found.size as i64);
+        record.size_bytes = Some(saturating_i64(found.size));
         record.width = Some(i64::from(info.width));
         record.height = Some(i64::from(info.height));
         record.format = Some(info.format.name().to_string());
@@ -74,7 +75,7 @@ pub fn build_record(
             record.reauth_required = false;
             // A URL that has said "gone" before is dying: look again soon.
             let wait = if record.expiry_signals > 0 {
-                policy.expiry.min_interval_secs as i64
+                saturating_i64(policy.expiry.min_interval_secs)
             } else {
                 jitter(policy.recheck.mirrored_secs, 0.1, rng)
             };
@@ -180,7 +181,7 @@ fn expired(record: &mut AvatarRecord, found: &Found<'_>, policy: &Policy) {
             last_said(&found.verdict)
         ));
         record.next_check_at = Some(before_expiry(
-            found.now + policy.expiry.min_interval_secs as i64,
+            found.now + saturating_i64(policy.expiry.min_interval_secs),
             found.expires_at,
             found.now,
         ));
@@ -224,15 +225,12 @@ fn before_expiry(next: i64, expires_at: Option<i64>, now: i64) -> i64 {
 
 /// `initial * 2^(attempts-1)`, capped.
 pub fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
-    let exp = attempts.clamp(1, 40) as u32 - 1;
-    recheck
-        .failing_initial_secs
-        .max(1)
-        .saturating_mul(1u64 << exp.min(40))
-        .min(recheck.failing_max_secs.max(1))
+    let exp = u32::try_from(attempts.clamp(1, 41) - 1).unwrap_or(0);
+    crate::model::exponential_backoff(recheck.failing_initial_secs, recheck.failing_max_secs, exp)
 }
 
 /// Spreads re-checks so a million avatars mirrored on one day are not all due on the same second.
+#[allow(clippy::cast_possible_truncation)] // rounded seconds, at least 1
 fn jitter(secs: u64, fraction: f64, rng: &mut impl Rng) -> i64 {
     let spread = secs as f64 * fraction;
     (secs as f64 + rng.random_range(-spread..=spread)).max(1.0) as i64

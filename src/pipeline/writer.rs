@@ -24,7 +24,7 @@ pub(super) async fn renew_leases(db: Arc<Database>, token: String, lease_secs: u
     let every = Duration::from_secs(lease_secs.max(3) / 3);
     loop {
         tokio::time::sleep(every).await;
-        let until = unix_now() + lease_secs as i64;
+        let until = unix_now() + crate::model::saturating_i64(lease_secs);
         match db.renew_leases(&token, until).await {
             Ok(n) => tracing::debug!(renewed = n, "leases renewed"),
             Err(e) => tracing::warn!(error = %e, "could not renew leases; trying again"),
@@ -67,7 +67,10 @@ impl Pace {
             return self.max;
         }
         let rate = done as f64 / elapsed;
-        ((rate * self.lease_secs as f64 / 2.0) as usize).clamp(self.min, self.max)
+        // Non-negative; clamped to the page bounds right after.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let size = (rate * self.lease_secs as f64 / 2.0) as usize;
+        size.clamp(self.min, self.max)
     }
 }
 

@@ -37,7 +37,7 @@ impl FsStore {
         let base_url = match &settings.public_base_url {
             Some(base) => base.clone(),
             None => url::Url::from_directory_path(&root)
-                .map_err(|_| {
+                .map_err(|()| {
                     StoreError::Config(format!("cannot make a file URL of {}", root.display()))
                 })?
                 .to_string(),
@@ -120,7 +120,7 @@ impl ObjectStore for FsStore {
         Ok(())
     }
 
-    fn prefix(&self) -> &str {
+    fn prefix(&self) -> &'static str {
         ""
     }
 
@@ -219,7 +219,7 @@ fn list_shard(avatars: &Path, from: Option<&str>) -> std::io::Result<ObjectPage>
             .modified()
             .ok()
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs() as i64);
+            .map_or(0, |d| crate::model::saturating_i64(d.as_secs()));
         objects.push(ListedObject {
             key: format!("avatars/{shard}/{name}"),
             size: meta.len(),

@@ -17,6 +17,7 @@ pub use s3::S3Store;
 
 use crate::config::StorageSettings;
 use crate::media::ImageFormat;
+use crate::model::Cause;
 
 /// Objects never change once written: let the CDN keep them forever.
 pub const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
@@ -25,8 +26,12 @@ pub const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 pub enum StoreError {
     #[error("storage I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// The request did not complete (connection, dispatch, an unreadable reply).
     #[error("storage request failed: {0}")]
-    Request(String),
+    Request(#[source] Cause),
+    /// The server is overloaded or failing (5xx, 429): its own words.
+    #[error("storage is unavailable: {0}")]
+    Unavailable(String),
     #[error("storage rejected the request: {0}")]
     Rejected(String),
     #[error("storage timed out")]
@@ -40,7 +45,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::Io(_) | StoreError::Request(_) | StoreError::Timeout
+            StoreError::Io(_)
+                | StoreError::Request(_)
+                | StoreError::Unavailable(_)
+                | StoreError::Timeout
         )
     }
 }

@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use super::{CACHE_CONTROL, ListedObject, ObjectPage, ObjectStore, StoreError, join_url};
 use crate::config::S3Settings;
+use crate::model::Cause;
 
 pub struct S3Store {
     client: Client,
@@ -96,12 +97,15 @@ impl S3Store {
     }
 }
 
-fn map_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) -> StoreError {
+fn map_sdk_error<E>(err: SdkError<E>) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
     match &err {
         SdkError::TimeoutError(_) => StoreError::Timeout,
         SdkError::DispatchFailure(f) if f.is_timeout() => StoreError::Timeout,
         SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            StoreError::Request(format!("{err:?}"))
+            StoreError::Request(Cause::new(err))
         }
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
@@ -111,12 +115,12 @@ fn map_sdk_error<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) ->
                 service.err().message().unwrap_or("")
             );
             if status >= 500 || status == 429 {
-                StoreError::Request(message)
+                StoreError::Unavailable(message)
             } else {
                 StoreError::Rejected(message)
             }
         }
-        _ => StoreError::Request(format!("{err:?}")),
+        _ => StoreError::Request(Cause::new(err)),
     }
 }
 
@@ -188,8 +192,10 @@ impl ObjectStore for S3Store {
             .filter_map(|o| {
                 Some(ListedObject {
                     key: o.key()?.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    modified: o.last_modified().map_or(0, |t| t.secs()),
+                    size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
+                    modified: o
+                        .last_modified()
+                        .map_or(0, aws_sdk_s3::primitives::DateTime::secs),
                 })
             })
             .collect();

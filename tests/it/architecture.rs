@@ -30,7 +30,12 @@ fn src() -> PathBuf {
 fn modules() -> Vec<String> {
     let lib = std::fs::read_to_string(src().join("lib.rs")).unwrap();
     lib.lines()
-        .filter_map(|l| l.trim().strip_prefix("pub mod "))
+        .filter_map(|l| {
+            let l = l.trim();
+            ["pub mod ", "pub(crate) mod ", "mod "]
+                .iter()
+                .find_map(|p| l.strip_prefix(p))
+        })
         .map(|l| l.trim_end_matches(';').to_string())
         .collect()
 }
@@ -218,4 +223,8 @@ fn the_checker_sees_imports() {
     let graph = imports();
     assert!(graph["pipeline"].contains("check"), "{graph:?}");
     assert!(graph["cli"].len() > 5, "{graph:?}");
+    // Every module lib.rs declares, whatever its visibility.
+    for m in ["check", "fetch", "model", "cli", "app"] {
+        assert!(graph.contains_key(m), "{m} missing: {graph:?}");
+    }
 }

@@ -67,9 +67,10 @@ impl Backend {
 /// recorded in `$AVATAR_WARDEN_TEST_SKIP_LOG` (one line per test) for the
 /// summary `scripts/test` prints. Returns nothing: the caller returns early.
 pub fn skip(missing: &str, how: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        panic!("{missing} is missing: CI must run this test ({how})");
-    }
+    assert!(
+        !std::env::var("CI").is_ok_and(|v| v == "true"),
+        "{missing} is missing: CI must run this test ({how})"
+    );
     eprintln!("skipped: {missing} ({how})");
     if let Some(path) = std::env::var_os("AVATAR_WARDEN_TEST_SKIP_LOG") {
         use std::io::Write;
@@ -278,8 +279,7 @@ impl TestApp {
                 sql_string(u.nickname),
                 u.avatar_url(&self.origin)
                     .as_deref()
-                    .map(sql_string)
-                    .unwrap_or("NULL".into())
+                    .map_or("NULL".into(), sql_string)
             ));
         }
         self.sql(&stmts.iter().map(String::as_str).collect::<Vec<_>>())
@@ -347,9 +347,10 @@ impl TestApp {
     }
 
     pub async fn deps(&self) -> Deps {
-        avatar_warden::cli::build_deps(&self.settings())
+        avatar_warden::app::App::build(&self.settings())
             .await
             .unwrap()
+            .into_deps()
     }
 
     pub async fn scan(&self) -> ScanReport {
@@ -357,7 +358,10 @@ impl TestApp {
     }
 
     pub async fn scan_with(&self, deps: &Deps) -> ScanReport {
-        let opts = avatar_warden::cli::scan_options(&self.settings(), CancellationToken::new());
+        let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+            &self.settings(),
+            CancellationToken::new(),
+        );
         pipeline::scan_once(deps, &opts).await.unwrap()
     }
 

@@ -530,7 +530,7 @@ async fn a_new_url_is_never_sent_the_old_urls_validators() {
 async fn redownload_fetches_every_picture_in_full() {
     let (origin, app) = mirrored(&["/honours/r"], None).await;
     let deps = app.deps().await;
-    let mut opts = avatar_warden::cli::scan_options(
+    let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
         &app.settings(),
         tokio_util::sync::CancellationToken::new(),
     );

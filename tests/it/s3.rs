@@ -105,7 +105,7 @@ async fn spawn_in_process(prefix: String) -> S3Target {
     tokio::spawn(async move {
         loop {
             let (stream, _) = tokio::select! {
-                _ = token.cancelled() => return,
+                () = token.cancelled() => return,
                 accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
             };
             let service = service.clone();
@@ -130,7 +130,7 @@ async fn spawn_in_process(prefix: String) -> S3Target {
 fn s3_settings(app: &TestApp) -> S3Settings {
     match app.settings().storage {
         StorageSettings::S3(s) => s,
-        other => panic!("expected s3 settings, got {other:?}"),
+        other @ StorageSettings::Fs(_) => panic!("expected s3 settings, got {other:?}"),
     }
 }
 
@@ -248,9 +248,8 @@ async fn wrong_credentials_fail_at_start_with_a_clear_error(server: Server) {
     let mut app = TestApp::spawn().await;
     s3.configure(&mut app);
     app.set("STORAGE__SECRET_ACCESS_KEY", "not-the-secret");
-    let err = match app.settings().storage.open().await {
-        Ok(_) => panic!("must refuse"),
-        Err(e) => e,
+    let Err(err) = app.settings().storage.open().await else {
+        panic!("must refuse")
     };
     assert!(!err.is_retryable(), "{err}");
     assert!(err.to_string().contains("403"), "{err}");

@@ -15,22 +15,21 @@ async fn every_sample_user_gets_the_verdict_the_demo_promises(backend: Backend) 
         let state = states
             .iter()
             .find(|r| r.user_id == UserId::Text(user.id.to_string()));
-        match user.avatar {
-            None => assert!(
+        if user.avatar.is_none() {
+            assert!(
                 state.is_none(),
                 "user {} has no avatar and must be skipped",
                 user.id
-            ),
-            Some(_) => {
-                let state = state.unwrap_or_else(|| panic!("user {} was not recorded", user.id));
-                assert_eq!(
-                    state.status.as_str(),
-                    user.expect,
-                    "user {} ({})",
-                    user.id,
-                    user.nickname
-                );
-            }
+            );
+        } else {
+            let state = state.unwrap_or_else(|| panic!("user {} was not recorded", user.id));
+            assert_eq!(
+                state.status.as_str(),
+                user.expect,
+                "user {} ({})",
+                user.id,
+                user.nickname
+            );
         }
     }
     assert_eq!(report.processed, 13);
@@ -428,7 +427,10 @@ async fn concurrent_scanners_share_the_work_without_fetching_twice(backend: Back
         let mut scans = Vec::new();
         for _ in 0..workers {
             let deps = app.deps().await; // each worker: its own pool, writer and memory
-            let opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+            let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+                &app.settings(),
+                Default::default(),
+            );
             scans.push(tokio::spawn(async move {
                 pipeline::scan_once(&deps, &opts).await.unwrap()
             }));
@@ -536,7 +538,7 @@ async fn a_misspelled_column_fails_at_start_before_any_fetch() {
     ] {
         let mut app = TestApp::spawn().await;
         app.set(key, typo);
-        let err = match avatar_warden::cli::build_deps(&app.settings()).await {
+        let err = match avatar_warden::app::App::build(&app.settings()).await {
             Ok(_) => panic!("{key}={typo} must be refused"),
             Err(e) => format!("{e:#}"),
         };
@@ -693,7 +695,10 @@ async fn static_shards_split_the_work_without_overlap() {
     let deps = app.deps().await;
     let mut total = 0;
     for i in 0..3 {
-        let mut opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
+            &app.settings(),
+            Default::default(),
+        );
         opts.shard = Some(format!("{i}/3").parse().unwrap());
         let report = pipeline::scan_once(&deps, &opts).await.unwrap();
         let expected = (1..=100).filter(|id| id % 3 == i).count() as u64;
@@ -750,7 +755,10 @@ async fn backfill_controls_select_what_a_scan_takes(backend: Backend) {
     };
     let deps = app.deps().await;
     let run = |selection: Selection, limit: Option<u64>, provider: Option<&str>| {
-        let mut opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
+            &app.settings(),
+            Default::default(),
+        );
         opts.selection = selection;
         opts.limit = limit;
         opts.provider = provider.map(str::to_string);

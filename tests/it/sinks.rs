@@ -38,7 +38,8 @@ async fn app_with_sinks(backend: Backend, sinks: &str) -> Option<(TestApp, Stand
 async fn scan_and_deliver(app: &TestApp) -> ScanReport {
     let settings = app.settings();
     let deps = app.deps().await;
-    let opts = avatar_warden::cli::scan_options(&settings, CancellationToken::new());
+    let opts =
+        avatar_warden::pipeline::ScanOptions::from_settings(&settings, CancellationToken::new());
     let deliverer = avatar_warden::app::deliverer(&deps, &settings.outbox);
     avatar_warden::app::scan_with_deliveries(&deps, &opts, deliverer)
         .await
@@ -147,7 +148,11 @@ async fn openim_keep_policy_sends_only_mirrors_and_unknown_users_are_given_up() 
     let report = scan_and_deliver(&app).await;
     assert_eq!(report.deliveries.delivered, 1);
     assert_eq!(report.deliveries.dead, 1, "errCode 1004 is permanent");
-    let sent: Vec<Value> = im.requests(UPDATE).iter().map(|r| r.json()).collect();
+    let sent: Vec<Value> = im
+        .requests(UPDATE)
+        .iter()
+        .map(super::standins::Request::json)
+        .collect();
     assert_eq!(
         sent.len(),
         2,
@@ -238,7 +243,7 @@ async fn yunxin_gets_signed_form_posts_and_waits_out_its_rate_limit() {
                 .all(|ch| !ch.is_ascii_uppercase())
         );
     }
-    let forms: Vec<_> = calls.iter().map(|c| c.form()).collect();
+    let forms: Vec<_> = calls.iter().map(super::standins::Request::form).collect();
     let accids: std::collections::BTreeSet<&str> =
         forms.iter().map(|f| f["accid"].as_str()).collect();
     assert_eq!(accids.into_iter().collect::<Vec<_>>(), ["1", "3"]);
@@ -317,7 +322,7 @@ async fn webhook_events_are_signed_and_survive_an_outage_without_stalling_the_sc
     );
     let expired = got
         .iter()
-        .map(|r| r.json())
+        .map(super::standins::Request::json)
         .find(|e| e["user_id"] == "2")
         .unwrap();
     assert_eq!(expired["status"], "expired");

@@ -41,7 +41,7 @@ impl Request {
     }
 
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(String::as_str).unwrap_or("")
+        self.headers.get(name).map_or("", String::as_str)
     }
 }
 
@@ -104,7 +104,7 @@ impl StandIns {
 
     pub fn openim_knows(&self, users: &[&str]) {
         let mut known = self.inner.openim_users.lock().unwrap();
-        known.extend(users.iter().map(|u| u.to_string()));
+        known.extend(users.iter().map(std::string::ToString::to_string));
     }
 }
 
@@ -243,7 +243,7 @@ async fn yunxin_update(
         return yunxin_reply(414, "content-type");
     }
     let form: HashMap<String, String> = url::form_urlencoded::parse(&body).into_owned().collect();
-    if form.get("accid").is_none_or(|a| a.is_empty()) {
+    if form.get("accid").is_none_or(std::string::String::is_empty) {
         return yunxin_reply(414, "accid is empty");
     }
     if form.get("icon").is_some_and(|i| i.len() > 1024) {

@@ -96,7 +96,10 @@ async fn a_failed_durability_barrier_never_leaves_mirrored_rows_without_objects(
     });
     // One writer for both scans, as `run` keeps it.
     deps.images = ImageWriter::new(store);
-    let opts = avatar_warden::cli::scan_options(&app.settings(), CancellationToken::new());
+    let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+        &app.settings(),
+        CancellationToken::new(),
+    );
 
     let failed = avatar_warden::pipeline::scan_once(&deps, &opts).await;
     assert!(failed.is_err(), "the scan fails with its store: {failed:?}");
@@ -207,7 +210,10 @@ async fn slow_replicas_never_fetch_twice_with_a_short_lease(backend: Backend) {
     let mut scans = Vec::new();
     for _ in 0..3 {
         let deps = app.deps().await;
-        let opts = avatar_warden::cli::scan_options(&app.settings(), Default::default());
+        let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+            &app.settings(),
+            Default::default(),
+        );
         scans.push(tokio::spawn(async move {
             avatar_warden::pipeline::scan_once(&deps, &opts)
                 .await
@@ -386,7 +392,10 @@ async fn a_failed_scan_is_recorded_with_its_error(backend: Backend) {
     // The write-back column disappears under the running worker.
     app.sql(&["ALTER TABLE users DROP COLUMN avatar_mirror_url"])
         .await;
-    let opts = avatar_warden::cli::scan_options(&app.settings(), CancellationToken::new());
+    let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+        &app.settings(),
+        CancellationToken::new(),
+    );
     let failed = avatar_warden::pipeline::scan_once(&deps, &opts).await;
     assert!(failed.is_err(), "{failed:?}");
     let out = run(&app, &["status", "--json"]);

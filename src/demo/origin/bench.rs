@@ -83,7 +83,7 @@ pub(super) async fn serve_bench_answer(
             if matches_etag(if_none_match, &etag) {
                 return not_modified(&etag);
             }
-            let base = &pool[(id % pool.len() as u64) as usize];
+            let base = &pool[usize::try_from(id % pool.len() as u64).unwrap_or(0)];
             respond_image(None, &etag, "image/jpeg", unique_jpeg(base, id))
         }
         "same" => respond_image(if_none_match, "\"same\"", "image/jpeg", pool[0].clone()),

@@ -7,12 +7,15 @@ use std::sync::Arc;
 
 use crate::check::{Checker, CheckerError};
 use crate::config::{ConfigError, OutboxSettings, Settings};
+use crate::db::Database;
 use crate::db::DbError;
 use crate::metrics::Metrics;
-use crate::model::ScanReport;
-use crate::pipeline::{Deps, Policy, ScanError, ScanOptions, scan_once};
+use crate::pipeline::{Deps, Policy, scan_once};
 use crate::sinks::{Deliverer, Sinks};
-use crate::storage::{ImageWriter, StoreError};
+use crate::storage::{ImageWriter, ObjectStore, StoreError};
+
+pub use crate::model::{ScanReport, unix_now};
+pub use crate::pipeline::{ScanError, ScanOptions};
 
 /// Why the worker could not be wired.
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +43,9 @@ impl BuildError {
     }
 }
 
-/// The worker, wired: what every command that scans runs on.
+/// The worker, wired: what every command that scans runs on, and the API
+/// the integration tests drive it through.
+#[derive(Clone)]
 pub struct App {
     deps: Deps,
 }
@@ -72,22 +77,54 @@ impl App {
         })
     }
 
-    pub fn deps(&self) -> &Deps {
-        &self.deps
+    pub(crate) fn into_deps(self) -> Deps {
+        self.deps
     }
 
-    pub fn into_deps(self) -> Deps {
-        self.deps
+    /// The profile database it scans.
+    pub fn database(&self) -> &Database {
+        &self.deps.db
+    }
+
+    /// The same worker storing into `store` (a test's stand-in for a failing disk).
+    #[must_use]
+    pub fn with_store(mut self, store: Arc<dyn ObjectStore>) -> Self {
+        self.deps.images = ImageWriter::new(store).observed(self.deps.metrics.storage_observer());
+        self
+    }
+
+    /// Its metrics in the OpenMetrics text format (what `/metrics` serves).
+    pub fn metrics_text(&self) -> String {
+        self.deps.metrics.encode()
+    }
+
+    /// Its metrics in the Prometheus text format 0.0.4 (textfile collector, Pushgateway).
+    pub fn metrics_prometheus_text(&self) -> String {
+        self.deps.metrics.encode_prometheus()
     }
 
     /// One scan with `opts`.
     pub async fn scan(&self, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
         scan_once(&self.deps, opts).await
     }
+
+    /// The delivery loop for its sinks; `None` when none is configured.
+    pub fn deliverer(&self, settings: &OutboxSettings) -> Option<Deliverer> {
+        deliverer(&self.deps, settings)
+    }
+
+    /// One scan with deliveries alongside (see `scan_with_deliveries`).
+    pub async fn scan_with_deliveries(
+        &self,
+        opts: &ScanOptions,
+        deliverer: Option<Deliverer>,
+    ) -> Result<ScanReport, ScanError> {
+        scan_with_deliveries(&self.deps, opts, deliverer).await
+    }
 }
 
 /// The delivery loop for `deps`' sinks; `None` when none is configured.
-pub fn deliverer(deps: &Deps, settings: &OutboxSettings) -> Option<Deliverer> {
+pub(crate) fn deliverer(deps: &Deps, settings: &OutboxSettings) -> Option<Deliverer> {
     Deliverer::new(
         deps.db.clone(),
         deps.sinks.clone(),
@@ -98,7 +135,7 @@ pub fn deliverer(deps: &Deps, settings: &OutboxSettings) -> Option<Deliverer> {
 
 /// One scan with deliveries alongside, drained afterwards unless the scan
 /// failed or was stopped; the report carries what was delivered.
-pub async fn scan_with_deliveries(
+pub(crate) async fn scan_with_deliveries(
     deps: &Deps,
     opts: &ScanOptions,
     deliverer: Option<Deliverer>,

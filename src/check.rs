@@ -38,7 +38,7 @@ const RELEVANT_HEADERS: &[&str] = &[
 
 /// What one look at a URL found, before anything is stored.
 #[derive(Debug, Clone)]
-pub struct Examination {
+pub(crate) struct Examination {
     pub verdict: Verdict,
     /// The rule that decided, in words (`check` prints it).
     pub decided_by: String,
@@ -85,7 +85,7 @@ enum Retry {
 /// What a re-verification compares with: the mirrored picture and what its
 /// source said about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Known {
+pub(crate) struct Known {
     pub sha256: String,
     pub validators: Validators,
 }
@@ -179,7 +179,7 @@ impl Examination {
 
 /// Everything needed to check a URL, built once per process.
 #[derive(Clone)]
-pub struct Checker {
+pub(crate) struct Checker {
     fetcher: Fetcher,
     fetch_settings: FetchSettings,
     media: MediaSettings,
@@ -196,7 +196,7 @@ pub enum CheckerError {
 }
 
 impl Checker {
-    pub fn new(settings: &Settings) -> Result<Self, CheckerError> {
+    pub(crate) fn new(settings: &Settings) -> Result<Self, CheckerError> {
         let providers =
             Providers::load(settings.providers.file.as_deref().map(std::path::Path::new))?;
         Ok(Checker {
@@ -209,22 +209,27 @@ impl Checker {
     }
 
     /// Politeness state for one scan (a 429 slows a host for that scan only).
-    pub fn host_limiter(&self) -> HostLimiter {
+    pub(crate) fn host_limiter(&self) -> HostLimiter {
         HostLimiter::new(&self.fetch_settings)
     }
 
     /// The provider rule name a URL falls under, if any.
-    pub fn provider_of(&self, raw_url: &str) -> Option<String> {
+    pub(crate) fn provider_of(&self, raw_url: &str) -> Option<String> {
         let url = Url::parse(raw_url.trim()).ok()?;
         self.providers.find(&url).map(|r| r.name.clone())
     }
 
-    pub fn providers(&self) -> &Providers {
+    pub(crate) fn providers(&self) -> &Providers {
         &self.providers
     }
 
     /// Fetch, classify and validate one URL, applying the provider's rules.
-    pub async fn examine(&self, raw_url: &str, now: i64, hosts: &HostLimiter) -> Examination {
+    pub(crate) async fn examine(
+        &self,
+        raw_url: &str,
+        now: i64,
+        hosts: &HostLimiter,
+    ) -> Examination {
         self.reexamine(raw_url, now, hosts, None).await
     }
 

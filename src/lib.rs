@@ -18,7 +18,7 @@ pub mod gc;
 pub mod media;
 pub(crate) mod metrics;
 pub(crate) mod model;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub(crate) mod progress;
 pub mod providers;
 pub(crate) mod push;

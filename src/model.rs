@@ -193,10 +193,10 @@ impl AvatarRecord {
 }
 
 /// How many throttled hosts a report lists.
-pub const REPORT_HOSTS_LIMIT: usize = 20;
+pub(crate) const REPORT_HOSTS_LIMIT: usize = 20;
 
 /// How many flagged users a report lists by name.
-pub const REPORT_FLAGGED_LIMIT: usize = 1000;
+pub(crate) const REPORT_FLAGGED_LIMIT: usize = 1000;
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ScanReport {

@@ -12,7 +12,7 @@ impl Checker {
     /// As `examine`; with `known` (the URL's mirrored picture) it re-verifies:
     /// headers only where the source allows it, a download only when the
     /// picture may have changed.
-    pub async fn reexamine(
+    pub(crate) async fn reexamine(
         &self,
         raw_url: &str,
         now: i64,

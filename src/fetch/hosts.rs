@@ -34,7 +34,7 @@ const LATENCY_FLOOR: Duration = Duration::from_millis(25);
 
 /// What one request told us about its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Signal {
+pub(crate) enum Signal {
     /// An answer (any status but 429/503), and how long it took.
     Answered(Duration),
     /// 429 or 503 (with the `Retry-After` it asked for), or a timeout.
@@ -43,7 +43,7 @@ pub enum Signal {
     Nothing,
 }
 
-pub struct HostLimiter {
+pub(crate) struct HostLimiter {
     max: f64,
     min_interval: Duration,
     hosts: Mutex<HashMap<String, Arc<HostGate>>>,
@@ -107,7 +107,7 @@ impl GateState {
 }
 
 /// Held while a request to the host is in flight; `done` says how it went.
-pub struct HostPermit {
+pub(crate) struct HostPermit {
     gate: Arc<HostGate>,
     /// When the request was let through.
     sent: Instant,
@@ -118,7 +118,7 @@ pub struct HostPermit {
 
 impl HostPermit {
     /// Releases the slot and adapts the host's limit to what it answered.
-    pub fn done(mut self, signal: Signal) {
+    pub(crate) fn done(mut self, signal: Signal) {
         let now = Instant::now();
         {
             let mut st = self.gate.state.lock().expect("host gate lock");
@@ -172,7 +172,7 @@ impl Drop for HostPermit {
 }
 
 impl HostLimiter {
-    pub fn new(settings: &FetchSettings) -> Self {
+    pub(crate) fn new(settings: &FetchSettings) -> Self {
         HostLimiter {
             max: settings.per_host_concurrency.max(1) as f64,
             min_interval: Duration::from_millis(settings.per_host_min_interval_ms),
@@ -208,7 +208,7 @@ impl HostLimiter {
 
     /// Waits for a slot under the host's current limit and for its pace;
     /// hold the permit during the request and hand it back with `done`.
-    pub async fn acquire(&self, host: &str) -> HostPermit {
+    pub(crate) async fn acquire(&self, host: &str) -> HostPermit {
         let gate = self.gate(host);
         loop {
             let freed = gate.freed.notified();
@@ -241,13 +241,15 @@ impl HostLimiter {
         }
     }
 
-    /// The host's current concurrency limit.
-    pub fn limit(&self, host: &str) -> f64 {
+    /// The host's current concurrency limit (the tests read the state).
+    #[cfg(test)]
+    pub(crate) fn limit(&self, host: &str) -> f64 {
         self.gate(host).state.lock().expect("host gate lock").limit
     }
 
     /// The host's current spacing between request starts.
-    pub fn interval(&self, host: &str) -> Duration {
+    #[cfg(test)]
+    pub(crate) fn interval(&self, host: &str) -> Duration {
         self.gate(host)
             .state
             .lock()
@@ -256,7 +258,7 @@ impl HostLimiter {
     }
 
     /// Hosts that pushed back during the scan, the most throttled first.
-    pub fn throttled(&self) -> Vec<HostState> {
+    pub(crate) fn throttled(&self) -> Vec<HostState> {
         let hosts = self.hosts.lock().expect("host limiter lock");
         let mut out: Vec<HostState> = hosts
             .iter()
@@ -275,19 +277,19 @@ impl HostLimiter {
         out
     }
 
-    pub fn rejects_head(&self, host: &str) -> bool {
+    pub(crate) fn rejects_head(&self, host: &str) -> bool {
         self.gate(host).rejects_head.load(Ordering::Relaxed)
     }
 
-    pub fn mark_rejects_head(&self, host: &str) {
+    pub(crate) fn mark_rejects_head(&self, host: &str) {
         self.gate(host).rejects_head.store(true, Ordering::Relaxed);
     }
 
-    pub fn ignores_validators(&self, host: &str) -> bool {
+    pub(crate) fn ignores_validators(&self, host: &str) -> bool {
         self.gate(host).ignores_validators.load(Ordering::Relaxed)
     }
 
-    pub fn mark_ignores_validators(&self, host: &str) {
+    pub(crate) fn mark_ignores_validators(&self, host: &str) {
         self.gate(host)
             .ignores_validators
             .store(true, Ordering::Relaxed);

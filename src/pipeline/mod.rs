@@ -17,7 +17,7 @@ use crate::db::{
 };
 use crate::metrics::Metrics;
 use crate::model::saturating_i64;
-pub use crate::model::{
+pub(crate) use crate::model::{
     FlaggedUser, MirrorKind, REPORT_FLAGGED_LIMIT, REPORT_HOSTS_LIMIT, ScanReport, unix_now,
 };
 use crate::storage::{ImageWriter, StoredObject};
@@ -28,12 +28,12 @@ mod writer;
 
 use stages::{Checked, examine_avatar, finish_avatar};
 
-pub use policy::{Found, Mirror, backoff_secs, build_record};
+pub(crate) use policy::{Found, build_record};
 use writer::{Pace, WriteOptions, renew_leases, write_results};
 
 /// Everything a scan needs, built once by the binary (or a test).
 #[derive(Clone)]
-pub struct Deps {
+pub(crate) struct Deps {
     pub db: Arc<Database>,
     pub checker: Checker,
     pub images: ImageWriter,
@@ -44,7 +44,7 @@ pub struct Deps {
 
 /// The rules that turn a verdict into what is recorded.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     pub recheck: RecheckSettings,
     pub expiry: ExpirySettings,
     pub when_mirror_exists: WhenMirrorExists,
@@ -52,7 +52,7 @@ pub struct Policy {
 }
 
 impl Policy {
-    pub fn from_settings(s: &Settings) -> Self {
+    pub(crate) fn from_settings(s: &Settings) -> Self {
         Policy {
             recheck: s.recheck.clone(),
             expiry: s.expiry.clone(),
@@ -184,7 +184,7 @@ impl ScanError {
 /// Scans everything due once: the unit the scheduler repeats and tests call.
 /// Avatars are claimed page by page under a lease, so several workers can
 /// scan one table at once without checking anything twice.
-pub async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
+pub(crate) async fn scan_once(deps: &Deps, opts: &ScanOptions) -> Result<ScanReport, ScanError> {
     let token = new_lease_token();
     let span = tracing::info_span!("scan", lease = &token[..8]);
     scan_traced(deps, opts, &token).instrument(span).await
@@ -277,7 +277,7 @@ async fn update_backlog(deps: &Deps) {
 }
 
 /// This worker's name in `avatar_warden_runs`: the host (the pod, in Kubernetes).
-pub fn worker_name() -> String {
+pub(crate) fn worker_name() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())

@@ -13,14 +13,14 @@ use crate::storage::StoredObject;
 use super::Policy;
 
 /// A newly stored picture: what it is, its sha256, where it went.
-pub type Mirror = (ImageInfo, String, StoredObject);
+pub(crate) type Mirror = (ImageInfo, String, StoredObject);
 
 /// Re-check a URL whose signature expires this long before it does.
 const EXPIRY_MARGIN_SECS: i64 = 60;
 
 /// What one check found, as the policy needs it.
 #[derive(Debug, Clone)]
-pub struct Found<'a> {
+pub(crate) struct Found<'a> {
     pub verdict: Verdict,
     /// When a signed URL's signature runs out.
     pub expires_at: Option<i64>,
@@ -34,9 +34,10 @@ pub struct Found<'a> {
     pub now: i64,
 }
 
+#[cfg(test)]
 impl<'a> Found<'a> {
-    /// A verdict without a new picture or validators.
-    pub fn verdict(verdict: Verdict, validators: &'a Validators, now: i64) -> Self {
+    /// A verdict without a new picture or validators (for the tests).
+    pub(crate) fn verdict(verdict: Verdict, validators: &'a Validators, now: i64) -> Self {
         Found {
             verdict,
             expires_at: None,
@@ -50,7 +51,7 @@ impl<'a> Found<'a> {
 
 /// Turns what a check found into the row to record: what carries over from
 /// the last check, when to look again, and whether the user must re-authorize.
-pub fn build_record(
+pub(crate) fn build_record(
     due: &DueAvatar,
     mut found: Found<'_>,
     policy: &Policy,
@@ -224,7 +225,7 @@ fn before_expiry(next: i64, expires_at: Option<i64>, now: i64) -> i64 {
 }
 
 /// `initial * 2^(attempts-1)`, capped.
-pub fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
+pub(crate) fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
     let exp = u32::try_from(attempts.clamp(1, 41) - 1).unwrap_or(0);
     crate::model::exponential_backoff(recheck.failing_initial_secs, recheck.failing_max_secs, exp)
 }

@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 use std::sync::Once;
 
+use avatar_warden::app::{App, ScanReport};
 use avatar_warden::config::Settings;
 use avatar_warden::db::{AvatarRecord, UserId};
 use avatar_warden::demo::{Origin, OriginOptions, SAMPLE_USERS};
-use avatar_warden::pipeline::{self, Deps, ScanReport};
 use sqlx::any::AnyPoolOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -346,23 +346,23 @@ impl TestApp {
         Settings::from_layers(self.config_file.as_deref(), self.env.clone()).unwrap()
     }
 
-    pub async fn deps(&self) -> Deps {
+    /// The worker wired from this app's settings, as the commands wire it.
+    pub async fn deps(&self) -> App {
         avatar_warden::app::App::build(&self.settings())
             .await
             .unwrap()
-            .into_deps()
     }
 
     pub async fn scan(&self) -> ScanReport {
         self.scan_with(&self.deps().await).await
     }
 
-    pub async fn scan_with(&self, deps: &Deps) -> ScanReport {
-        let opts = avatar_warden::pipeline::ScanOptions::from_settings(
+    pub async fn scan_with(&self, deps: &App) -> ScanReport {
+        let opts = avatar_warden::app::ScanOptions::from_settings(
             &self.settings(),
             CancellationToken::new(),
         );
-        pipeline::scan_once(deps, &opts).await.unwrap()
+        deps.scan(&opts).await.unwrap()
     }
 
     async fn pool(&self) -> sqlx::AnyPool {

@@ -122,7 +122,7 @@ async fn a_row_the_database_refuses_becomes_record_error_and_the_batch_lands(bac
     ])
     .await;
     let deps = app.deps().await;
-    deps.db.migrate().await.unwrap();
+    deps.database().migrate().await.unwrap();
     let refuse = match backend {
         Backend::Sqlite => vec![
             "CREATE TRIGGER no_hostile_detail BEFORE INSERT ON avatar_warden_avatars \

@@ -12,7 +12,7 @@ async fn scan_one_host(
     limit: u64,
     users: i64,
 ) -> (
-    avatar_warden::pipeline::ScanReport,
+    avatar_warden::app::ScanReport,
     Duration,
     avatar_warden::demo::LimitedStats,
 ) {

@@ -302,7 +302,7 @@ async fn validators_are_stored_and_a_conditional_get_costs_no_body(backend: Back
     );
     assert_eq!(second.bytes_downloaded, 0);
     assert_eq!(second.objects_uploaded + second.objects_deduplicated, 0);
-    let now = avatar_warden::pipeline::unix_now();
+    let now = avatar_warden::app::unix_now();
     for (old, new) in before.iter().zip(app.states().await) {
         assert_eq!(
             (new.status, new.reason.as_str()),
@@ -412,7 +412,7 @@ async fn an_origin_that_ignores_validators_is_sent_plain_gets_for_the_rest_of_th
     assert_eq!(report.bytes_downloaded, bytes(&seen));
     assert!(report.bytes_downloaded > 0);
     assert_eq!(report.objects_uploaded, 0);
-    let text = deps.metrics.encode();
+    let text = deps.metrics_text();
     for line in [
         "avatar_warden_mirror_checks_total{outcome=\"unchanged\",method=\"conditional\"} 1\n",
         "avatar_warden_mirror_checks_total{outcome=\"unchanged\",method=\"get\"} 2\n",
@@ -530,15 +530,13 @@ async fn a_new_url_is_never_sent_the_old_urls_validators() {
 async fn redownload_fetches_every_picture_in_full() {
     let (origin, app) = mirrored(&["/honours/r"], None).await;
     let deps = app.deps().await;
-    let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
+    let mut opts = avatar_warden::app::ScanOptions::from_settings(
         &app.settings(),
         tokio_util::sync::CancellationToken::new(),
     );
     opts.redownload = true;
     opts.selection.force = true;
-    let report = avatar_warden::pipeline::scan_once(&deps, &opts)
-        .await
-        .unwrap();
+    let report = deps.scan(&opts).await.unwrap();
     let seen = origin.take_seen();
     assert_eq!(methods(&seen), vec!["GET /honours/r 200"]);
     assert!(seen[0].if_none_match.is_none());
@@ -711,7 +709,7 @@ async fn an_object_gc_deletes_while_a_scan_starts_using_it_is_stored_again() {
         dry_run: false,
     };
     let report =
-        avatar_warden::gc::collect_garbage(&db, &store, &opts, avatar_warden::pipeline::unix_now())
+        avatar_warden::gc::collect_garbage(&db, &store, &opts, avatar_warden::app::unix_now())
             .await
             .unwrap();
     assert_eq!((report.deleted, report.healed), (1, 1));

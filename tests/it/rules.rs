@@ -101,7 +101,7 @@ async fn with_default_settings_one_signal_expires_and_policy_can_keep_mirrored_u
         (0, 0),
         "{report:?}"
     );
-    let metrics = deps.metrics.encode_prometheus();
+    let metrics = deps.metrics_prometheus_text();
     assert!(
         metrics.contains("avatar_warden_reauth_flagged_total 0"),
         "{metrics}"

@@ -282,7 +282,7 @@ async fn gc_deletes_unreferenced_objects_and_nothing_else(server: Server) {
         .unwrap();
     let db = app.settings().profile.connect().await.unwrap();
     // Everything counts as old: the grace period is over for all of them.
-    let later = avatar_warden::pipeline::unix_now() + 60;
+    let later = avatar_warden::app::unix_now() + 60;
     let mut opts = avatar_warden::gc::GcOptions {
         grace: std::time::Duration::ZERO,
         dry_run: true,

@@ -1,7 +1,6 @@
 use avatar_warden::classify::Status;
 use avatar_warden::db::{AvatarRecord, Claim, UserId};
 use avatar_warden::demo::SAMPLE_USERS;
-use avatar_warden::pipeline;
 
 use crate::helpers::{Backend, TestApp, sha256_hex, sql_string};
 
@@ -165,18 +164,18 @@ async fn status_counts_the_backlog_and_remembers_the_last_run(backend: Backend) 
         return;
     };
     let deps = app.deps().await;
-    let now = avatar_warden::pipeline::unix_now();
-    let before = deps.db.status(now).await.unwrap();
+    let now = avatar_warden::app::unix_now();
+    let before = deps.database().status(now).await.unwrap();
     assert_eq!((before.due_backlog, before.last_run), (13, None));
     app.scan_with(&deps).await;
-    let after = deps.db.status(now).await.unwrap();
+    let after = deps.database().status(now).await.unwrap();
     assert_eq!(after.due_backlog, 0, "{after:?}");
     assert_eq!(after.counts.get("mirrored"), Some(&6));
     let run = after.last_run.unwrap();
     assert_eq!((run.result.as_str(), run.processed), ("completed", 13));
     app.sql(&["UPDATE avatar_warden_avatars SET next_check_at = 1000 WHERE status = 'mirrored'"])
         .await;
-    let due = deps.db.status(now).await.unwrap();
+    let due = deps.database().status(now).await.unwrap();
     assert_eq!((due.due_backlog, due.oldest_due_at), (6, Some(1000)));
 }
 
@@ -348,7 +347,7 @@ async fn a_result_whose_lease_was_taken_over_is_discarded(backend: Backend) {
     };
     let db = app.settings().profile.connect().await.unwrap();
     db.migrate().await.unwrap();
-    let now = pipeline::unix_now();
+    let now = avatar_warden::app::unix_now();
     let selection = avatar_warden::db::Selection::default();
     let claim = |token: &'static str| Claim {
         after: None,
@@ -427,13 +426,9 @@ async fn concurrent_scanners_share_the_work_without_fetching_twice(backend: Back
         let mut scans = Vec::new();
         for _ in 0..workers {
             let deps = app.deps().await; // each worker: its own pool, writer and memory
-            let opts = avatar_warden::pipeline::ScanOptions::from_settings(
-                &app.settings(),
-                Default::default(),
-            );
-            scans.push(tokio::spawn(async move {
-                pipeline::scan_once(&deps, &opts).await.unwrap()
-            }));
+            let opts =
+                avatar_warden::app::ScanOptions::from_settings(&app.settings(), Default::default());
+            scans.push(tokio::spawn(async move { deps.scan(&opts).await.unwrap() }));
         }
         let mut processed = 0;
         for s in scans {
@@ -695,12 +690,10 @@ async fn static_shards_split_the_work_without_overlap() {
     let deps = app.deps().await;
     let mut total = 0;
     for i in 0..3 {
-        let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
-            &app.settings(),
-            Default::default(),
-        );
+        let mut opts =
+            avatar_warden::app::ScanOptions::from_settings(&app.settings(), Default::default());
         opts.shard = Some(format!("{i}/3").parse().unwrap());
-        let report = pipeline::scan_once(&deps, &opts).await.unwrap();
+        let report = deps.scan(&opts).await.unwrap();
         let expected = (1..=100).filter(|id| id % 3 == i).count() as u64;
         assert_eq!(report.processed, expected, "shard {i}/3");
         total += report.processed;
@@ -755,15 +748,13 @@ async fn backfill_controls_select_what_a_scan_takes(backend: Backend) {
     };
     let deps = app.deps().await;
     let run = |selection: Selection, limit: Option<u64>, provider: Option<&str>| {
-        let mut opts = avatar_warden::pipeline::ScanOptions::from_settings(
-            &app.settings(),
-            Default::default(),
-        );
+        let mut opts =
+            avatar_warden::app::ScanOptions::from_settings(&app.settings(), Default::default());
         opts.selection = selection;
         opts.limit = limit;
         opts.provider = provider.map(str::to_string);
         let deps = deps.clone();
-        async move { pipeline::scan_once(&deps, &opts).await.unwrap() }
+        async move { deps.scan(&opts).await.unwrap() }
     };
 
     // --dry-run: checks, but writes nothing and stores nothing.

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use avatar_warden::pipeline::ScanReport;
+use avatar_warden::app::ScanReport;
 use avatar_warden::sinks::{Deliverer, checksum, signature};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -38,17 +38,14 @@ async fn app_with_sinks(backend: Backend, sinks: &str) -> Option<(TestApp, Stand
 async fn scan_and_deliver(app: &TestApp) -> ScanReport {
     let settings = app.settings();
     let deps = app.deps().await;
-    let opts =
-        avatar_warden::pipeline::ScanOptions::from_settings(&settings, CancellationToken::new());
-    let deliverer = avatar_warden::app::deliverer(&deps, &settings.outbox);
-    avatar_warden::app::scan_with_deliveries(&deps, &opts, deliverer)
-        .await
-        .unwrap()
+    let opts = avatar_warden::app::ScanOptions::from_settings(&settings, CancellationToken::new());
+    let deliverer = deps.deliverer(&settings.outbox);
+    deps.scan_with_deliveries(&opts, deliverer).await.unwrap()
 }
 
 async fn deliverer(app: &TestApp) -> Deliverer {
     let settings = app.settings();
-    avatar_warden::app::deliverer(&app.deps().await, &settings.outbox).unwrap()
+    app.deps().await.deliverer(&settings.outbox).unwrap()
 }
 
 async fn outbox(app: &TestApp) -> Vec<avatar_warden::db::OutboxBacklog> {

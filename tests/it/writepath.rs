@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 use avatar_warden::classify::Status;
 use avatar_warden::config::StorageSettings;
-use avatar_warden::storage::{FsStore, ImageWriter, ObjectPage, ObjectStore, StoreError};
+use avatar_warden::storage::{FsStore, ObjectPage, ObjectStore, StoreError};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -86,7 +86,7 @@ async fn a_failed_durability_barrier_never_leaves_mirrored_rows_without_objects(
         (3, app.origin.url("/avatar/jpeg/c")),
     ])
     .await;
-    let mut deps = app.deps().await;
+    let deps = app.deps().await;
     let StorageSettings::Fs(fs) = &app.settings().storage else {
         panic!("fs store")
     };
@@ -95,13 +95,11 @@ async fn a_failed_durability_barrier_never_leaves_mirrored_rows_without_objects(
         fail_next: AtomicBool::new(true),
     });
     // One writer for both scans, as `run` keeps it.
-    deps.images = ImageWriter::new(store);
-    let opts = avatar_warden::pipeline::ScanOptions::from_settings(
-        &app.settings(),
-        CancellationToken::new(),
-    );
+    let deps = deps.with_store(store);
+    let opts =
+        avatar_warden::app::ScanOptions::from_settings(&app.settings(), CancellationToken::new());
 
-    let failed = avatar_warden::pipeline::scan_once(&deps, &opts).await;
+    let failed = deps.scan(&opts).await;
     assert!(failed.is_err(), "the scan fails with its store: {failed:?}");
     assert_eq!(
         files_under(&app.mirror_root().join(".tmp")),
@@ -109,9 +107,7 @@ async fn a_failed_durability_barrier_never_leaves_mirrored_rows_without_objects(
         "a failed scan removes the temp files it wrote"
     );
 
-    let report = avatar_warden::pipeline::scan_once(&deps, &opts)
-        .await
-        .unwrap();
+    let report = deps.scan(&opts).await.unwrap();
     assert_eq!(report.count(Status::Mirrored), 3, "{report:?}");
     for id in ["1", "2", "3"] {
         let s = app.state(id).await;
@@ -210,15 +206,9 @@ async fn slow_replicas_never_fetch_twice_with_a_short_lease(backend: Backend) {
     let mut scans = Vec::new();
     for _ in 0..3 {
         let deps = app.deps().await;
-        let opts = avatar_warden::pipeline::ScanOptions::from_settings(
-            &app.settings(),
-            Default::default(),
-        );
-        scans.push(tokio::spawn(async move {
-            avatar_warden::pipeline::scan_once(&deps, &opts)
-                .await
-                .unwrap()
-        }));
+        let opts =
+            avatar_warden::app::ScanOptions::from_settings(&app.settings(), Default::default());
+        scans.push(tokio::spawn(async move { deps.scan(&opts).await.unwrap() }));
     }
     let (mut processed, mut lost) = (0, 0);
     for s in scans {
@@ -392,11 +382,9 @@ async fn a_failed_scan_is_recorded_with_its_error(backend: Backend) {
     // The write-back column disappears under the running worker.
     app.sql(&["ALTER TABLE users DROP COLUMN avatar_mirror_url"])
         .await;
-    let opts = avatar_warden::pipeline::ScanOptions::from_settings(
-        &app.settings(),
-        CancellationToken::new(),
-    );
-    let failed = avatar_warden::pipeline::scan_once(&deps, &opts).await;
+    let opts =
+        avatar_warden::app::ScanOptions::from_settings(&app.settings(), CancellationToken::new());
+    let failed = deps.scan(&opts).await;
     assert!(failed.is_err(), "{failed:?}");
     let out = run(&app, &["status", "--json"]);
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

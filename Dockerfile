@@ -18,6 +18,11 @@ COPY . .
 RUN cargo build --release --locked --bin avatar-warden
 
 FROM debian:bookworm-slim AS runtime
+ARG VERSION=0.1.0
+LABEL org.opencontainers.image.title="avatar-warden" \
+      org.opencontainers.image.description="Keeps third-party avatars alive: mirrors valid ones to S3, flags users whose avatar expired for re-authorization." \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.licenses="MIT OR Apache-2.0"
 # CA certificates for HTTPS avatar origins and S3 endpoints; nothing else.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \

@@ -63,13 +63,13 @@ pub(crate) enum Command {
         #[arg(long)]
         redownload: bool,
         /// Also write the summary to this file: JSON (.json) or Markdown (.md).
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", value_parser = report_path)]
         report: Option<PathBuf>,
         /// Write the scan's metrics for node_exporter's textfile collector (atomically).
-        #[arg(long, value_name = "PATH")]
+        #[arg(long, value_name = "PATH", value_parser = path_in_existing_dir)]
         metrics_file: Option<PathBuf>,
         /// Push the scan's metrics to this Prometheus Pushgateway when it completes.
-        #[arg(long, value_name = "URL", env = "AVATAR_WARDEN_PUSHGATEWAY")]
+        #[arg(long, value_name = "URL", env = "AVATAR_WARDEN_PUSHGATEWAY", value_parser = http_url)]
         pushgateway: Option<String>,
         /// No progress bar (or, off a terminal, no periodic progress lines).
         #[arg(long)]
@@ -165,4 +165,42 @@ pub(crate) enum ExportFormat {
 fn parse_status_arg(s: &str) -> Result<Status, String> {
     s.parse()
         .map_err(|e: crate::model::UnknownCode| e.to_string())
+}
+
+/// A file to write at the end of a scan: its directory must exist now,
+/// not be found missing after an hour of work.
+fn path_in_existing_dir(raw: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(raw);
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    if dir.is_dir() {
+        Ok(path)
+    } else {
+        Err(format!("directory {} does not exist", dir.display()))
+    }
+}
+
+/// A report path: the format comes from the extension.
+fn report_path(raw: &str) -> Result<PathBuf, String> {
+    let path = path_in_existing_dir(raw)?;
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("json" | "md" | "markdown") => Ok(path),
+        _ => Err("the report format comes from the extension: .json or .md".into()),
+    }
+}
+
+/// An http(s) URL (the Pushgateway's).
+fn http_url(raw: &str) -> Result<String, String> {
+    match url::Url::parse(raw) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base() => {
+            Ok(raw.to_owned())
+        }
+        _ => Err("not an http(s) URL".into()),
+    }
 }

@@ -29,9 +29,21 @@ pub(crate) const EXIT_ERROR: u8 = 1;
 
 pub(crate) const EXIT_SOME_FAILING: u8 = 2;
 
+/// A usage error (unknown flag, bad value): EX_USAGE of sysexits, never 2,
+/// which means "done, some avatars failing".
+pub(crate) const EXIT_USAGE: u8 = 64;
+
 /// Parses arguments, runs the command, and maps the outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--help` and `--version` print to stdout and succeed.
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -45,7 +57,13 @@ pub fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}", cause_chain(&e));
+            let said = cause_chain(&e);
+            // With JSON logs a log shipper parses every stderr line, this one too.
+            if LOG_FORMAT.get() == Some(&LogFormat::Json) {
+                tracing::error!(error = %said, "fatal");
+            } else {
+                eprintln!("error: {said}");
+            }
             ExitCode::from(EXIT_ERROR)
         }
     }
@@ -116,6 +134,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 bail!(
                     "unknown provider {name:?}; the rules know: {}",
                     known.join(", ")
+                );
+            }
+            let missing = deps.db.missing_users(&users).await?;
+            if !missing.is_empty() {
+                bail!(
+                    "no user with id {} in profile.table {:?}{}",
+                    missing.join(", "),
+                    settings.profile.table,
+                    if settings.profile.filter.is_some() {
+                        " (as narrowed by profile.filter)"
+                    } else {
+                        ""
+                    }
                 );
             }
             let shutdown = schedule::shutdown_on_signals();
@@ -335,13 +366,27 @@ async fn push_metrics(
     Ok(())
 }
 
+/// The log format once logging is set up (before that, errors are plain text).
+static LOG_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Colour only on a terminal, and never when `NO_COLOR` is set to anything
+/// but the empty string (no-color.org).
+fn use_color(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let color = use_color(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR"),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(color)
         .with_writer(std::io::stderr);
+    let _ = LOG_FORMAT.set(format);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Pretty => builder.try_init(),
@@ -368,6 +413,14 @@ fn cause_chain(e: &anyhow::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_color_turns_colour_off_unless_empty() {
+        assert!(use_color(true, None));
+        assert!(!use_color(false, None), "never off a terminal");
+        assert!(!use_color(true, Some("1".into())));
+        assert!(use_color(true, Some("".into())), "empty means unset");
+    }
 
     #[test]
     fn each_cause_is_said_once() {

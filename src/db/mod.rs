@@ -427,6 +427,15 @@ impl Database {
         self.timed(self.store.forget_objects(keys)).await
     }
 
+    /// Which of `ids` the configured profile table has no user for
+    /// (`scan --user`), compared as text.
+    pub async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, DbError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.timed(self.store.missing_users(ids)).await
+    }
+
     /// Reachability, for readiness.
     pub async fn ping(&self) -> Result<(), DbError> {
         self.timed(self.store.ping()).await

@@ -27,6 +27,7 @@ pub(super) trait RunStore: Send + Sync {
     async fn last_run(&self) -> Result<Option<RunRecord>, DbError>;
     async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError>;
     async fn forget_objects(&self, keys: &[String]) -> Result<u64, DbError>;
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, DbError>;
 }
 
 impl<D: Dialect> Store<D> {
@@ -187,5 +188,31 @@ impl<D: Dialect> RunStore for Store<D> {
                 .await?;
         }
         Ok(changed)
+    }
+
+    /// Which of `ids` the profile table (as filtered) has no row for.
+    async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, DbError> {
+        let d = &self.dialect;
+        let literals: Vec<String> = ids.iter().filter_map(|id| d.id_literal(id)).collect();
+        let mut found = std::collections::HashSet::new();
+        if !literals.is_empty() {
+            let sql = format!(
+                "SELECT {} AS id FROM {} AS p WHERE p.id IN ({})",
+                d.cast_text("p.id"),
+                self.names.source(),
+                literals.join(", ")
+            );
+            for row in self.fetch(&sql, Args::<D>::default()).await? {
+                found.insert(D::Db::required_text(&row, "id")?);
+            }
+        }
+        // An integer column finds "007" as 7.
+        let present = |id: &String| {
+            found.contains(id.as_str())
+                || id
+                    .parse::<i64>()
+                    .is_ok_and(|i| found.contains(&i.to_string()))
+        };
+        Ok(ids.iter().filter(|id| !present(id)).cloned().collect())
     }
 }

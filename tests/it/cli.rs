@@ -286,8 +286,35 @@ async fn scan_dry_run_reports_what_would_change_and_bad_filters_are_refused() {
         stderr(&out)
     );
     let out = run(&app, &["scan", "--only", "dead"]);
-    assert_eq!(out.status.code(), Some(2), "clap rejects an unknown status");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a usage error, not \"some failing\""
+    );
     assert!(stderr(&out).contains("unknown status"), "{}", stderr(&out));
+}
+
+/// Usage errors exit 64 (EX_USAGE, as sysexits and many CLIs do): 2 means
+/// "done, some avatars failing" and a cron job must not confuse the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_errors_exit_64_and_help_exits_0() {
+    let app = TestApp::empty().await;
+    for args in [
+        &["scan", "--no-such-flag"][..],
+        &["scan", "--shard", "5/4"],
+        &["scan", "--limit", "many"],
+        &["no-such-command"],
+        &[],
+    ] {
+        let out = run(&app, args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).is_empty(), "{args:?} says why");
+    }
+    for args in [&["--help"][..], &["scan", "--help"], &["--version"]] {
+        let out = run(&app, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert!(!stdout(&out).is_empty(), "{args:?} prints to stdout");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,4 +405,55 @@ async fn scan_writes_its_report_and_a_textfile_for_node_exporter() {
         "{prom}"
     );
     crate::ops::promtool_check_metrics(&prom);
+}
+
+/// With `log.format = "json"` a log shipper parses every stderr line,
+/// the fatal error included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_stay_json_down_to_the_fatal_error() {
+    let mut app = TestApp::empty().await;
+    app.set("LOG__FORMAT", "json");
+    app.set("PROFILE__URL", "postgres://warden@127.0.0.1:1/app");
+    app.set("PROFILE__CONNECT_TIMEOUT_SECS", "1");
+    let out = run(&app, &["scan"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "the error is said");
+    for line in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    let last: serde_json::Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert!(
+        last.to_string().contains("127.0.0.1:1"),
+        "names where: {last}"
+    );
+}
+
+/// Arguments that cannot work fail at start, before an hour-long scan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_output_arguments_fail_before_any_work() {
+    let app = TestApp::empty().await;
+    app.users(&[(1, app.origin.url("/avatar/jpeg/a"))]).await;
+    for (args, says) in [
+        (&["scan", "--pushgateway", "notaurl"][..], "http(s) URL"),
+        (&["scan", "--pushgateway", "ftp://gw:9091"], "http(s) URL"),
+        (
+            &["scan", "--report", "/missing/dir/r.md"],
+            "/missing/dir does not exist",
+        ),
+        (&["scan", "--report", "summary.txt"], ".json or .md"),
+        (
+            &["scan", "--metrics-file", "/missing/dir/m.prom"],
+            "/missing/dir does not exist",
+        ),
+    ] {
+        let out = run(&app, args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{args:?}: {}", stderr(&out));
+    }
+    assert_eq!(app.origin.total_hits(), 0, "nothing was fetched");
 }

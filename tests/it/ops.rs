@@ -476,3 +476,52 @@ async fn the_deployment_manifest_serves_its_probes_on_its_port() {
     assert_eq!(annotations["name"], "metrics");
     drop(child);
 }
+
+fn repo_file(name: &str) -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name)).unwrap()
+}
+
+/// Patterns of an ignore file, without comments and anchoring slashes.
+fn ignore_patterns(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| l.trim_start_matches('/').trim_end_matches('/').to_string())
+        .collect()
+}
+
+/// What git ignores (the default fs store, SQLite databases and their WAL
+/// files) never enters the image's build context either.
+#[test]
+fn the_container_build_context_leaves_out_what_git_ignores() {
+    let docker = ignore_patterns(&repo_file(".dockerignore"));
+    let missing: Vec<String> = ignore_patterns(&repo_file(".gitignore"))
+        .into_iter()
+        .filter(|p| !docker.contains(p))
+        .collect();
+    assert!(missing.is_empty(), ".dockerignore lacks {missing:?}");
+}
+
+/// The release binary ships without symbols; the profiling build keeps its
+/// line tables; the image says what it is (OCI labels).
+#[test]
+fn the_release_build_is_stripped_and_the_image_labelled() {
+    let cargo: toml::Table = repo_file("Cargo.toml").parse().unwrap();
+    let profile = |name: &str| cargo["profile"][name].as_table().unwrap().clone();
+    assert_eq!(
+        profile("release").get("strip"),
+        Some(&toml::Value::Boolean(true))
+    );
+    assert_eq!(
+        profile("profiling").get("strip"),
+        Some(&toml::Value::String("none".into())),
+        "perf and callgrind need the line tables"
+    );
+    let dockerfile = repo_file("Dockerfile");
+    for label in ["title", "description", "version", "licenses"] {
+        assert!(
+            dockerfile.contains(&format!("org.opencontainers.image.{label}=")),
+            "Dockerfile lacks the OCI label {label}"
+        );
+    }
+}

@@ -489,7 +489,43 @@ async fn concurrent_scanners_share_the_work_without_fetching_twice(backend: Back
     }
 }
 
+/// `scan --user ID` for an id the profile table does not have says so and
+/// exits 1 before fetching anything, instead of reporting "0 avatars".
+async fn a_user_id_that_does_not_exist_is_named(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    let ids: Vec<String> = ["1", "007", "999", "abc"].map(String::from).to_vec();
+    let missing = app
+        .deps()
+        .await
+        .database()
+        .missing_users(&ids)
+        .await
+        .unwrap();
+    assert_eq!(
+        missing,
+        ["999", "abc"],
+        "007 is user 7 in an integer column"
+    );
+    let out = crate::cli::run(&app, &["scan", "--user", "3", "--user", "999"]);
+    assert_eq!(out.status.code(), Some(1), "{}", crate::cli::stderr(&out));
+    assert!(
+        crate::cli::stderr(&out).contains("no user with id 999 in profile.table"),
+        "{}",
+        crate::cli::stderr(&out)
+    );
+    assert_eq!(app.origin.total_hits(), 0, "nothing fetched");
+    let out = crate::cli::run(&app, &["scan", "--user", "3"]);
+    assert!(
+        matches!(out.status.code(), Some(0 | 2)),
+        "{}",
+        crate::cli::stderr(&out)
+    );
+}
+
 crate::on_every_backend!(
+    a_user_id_that_does_not_exist_is_named,
     every_sample_user_gets_the_verdict_the_demo_promises,
     expired_wechat_avatar_flags_user_for_reauth_and_is_never_mirrored,
     valid_avatar_is_mirrored_byte_for_byte_and_written_back,

@@ -183,15 +183,33 @@ async fn openim_token_is_refreshed_when_rejected_and_before_it_expires() {
     assert_eq!(pending(&app).await, 0);
 
     // A token OpenIM rejects (TokenExpiredError) is replaced and the call repeated.
+    // First the sink must hold a long-lived token, so that no refresh before
+    // expiry interferes: every token so far is revoked and new ones live long
+    // (the cached one is either refreshed early or rejected: a new one either way).
+    im.inner.token_lifetime.store(7_776_000, Ordering::SeqCst);
+    let issued: Vec<String> = im
+        .inner
+        .tokens
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| t.0.clone())
+        .collect();
+    im.inner.revoked.lock().unwrap().extend(issued);
+    let new_picture = |id: i64, n: u32| {
+        format!(
+            "UPDATE users SET avatar_url = '{}' WHERE id = {id}",
+            app.origin.url(&format!("/bench/valid/{n}"))
+        )
+    };
+    app.sql(&[&new_picture(1, 11)]).await;
+    app.time_passes().await;
+    app.scan().await;
+    assert_eq!(d.drain(Duration::from_secs(10)).await.unwrap().delivered, 1);
+    // Now the sink's token is the last one issued, valid for 90 days: revoke it.
     let current = im.inner.tokens.lock().unwrap().last().cloned().unwrap().0;
     im.inner.revoked.lock().unwrap().insert(current.clone());
-    im.inner.token_lifetime.store(7_776_000, Ordering::SeqCst);
-    // A new picture for user 1: a new mirror to announce.
-    app.sql(&[&format!(
-        "UPDATE users SET avatar_url = '{}' WHERE id = 1",
-        app.origin.url("/bench/valid/11")
-    )])
-    .await;
+    app.sql(&[&new_picture(2, 12)]).await;
     let before = im.requests(UPDATE).len();
     app.time_passes().await;
     app.scan().await;

@@ -1,13 +1,3 @@
-// clippy::pedantic in tests (#17 triage): fixtures cast small counts, and
-// `Default::default()` fills fixture literals.
-#![allow(
-    clippy::cast_possible_truncation,
-    clippy::cast_possible_wrap,
-    clippy::cast_sign_loss,
-    clippy::default_trait_access,
-    clippy::trivially_copy_pass_by_ref
-)]
-
 use super::*;
 
 pub(crate) fn settings() -> MediaSettings {

@@ -302,14 +302,7 @@ mod tests {
     fn record(d: &DueAvatar, v: Verdict, p: &Policy) -> AvatarRecord {
         build_record(
             d,
-            Found {
-                verdict: v,
-                expires_at: None,
-                mirror: None,
-                size: 0,
-                validators: &Validators::default(),
-                now: 100,
-            },
+            Found::verdict(v, &Validators::default(), 100),
             p,
             &mut rng(),
         )
@@ -365,12 +358,9 @@ mod tests {
         let r = build_record(
             &due(Some(p)),
             Found {
-                verdict: Verdict::mirrored(),
-                expires_at: None,
                 mirror: Some(&m),
                 size: 5000,
-                validators: &Validators::default(),
-                now: 100,
+                ..Found::verdict(Verdict::mirrored(), &Validators::default(), 100)
             },
             &policy(),
             &mut rng(),
@@ -408,12 +398,9 @@ mod tests {
         let valid = build_record(
             &due(Some(after.clone())),
             Found {
-                verdict: Verdict::mirrored(),
-                expires_at: None,
                 mirror: Some(&m),
                 size: 1,
-                validators: &Validators::default(),
-                now: 100,
+                ..Found::verdict(Verdict::mirrored(), &Validators::default(), 100)
             },
             &p,
             &mut rng(),
@@ -444,14 +431,7 @@ mod tests {
         };
         let r = build_record(
             &due(Some(p.clone())),
-            Found {
-                verdict: Verdict::new(Reason::Unchanged),
-                expires_at: None,
-                mirror: None,
-                size: 0,
-                validators: &seen,
-                now: 100,
-            },
+            Found::verdict(Verdict::new(Reason::Unchanged), &seen, 100),
             &policy(),
             &mut rng(),
         );
@@ -480,12 +460,9 @@ mod tests {
             build_record(
                 &due(Some(p)),
                 Found {
-                    verdict: Verdict::mirrored(),
-                    expires_at: None,
                     mirror: Some(&m),
                     size: 5000,
-                    validators: &fresh,
-                    now: 100,
+                    ..Found::verdict(Verdict::mirrored(), &fresh, 100)
                 },
                 &policy(),
                 &mut rng(),
@@ -566,12 +543,9 @@ mod tests {
         let r = build_record(
             &due(None),
             Found {
-                verdict: v,
-                expires_at: None,
                 mirror: Some(&m),
                 size: 10,
-                validators: &Validators::default(),
-                now: 100,
+                ..Found::verdict(v, &Validators::default(), 100)
             },
             &policy(),
             &mut rng(),

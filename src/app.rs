@@ -65,6 +65,15 @@ impl App {
         let checker = Checker::new(settings)?;
         let store = settings.storage.open().await.map_err(BuildError::Store)?;
         let metrics = Metrics::new();
+        let sinks = Sinks::from_settings(settings).map_err(BuildError::Sinks)?;
+        metrics.known_sinks(sinks.names());
+        metrics.known_providers(checker.providers().names());
+        // A restarted worker reports the last completed scan, not 1970.
+        match db.last_completed_at().await {
+            Ok(Some(at)) => metrics.resume_last_success(at),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "could not read the last completed scan"),
+        }
         Ok(App {
             deps: Deps {
                 db: Arc::new(db),
@@ -72,7 +81,7 @@ impl App {
                 images: ImageWriter::new(store).observed(metrics.storage_observer()),
                 policy: Policy::from_settings(settings),
                 metrics,
-                sinks: Sinks::from_settings(settings).map_err(BuildError::Sinks)?,
+                sinks,
             },
         })
     }

@@ -14,8 +14,11 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::model::{
-    AvatarRecord, MirrorKind, OpObserver, Reverified, ScanReport, Status, StoreOp, StoredObject,
+    AvatarRecord, MirrorKind, OpObserver, Reason, Reverified, ScanReport, Status, StoreOp,
+    StoredObject,
 };
+
+mod process;
 
 pub(crate) const PREFIX: &str = "avatar_warden";
 
@@ -103,6 +106,7 @@ struct Inner {
     reauth_flagged: Counter,
     db_batch_seconds: Histogram,
     due_backlog: Gauge,
+    oldest_due_age: Gauge,
     scans: Family<ScanLabels, Counter>,
     scan_last_started: TimeGauge,
     scan_last_success: TimeGauge,
@@ -111,6 +115,7 @@ struct Inner {
     deliveries: Family<DeliveryLabels, Counter>,
     outbox_pending: Family<SinkLabels, Gauge>,
     outbox_dead: Family<SinkLabels, Gauge>,
+    outbox_oldest: Family<SinkLabels, TimeGauge>,
     mirror_checks: Family<MirrorCheckLabels, Counter>,
     host_push_backs: Family<ProviderLabels, Counter>,
     host_concurrency: Family<ProviderLabels, TimeGauge>,
@@ -143,7 +148,10 @@ fn storage_buckets() -> Histogram {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix(PREFIX);
+        // `process_*` carry no prefix: their names are the same in every client library.
+        let mut root = Registry::default();
+        root.register_collector(Box::new(process::ProcessCollector));
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let processed = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "avatars_processed",
@@ -225,6 +233,13 @@ impl Metrics {
             "Avatars due for a check (never checked, URL changed, or time come), counted at scan start and end",
             due_backlog.clone(),
         );
+        let oldest_due_age = Gauge::default();
+        registry.register_with_unit(
+            "due_oldest_age",
+            "How long the avatar that came due first has waited (0 when none is due), counted at scan start and end",
+            Unit::Seconds,
+            oldest_due_age.clone(),
+        );
         let scans = Family::<ScanLabels, Counter>::default();
         registry.register(
             "scans",
@@ -257,7 +272,7 @@ impl Metrics {
         let last_scan_avatars = Family::<StatusLabels, Gauge>::default();
         registry.register(
             "last_scan_avatars",
-            "Avatars in the last completed scan, by verdict status",
+            "Avatars in the last completed scan that checked any, by verdict status (a tick with nothing due leaves it as it was)",
             last_scan_avatars.clone(),
         );
         registry.register(
@@ -285,6 +300,13 @@ impl Metrics {
             "Deliveries given up on (permanent error or attempts exhausted), by sink",
             outbox_dead.clone(),
         );
+        let outbox_oldest = Family::<SinkLabels, TimeGauge>::default();
+        registry.register_with_unit(
+            "outbox_oldest_pending_timestamp",
+            "Unix time the oldest delivery still waiting for a sink was written (absent when none waits)",
+            Unit::Seconds,
+            outbox_oldest.clone(),
+        );
         let mirror_checks = Family::<MirrorCheckLabels, Counter>::default();
         registry.register(
             "mirror_checks",
@@ -292,9 +314,10 @@ impl Metrics {
             mirror_checks.clone(),
         );
         let downloaded_bytes = Family::<DownloadLabels, Counter>::default();
-        registry.register(
-            "downloaded_bytes",
+        registry.register_with_unit(
+            "downloaded",
             "Response body bytes downloaded from avatar sources, by what the check found",
+            Unit::Bytes,
             downloaded_bytes.clone(),
         );
         let host_push_backs = Family::<ProviderLabels, Counter>::default();
@@ -309,8 +332,9 @@ impl Metrics {
             "The lowest per-host concurrency limit a provider's hosts ended the last scan with, among hosts that pushed back",
             host_concurrency.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             inner: Arc::new(Inner {
+                outbox_oldest,
                 host_push_backs,
                 host_concurrency,
                 mirror_checks,
@@ -318,7 +342,7 @@ impl Metrics {
                 deliveries,
                 outbox_pending,
                 outbox_dead,
-                registry,
+                registry: root,
                 processed,
                 in_flight,
                 fetch_seconds,
@@ -331,6 +355,7 @@ impl Metrics {
                 reauth_flagged,
                 db_batch_seconds,
                 due_backlog,
+                oldest_due_age,
                 scans,
                 scan_last_started,
                 scan_last_success,
@@ -338,6 +363,85 @@ impl Metrics {
                 last_scan_avatars,
                 progress: AtomicU64::new(0),
             }),
+        };
+        metrics.known_labels();
+        metrics
+    }
+
+    /// Every label value known up front starts at 0, so a query by status,
+    /// reason or result finds its series before the first event (and
+    /// `increase()` sees the first one).
+    fn known_labels(&self) {
+        let m = &self.inner;
+        for result in ["completed", "interrupted", "failed"] {
+            let _ = m.scans.get_or_create(&ScanLabels { result });
+        }
+        for status in Status::ALL {
+            let _ = m.last_scan_avatars.get_or_create(&StatusLabels {
+                status: status.as_str(),
+            });
+        }
+        for reason in Reason::ALL.into_iter().filter(|r| r.is_outcome()) {
+            let _ = m.processed.get_or_create(&OutcomeLabels {
+                status: reason.status().to_string(),
+                reason: reason.to_string(),
+                provider: "other".to_string(),
+            });
+        }
+        for outcome in MirrorKind::ALL {
+            for method in ["get", "conditional", "head"] {
+                let _ = m.mirror_checks.get_or_create(&MirrorCheckLabels {
+                    outcome: outcome.as_str(),
+                    method,
+                });
+            }
+            let _ = m.downloaded_bytes.get_or_create(&DownloadLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        let _ = m
+            .downloaded_bytes
+            .get_or_create(&DownloadLabels { outcome: "other" });
+        for op in StoreOp::ALL {
+            let _ = m
+                .storage_seconds
+                .get_or_create(&OpLabels { op: op.as_str() });
+        }
+    }
+
+    /// The configured sinks, so their delivery and outbox series exist from the start.
+    pub fn known_sinks<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for sink in names {
+            for result in ["delivered", "retried", "dead"] {
+                let _ = self.inner.deliveries.get_or_create(&DeliveryLabels {
+                    sink: sink.to_string(),
+                    result,
+                });
+            }
+            let labels = SinkLabels {
+                sink: sink.to_string(),
+            };
+            let _ = self.inner.outbox_pending.get_or_create(&labels);
+            let _ = self.inner.outbox_dead.get_or_create(&labels);
+        }
+    }
+
+    /// The provider rules' names (and `other`), so per-provider series exist from the start.
+    pub fn known_providers<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        for provider in names.into_iter().chain(["other"]) {
+            let _ = self.inner.host_push_backs.get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            });
+        }
+    }
+
+    /// The last completed scan recorded in the database, for a process that
+    /// has not completed one yet: a restart does not look like a stalled worker.
+    pub fn resume_last_success(&self, finished_at: i64) {
+        let g = &self.inner.scan_last_success;
+        if g.get() == 0.0 {
+            #[allow(clippy::cast_precision_loss, reason = "unix seconds fit f64 exactly")]
+            g.set(finished_at as f64);
         }
     }
 
@@ -436,20 +540,31 @@ impl Metrics {
             .inc();
     }
 
-    /// A sink's deliveries waiting and given up on.
-    pub fn set_outbox(&self, sink: &str, pending: i64, dead: i64) {
+    /// A sink's deliveries waiting and given up on, and when the oldest waiting one was written.
+    pub fn set_outbox(&self, sink: &str, pending: i64, dead: i64, oldest_pending_at: Option<i64>) {
         let labels = SinkLabels {
             sink: sink.to_string(),
         };
-        self.inner
-            .outbox_pending
-            .get_or_create(&labels)
-            .set(pending);
-        self.inner.outbox_dead.get_or_create(&labels).set(dead);
+        let m = &self.inner;
+        m.outbox_pending.get_or_create(&labels).set(pending);
+        m.outbox_dead.get_or_create(&labels).set(dead);
+        match oldest_pending_at {
+            #[allow(clippy::cast_precision_loss, reason = "unix seconds fit f64 exactly")]
+            Some(t) if pending > 0 => {
+                m.outbox_oldest.get_or_create(&labels).set(t as f64);
+            }
+            _ => {
+                m.outbox_oldest.remove(&labels);
+            }
+        }
     }
 
     pub fn set_due_backlog(&self, due: i64) {
         self.inner.due_backlog.set(due);
+    }
+
+    pub fn set_oldest_due_age(&self, secs: i64) {
+        self.inner.oldest_due_age.set(secs.max(0));
     }
 
     pub fn scan_started(&self) {
@@ -486,6 +601,10 @@ impl Metrics {
         }
         if !report.interrupted {
             m.scan_last_success.set(unix_now_f64());
+        }
+        // Under `run` most ticks find nothing due; the ratios alerts read
+        // are those of the last scan that checked something.
+        if !report.interrupted && report.processed > 0 {
             for status in Status::ALL {
                 m.last_scan_avatars
                     .get_or_create(&StatusLabels {

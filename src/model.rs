@@ -266,6 +266,12 @@ pub enum MirrorKind {
 }
 
 impl MirrorKind {
+    pub const ALL: [MirrorKind; 3] = [
+        MirrorKind::First,
+        MirrorKind::Unchanged,
+        MirrorKind::Changed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             MirrorKind::First => "first_mirror",
@@ -358,6 +364,8 @@ pub enum StoreOp {
 }
 
 impl StoreOp {
+    pub const ALL: [StoreOp; 2] = [StoreOp::Exists, StoreOp::Put];
+
     pub fn as_str(self) -> &'static str {
         match self {
             StoreOp::Exists => "exists",

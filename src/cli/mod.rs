@@ -226,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             output,
         } => {
             let db = settings.profile.connect().await?;
+            db.require_migrated().await?;
             let count = match output {
                 Some(path) => {
                     let file = std::fs::File::create(&path)
@@ -239,9 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Status { json } => {
             let db = settings.profile.connect().await?;
-            db.migrate()
-                .await
-                .context("migrating the worker's tables")?;
+            db.require_migrated().await?;
             let now = pipeline::unix_now();
             let summary = db.status(now).await?;
             if json {
@@ -255,10 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Command::VerifyStore { repair, json } => {
-            let db = settings.profile.connect().await?;
-            db.migrate()
-                .await
-                .context("migrating the worker's tables")?;
+            let db = connect_for(&settings, repair).await?;
             let store = settings.storage.open().await?;
             let report = crate::gc::verify_store(&db, store.as_ref(), repair).await?;
             if json {
@@ -304,10 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             grace_hours,
             json,
         } => {
-            let db = settings.profile.connect().await?;
-            db.migrate()
-                .await
-                .context("migrating the worker's tables")?;
+            let db = connect_for(&settings, !dry_run).await?;
             let store = settings.storage.open().await?;
             let opts = crate::gc::GcOptions {
                 grace: std::time::Duration::from_secs(
@@ -334,6 +327,21 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             unreachable!("handled before logging starts")
         }
     }
+}
+
+/// Connects for a command that writes the worker's tables (migrating them
+/// first) or only reads them (never creating anything: it may run as a
+/// SELECT-only role, and on an empty database says to run `migrate`).
+async fn connect_for(settings: &Settings, writes: bool) -> anyhow::Result<crate::db::Database> {
+    let db = settings.profile.connect().await?;
+    if writes {
+        db.migrate()
+            .await
+            .context("migrating the worker's tables")?;
+    } else {
+        db.require_migrated().await?;
+    }
+    Ok(db)
 }
 
 /// Pushes a completed scan's metrics. An interrupted scan pushes nothing: its

@@ -36,6 +36,10 @@ pub(super) trait Dialect: Send + Sync + Sized + 'static {
     /// Statements that serialise replicas migrating together, and undo it.
     const MIGRATE_LOCK: &'static [&'static str] = &[];
     const MIGRATE_UNLOCK: &'static [&'static str] = &[];
+    /// Counts the tables of the current database or schema named by the
+    /// string literal appended to it (read-only: commands that must not
+    /// create tables ask this before reading the migrations table).
+    const COUNT_TABLES_NAMED: &'static str;
 
     fn rows_affected(done: &<Self::Db as Database>::QueryResult) -> u64;
 

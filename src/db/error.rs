@@ -54,6 +54,11 @@ pub enum DbError {
         #[source]
         source: sqlx::Error,
     },
+    /// A read-only command found the worker's tables missing or behind this binary.
+    #[error(
+        "the worker's tables lack migrations {pending:?}: run `avatar-warden migrate` (with a role that may create tables) first"
+    )]
+    NotMigrated { pending: Vec<i64> },
     /// A state row holding a code this version does not know.
     #[error("{STATE_TABLE}.{column}: {source}")]
     Data {

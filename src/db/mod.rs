@@ -220,6 +220,18 @@ impl Database {
         self.timed(self.store.migrate()).await
     }
 
+    /// For commands that only read: fails with [`DbError::NotMigrated`] when
+    /// the worker's tables are missing or older than this binary, without
+    /// creating or changing anything (they may run as a SELECT-only role).
+    pub async fn require_migrated(&self) -> Result<(), DbError> {
+        let pending = self.timed(self.store.pending_migrations()).await?;
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(DbError::NotMigrated { pending })
+        }
+    }
+
     /// Checks that the profile table, its columns and the filter exist (after `migrate`).
     pub async fn check_profile(&self) -> Result<(), DbError> {
         self.timed(self.store.check_profile()).await
@@ -393,8 +405,19 @@ impl Database {
         self.timed(self.store.count_due(now)).await
     }
 
+    /// When the last completed scan finished, if one ever did.
+    pub async fn last_completed_at(&self) -> Result<Option<i64>, DbError> {
+        self.timed(self.store.last_completed_at()).await
+    }
+
     pub async fn record_run(&self, run: &RunRecord) -> Result<(), DbError> {
         self.timed(self.store.record_run(run)).await
+    }
+
+    /// When the avatar that has waited longest since it came due came due
+    /// (avatars with a state row; never-checked ones are due from the start).
+    pub async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError> {
+        self.timed(self.store.oldest_due(now)).await
     }
 
     /// Counts, backlog, oldest due item and last run, for `status`.

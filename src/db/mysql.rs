@@ -23,6 +23,7 @@ pub(super) struct MySql {
 impl Dialect for MySql {
     type Db = sqlx::MySql;
     const MIGRATIONS: &'static [Migration] = migrate::MYSQL;
+    const COUNT_TABLES_NAMED: &'static str = "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = ";
     const MIGRATIONS_COLUMNS: &'static str =
         "version BIGINT PRIMARY KEY, name VARCHAR(128) NOT NULL, applied_at BIGINT NOT NULL";
     const MIGRATE_LOCK: &'static [&'static str] = &["SELECT GET_LOCK('avatar_warden_migrate', 60)"];

@@ -58,6 +58,7 @@ impl Dialect for Postgres {
     type Db = sqlx::Postgres;
     const PARAM: fn(usize) -> String = dollar;
     const MIGRATIONS: &'static [Migration] = migrate::POSTGRES;
+    const COUNT_TABLES_NAMED: &'static str = "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = ";
     const MIGRATIONS_COLUMNS: &'static str =
         "version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL";
     // Replicas starting together: one migrates, the others wait and find it done.

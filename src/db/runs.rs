@@ -25,6 +25,7 @@ pub(super) trait RunStore: Send + Sync {
     async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError>;
     async fn record_run(&self, run: &RunRecord) -> Result<(), DbError>;
     async fn last_run(&self) -> Result<Option<RunRecord>, DbError>;
+    async fn last_completed_at(&self) -> Result<Option<i64>, DbError>;
     async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError>;
     async fn forget_objects(&self, keys: &[String]) -> Result<u64, DbError>;
     async fn missing_users(&self, ids: &[String]) -> Result<Vec<String>, DbError>;
@@ -158,6 +159,17 @@ impl<D: Dialect> RunStore for Store<D> {
             worker: D::Db::required_text(row, "worker")?,
             error: D::Db::text(row, "error")?,
         }))
+    }
+
+    async fn last_completed_at(&self) -> Result<Option<i64>, DbError> {
+        let sql = format!(
+            "SELECT MAX(finished_at) AS finished_at FROM {RUNS_TABLE} WHERE result = 'completed'"
+        );
+        let rows = self.fetch(&sql, Args::<D>::default()).await?;
+        match rows.first() {
+            Some(row) => Ok(D::Db::int(row, "finished_at")?),
+            None => Ok(None),
+        }
     }
 
     async fn referenced_keys(&self, keys: &[String]) -> Result<Vec<String>, DbError> {

@@ -23,6 +23,8 @@ impl Dialect for Sqlite {
     const CLAIM_LOCK: &'static str = "";
     const WRITE_LOCK: &'static str = "";
     const MIGRATIONS: &'static [Migration] = migrate::SQLITE;
+    const COUNT_TABLES_NAMED: &'static str =
+        "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = ";
     const MIGRATIONS_COLUMNS: &'static str =
         "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL";
 

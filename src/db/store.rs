@@ -30,6 +30,8 @@ pub(super) trait ScanStore: Send + Sync {
     async fn ping(&self) -> Result<(), DbError>;
     async fn check_profile(&self) -> Result<(), DbError>;
     async fn migrate(&self) -> Result<Vec<i64>, DbError>;
+    /// The migrations this binary has that the database lacks, read without writing.
+    async fn pending_migrations(&self) -> Result<Vec<i64>, DbError>;
     async fn claim_page(&self, claim: &Claim<'_>) -> Result<ClaimedPage, DbError>;
     async fn record_batch(
         &self,
@@ -295,6 +297,30 @@ impl<D: Dialect> ScanStore for Store<D> {
         let applied = result?;
         tx.commit().await?;
         Ok(applied)
+    }
+
+    async fn pending_migrations(&self) -> Result<Vec<i64>, DbError> {
+        let sql = format!("{}'{MIGRATIONS_TABLE}'", D::COUNT_TABLES_NAMED);
+        let rows = self.fetch(&sql, Args::<D>::default()).await?;
+        let exists = match rows.first() {
+            Some(row) => D::Db::required_int(row, "n")? > 0,
+            None => false,
+        };
+        let applied = if exists {
+            let sql = format!("SELECT version FROM {MIGRATIONS_TABLE}");
+            self.fetch(&sql, Args::<D>::default())
+                .await?
+                .iter()
+                .map(|row| D::Db::required_int(row, "version"))
+                .collect::<Result<Vec<i64>, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(D::MIGRATIONS
+            .iter()
+            .map(|m| m.version)
+            .filter(|v| !applied.contains(v))
+            .collect())
     }
 
     async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {

@@ -76,3 +76,23 @@ fn prometheus_text_names_counter_families_by_their_samples() {
     let samples = |t: &str| t.lines().filter(|l| !l.starts_with('#')).count();
     assert_eq!(samples(&text), samples(&m.encode()));
 }
+
+#[test]
+fn the_oldest_pending_delivery_is_exported_only_while_one_waits() {
+    let m = Metrics::new();
+    let series = "avatar_warden_outbox_oldest_pending_timestamp_seconds{sink=\"im\"}";
+    m.set_outbox("im", 3, 1, Some(1_700_000_000));
+    let text = m.encode();
+    assert!(text.contains(&format!("{series} 1700000000")), "{text}");
+    assert!(
+        text.contains("avatar_warden_outbox_dead{sink=\"im\"} 1"),
+        "{text}"
+    );
+    m.set_outbox("im", 0, 1, None);
+    let text = m.encode();
+    assert!(!text.contains(series), "{text}");
+    assert!(
+        text.contains("avatar_warden_outbox_pending{sink=\"im\"} 0"),
+        "{text}"
+    );
+}

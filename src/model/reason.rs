@@ -282,6 +282,15 @@ impl Reason {
         }
     }
 
+    /// Whether a check can end with this reason: not the placeholder of an
+    /// avatar never checked, nor the HEAD-only codes (a GET follows them).
+    pub fn is_outcome(self) -> bool {
+        !matches!(
+            self,
+            Reason::NotCheckedYet | Reason::HeadRejected | Reason::HeadInconclusive
+        )
+    }
+
     /// The status every verdict with this reason has.
     pub fn status(self) -> Status {
         match self {

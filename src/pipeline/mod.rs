@@ -268,11 +268,16 @@ async fn scan_traced(
     Ok(report)
 }
 
-/// The due backlog gauge; a count that fails is logged, never fatal.
+/// The due backlog gauges; a count that fails is logged, never fatal.
 async fn update_backlog(deps: &Deps) {
-    match deps.db.count_due(unix_now()).await {
+    let now = unix_now();
+    match deps.db.count_due(now).await {
         Ok(n) => deps.metrics.set_due_backlog(n),
         Err(e) => tracing::warn!(error = %e, "could not count the due backlog"),
+    }
+    match deps.db.oldest_due(now).await {
+        Ok(at) => deps.metrics.set_oldest_due_age(at.map_or(0, |t| now - t)),
+        Err(e) => tracing::warn!(error = %e, "could not read the oldest due avatar"),
     }
 }
 

@@ -102,6 +102,8 @@ impl Deliverer {
     pub async fn run(&self, stop: CancellationToken) -> DeliveryCounts {
         let idle = Duration::from_millis(self.settings.poll_interval_ms.max(10));
         let mut total = DeliveryCounts::default();
+        // What waits from before a restart is on the gauges before the first attempt.
+        self.update_backlog().await;
         while !stop.is_cancelled() && !self.winding_down() {
             let worked = match self.pass().await {
                 Ok(c) => {
@@ -153,9 +155,10 @@ impl Deliverer {
 
     pub async fn update_backlog(&self) {
         match self.db.outbox_backlog().await {
-            Ok(rows) => rows
-                .iter()
-                .for_each(|b| self.metrics.set_outbox(&b.sink, b.pending, b.dead)),
+            Ok(rows) => rows.iter().for_each(|b| {
+                self.metrics
+                    .set_outbox(&b.sink, b.pending, b.dead, b.oldest_pending_at);
+            }),
             Err(e) => tracing::debug!(error = %e, "outbox backlog not updated"),
         }
     }

@@ -21,15 +21,74 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("configuration file {path} is not valid TOML: {message}")]
-    Parse { path: PathBuf, message: String },
+    #[error("configuration file {}{}: invalid TOML: {message}", path.display(), at.map(|(l, c)| format!(", line {l}, column {c}")).unwrap_or_default())]
+    Parse {
+        path: PathBuf,
+        /// Line and column (1-based) where the parser stopped.
+        at: Option<(usize, usize)>,
+        message: String,
+    },
+    /// A key the file sets that the settings do not have, or a value of the wrong kind.
+    #[error("configuration file {}, {}: {message}", path.display(), section_of(key))]
+    Key {
+        path: PathBuf,
+        /// Dotted, as `fetch.concurrency` or `sink[0].url`.
+        key: String,
+        message: String,
+    },
+    #[error("{key}: cannot read secret file {}: {source}", path.display())]
+    SecretFile {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
 
+/// How a dotted key path reads to someone editing the file.
+fn section_of(key: &str) -> String {
+    // A path ending in an index is the array table itself (serde reports a
+    // bad key inside a `[[sink]]` at the table); otherwise the last part is the key.
+    let table = if key.ends_with(']') {
+        Some(key)
+    } else {
+        key.rsplit_once('.').map(|(t, _)| t)
+    };
+    match table {
+        Some(t) => match t.rsplit_once('[') {
+            Some((name, i)) => {
+                let n = i
+                    .trim_end_matches(']')
+                    .parse::<usize>()
+                    .map_or(0, |i| i + 1);
+                format!("[[{name}]] table #{n}")
+            }
+            None => format!("section [{t}]"),
+        },
+        None => "top level".to_string(),
+    }
+}
+
 impl ConfigError {
+    /// A TOML syntax error in `text` (read from `path`), with the line and
+    /// column it was found at.
+    pub fn parse(path: impl Into<PathBuf>, text: &str, e: &toml::de::Error) -> Self {
+        let at = e.span().map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            (line, column)
+        });
+        ConfigError::Parse {
+            path: path.into(),
+            at,
+            message: e.message().trim().to_string(),
+        }
+    }
+
     /// Configuration never heals by itself.
     pub fn is_retryable(&self) -> bool {
         false
@@ -376,14 +435,81 @@ impl SinkSettings {
     }
 }
 
-/// A secret given as `env:VAR` is read from the environment (Kubernetes
-/// secrets arrive that way); anything else is the secret itself.
-pub fn resolve_secret(secret: &Secret) -> Result<Secret, ConfigError> {
-    match secret.expose().strip_prefix("env:") {
-        Some(var) => std::env::var(var)
-            .map(Secret::from)
-            .map_err(|_| ConfigError::Invalid(format!("sink secret: ${var} is not set"))),
-        None => Ok(secret.clone()),
+/// A secret value given by reference: `env:VAR` is read from the
+/// environment, `file:/path` from a file (a Kubernetes secret volume, a
+/// Docker secret; one trailing newline is dropped, as editors and
+/// `kubectl create secret --from-file` leave one). Anything else is the
+/// value itself. Errors name the key and the variable or path, never a value.
+fn dereference(key: &str, raw: &str) -> Result<Option<String>, ConfigError> {
+    if let Some(var) = raw.strip_prefix("env:") {
+        return std::env::var(var).map(Some).map_err(|_| {
+            ConfigError::Invalid(format!("{key}: environment variable {var} is not set"))
+        });
+    }
+    if let Some(path) = raw.strip_prefix("file:") {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+            key: key.to_string(),
+            path: PathBuf::from(path),
+            source,
+        })?;
+        let value = text.strip_suffix('\n').unwrap_or(&text);
+        return Ok(Some(value.strip_suffix('\r').unwrap_or(value).to_string()));
+    }
+    Ok(None)
+}
+
+fn resolve_secret(key: &str, secret: &mut Secret) -> Result<(), ConfigError> {
+    if let Some(value) = dereference(key, secret.expose())? {
+        *secret = Secret::from(value);
+    }
+    Ok(())
+}
+
+fn resolve_url(key: &str, url: &mut SecretUrl) -> Result<(), ConfigError> {
+    if let Some(value) = dereference(key, url.expose())? {
+        *url = SecretUrl::from(value);
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// Replaces every `env:`/`file:` reference among the secret-bearing
+    /// keys by what it points at, once, at load.
+    pub(crate) fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        resolve_url("profile.url", &mut self.profile.url)?;
+        if let Some(proxy) = &mut self.fetch.proxy {
+            resolve_url("fetch.proxy", proxy)?;
+        }
+        if let StorageSettings::S3(s3) = &mut self.storage {
+            if let Some(endpoint) = &mut s3.endpoint {
+                resolve_url("storage.endpoint", endpoint)?;
+            }
+            if let Some(id) = &mut s3.access_key_id {
+                resolve_secret("storage.access_key_id", id)?;
+            }
+            if let Some(key) = &mut s3.secret_access_key {
+                resolve_secret("storage.secret_access_key", key)?;
+            }
+        }
+        for (i, sink) in self.sink.iter_mut().enumerate() {
+            let at = |field: &str| format!("sink[{i}].{field}");
+            match sink {
+                SinkSettings::Sql => {}
+                SinkSettings::Openim(s) => {
+                    resolve_url(&at("api"), &mut s.api)?;
+                    resolve_secret(&at("secret"), &mut s.secret)?;
+                }
+                SinkSettings::Yunxin(s) => {
+                    resolve_url(&at("base_url"), &mut s.base_url)?;
+                    resolve_secret(&at("app_secret"), &mut s.app_secret)?;
+                }
+                SinkSettings::Webhook(s) => {
+                    resolve_url(&at("url"), &mut s.url)?;
+                    resolve_secret(&at("secret"), &mut s.secret)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -87,6 +87,8 @@ struct SinkLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
+    /// The commit it was built from (`build.rs`), or `unknown`.
+    commit: String,
 }
 
 type TimeGauge = Gauge<f64, AtomicU64>;
@@ -280,6 +282,7 @@ impl Metrics {
             "Build information",
             Info::new(BuildLabels {
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                commit: env!("AVATAR_WARDEN_COMMIT").to_string(),
             }),
         );
         let deliveries = Family::<DeliveryLabels, Counter>::default();

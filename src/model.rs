@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 mod cause;
 mod reason;
 
-pub(crate) use cause::Cause;
+pub(crate) use cause::{Cause, error_chain};
 pub use reason::{Reason, Status, UnknownCode};
 
 /// A verdict: its reason (which knows the status) and an optional human

@@ -105,10 +105,8 @@ impl Providers {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let file: RuleFile = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-                path: path.to_path_buf(),
-                message: e.message().to_string(),
-            })?;
+            let file: RuleFile =
+                toml::from_str(&text).map_err(|e| ConfigError::parse(path, &text, &e))?;
             let mut rules = file.provider;
             rules.append(&mut providers.rules);
             providers.rules = rules;

@@ -80,3 +80,33 @@ async fn ready(State(deps): State<Deps>) -> impl IntoResponse {
         }
     }
 }
+
+/// `healthcheck`: asks this host's running worker for `path` on its
+/// `metrics.listen` address (a wildcard address is asked on loopback).
+pub(crate) async fn probe(listen: &str, path: &str, timeout: Duration) -> Result<(), String> {
+    let mut addr: SocketAddr = listen
+        .parse()
+        .map_err(|e| format!("metrics.listen {listen:?} is not an address: {e}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = format!("http://{addr}{path}");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let answer = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|e| crate::model::error_chain(&e))?;
+    if answer.status().is_success() {
+        Ok(())
+    } else {
+        Err(format!("{url} answered {}", answer.status()))
+    }
+}

@@ -12,7 +12,7 @@ use super::EXIT_SOME_FAILING;
 #[derive(Debug, Parser)]
 #[command(
     name = "avatar-warden",
-    version,
+    version = VERSION,
     about = "Keeps third-party avatars alive: mirrors valid pictures, flags users whose avatar is gone.",
     long_about = "Scans a profile table for third-party avatar URLs (WeChat, QQ, Douyin, Weibo...), \
 detects expired ones (including WeChat's HTTP 200 placeholder marked by X-ErrNo / X-Info: notexist), \
@@ -21,7 +21,7 @@ and writes every outcome back to the profile database.\n\n\
 Configuration: the built-in defaults, then --config FILE (or config/$AVATAR_WARDEN_ENV.toml), \
 then environment variables AVATAR_WARDEN__<SECTION>__<KEY>.\n\n\
 Exit codes: 0 all done; 2 done but some avatars are failing; 1 configuration or runtime error; \
-143 (SIGTERM) or 130 (Ctrl-C) after a second signal."
+64 usage error; 143 (SIGTERM) or 130 (Ctrl-C) after a second signal."
 )]
 pub(crate) struct Cli {
     /// Configuration file layered over the built-in defaults.
@@ -86,6 +86,7 @@ pub(crate) enum Command {
     Run,
     /// Fetch, classify and validate one URL and print why; writes nothing.
     Check {
+        /// The avatar URL to check.
         url: String,
         /// Print the result as JSON.
         #[arg(long)]
@@ -93,6 +94,7 @@ pub(crate) enum Command {
     },
     /// Write every avatar's recorded state, one JSON object per line.
     Export {
+        /// Output format (JSON Lines: one object per avatar).
         #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
         /// Write to this file instead of standard output.
@@ -125,10 +127,28 @@ pub(crate) enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Show how many avatars are in each status.
+    /// Show how many avatars are in each status, the backlog, the last run and the outbox.
     Status {
+        /// Print the result as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Exit 0 when the running worker's /healthz (or, with --ready, /readyz)
+    /// answers 200 on `metrics.listen`: a container health check (the image
+    /// has no curl).
+    Healthcheck {
+        /// Ask /readyz (database and store answer) instead of /healthz (the process answers).
+        #[arg(long)]
+        ready: bool,
+        /// Seconds to wait for the answer.
+        #[arg(long, value_name = "SECS", default_value_t = 5)]
+        timeout: u64,
+    },
+    /// Print shell completions for bash, zsh or fish to standard output.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Run the whole job on sample users against a simulated origin on 127.0.0.1.
     Demo {
@@ -156,6 +176,14 @@ pub(crate) enum Command {
         limit: Option<u64>,
     },
 }
+
+/// The version and the commit it was built from (`build.rs`).
+pub(crate) const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    env!("AVATAR_WARDEN_COMMIT"),
+    ")"
+);
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum ExportFormat {

@@ -90,17 +90,55 @@ pub(super) async fn run_demo(
         println!();
         println!("The simulated origin keeps running; in another terminal try:");
         println!(
-            "  AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS=true AVATAR_WARDEN__FETCH__ALLOWED_PORTS='[]' cargo run --release -- check {expired_url}"
+            "  AVATAR_WARDEN__FETCH__ALLOW_PRIVATE_NETWORKS=true AVATAR_WARDEN__FETCH__ALLOWED_PORTS='[]' {} check {expired_url}",
+            invocation()
         );
         println!("Ctrl-C to stop.");
         let _ = tokio::signal::ctrl_c().await;
     } else {
         println!();
         println!(
-            "Run `cargo run --release -- demo --serve` to keep the origin up and try `check` on its URLs."
+            "Run `{} demo --serve` to keep the origin up and try `check` on its URLs.",
+            invocation()
         );
     }
     Ok(EXIT_OK)
+}
+
+/// How the reader runs this binary again: `cargo run --release --` from a
+/// checkout (cargo sets `CARGO_MANIFEST_DIR` for what it runs), the bare
+/// name when the shell finds it on the PATH (an install, the image), else
+/// its full path.
+fn invocation() -> String {
+    invocation_from(
+        std::env::var_os("CARGO_MANIFEST_DIR").is_some(),
+        std::env::current_exe().ok(),
+        std::env::var_os("PATH").as_deref(),
+    )
+}
+
+fn invocation_from(
+    under_cargo: bool,
+    exe: Option<std::path::PathBuf>,
+    path: Option<&std::ffi::OsStr>,
+) -> String {
+    if under_cargo {
+        return "cargo run --release --".to_string();
+    }
+    let Some(exe) = exe else {
+        return "avatar-warden".to_string();
+    };
+    let on_path = exe.file_name().is_some_and(|name| {
+        path.iter().flat_map(std::env::split_paths).any(|dir| {
+            std::fs::canonicalize(dir.join(name)).ok() == std::fs::canonicalize(&exe).ok()
+        })
+    });
+    if on_path {
+        exe.file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+    } else {
+        exe.display().to_string()
+    }
 }
 
 /// The demo's second pass: the mirrored avatars come due again and are
@@ -196,4 +234,31 @@ pub(super) fn print_mirror_files(root: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::invocation_from;
+
+    #[test]
+    fn the_demo_hints_name_the_binary_as_the_reader_runs_it() {
+        assert_eq!(invocation_from(true, None, None), "cargo run --release --");
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("avatar-warden");
+        std::fs::write(&exe, b"").unwrap();
+        assert_eq!(
+            invocation_from(false, Some(exe.clone()), Some(dir.path().as_os_str())),
+            "avatar-warden",
+            "installed on the PATH"
+        );
+        assert_eq!(
+            invocation_from(
+                false,
+                Some(exe.clone()),
+                Some(std::ffi::OsStr::new("/nowhere"))
+            ),
+            exe.display().to_string(),
+            "run by its path"
+        );
+    }
 }

@@ -90,6 +90,11 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         schedule::shutdown_on_signals().cancelled().await;
         return Ok(EXIT_OK);
     }
+    if let Command::Completions { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "avatar-warden", &mut std::io::stdout());
+        return Ok(EXIT_OK);
+    }
     if let Command::Config = cli.command {
         let file = Settings::file_layer(cli.config.as_deref());
         let env: Vec<(String, String)> = std::env::vars().collect();
@@ -323,7 +328,18 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             })
         }
         Command::Demo { dir, serve } => run_demo(settings, dir, serve).await,
-        Command::Config | Command::Origin { .. } => {
+        Command::Healthcheck { ready, timeout } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
+            match serve::probe(&settings.metrics.listen, path, timeout).await {
+                Ok(()) => Ok(EXIT_OK),
+                Err(why) => {
+                    eprintln!("unhealthy: {why}");
+                    Ok(EXIT_ERROR)
+                }
+            }
+        }
+        Command::Config | Command::Origin { .. } | Command::Completions { .. } => {
             unreachable!("handled before logging starts")
         }
     }
@@ -428,6 +444,31 @@ mod tests {
         assert!(!use_color(false, None), "never off a terminal");
         assert!(!use_color(true, Some("1".into())));
         assert!(use_color(true, Some("".into())), "empty means unset");
+    }
+
+    #[test]
+    fn every_argument_of_every_command_has_help() {
+        use clap::CommandFactory;
+        fn walk(cmd: &clap::Command, missing: &mut Vec<String>) {
+            if cmd.is_hide_set() {
+                return;
+            }
+            if cmd.get_about().is_none() && cmd.get_name() != "avatar-warden" {
+                missing.push(format!("command {}", cmd.get_name()));
+            }
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && !arg.is_hide_set() && arg.get_help().is_none() {
+                    missing.push(format!("{} {}", cmd.get_name(), arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
     }
 
     #[test]

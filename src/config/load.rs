@@ -23,10 +23,23 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let table = Self::merged(file, env)?;
-        let settings: Settings = Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.message().to_string()))?;
+        let (table, file_layer) = Self::merged(file, env)?;
+        let mut settings: Settings = serde_path_to_error::deserialize(Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                let message = e.into_inner().message().trim().to_string();
+                // Name the file when the key came from it (the environment
+                // overlay only sets known keys, and names its variable itself).
+                match (file, file_layer) {
+                    (Some(path), Some(layer)) if sets(&layer, &key) => ConfigError::Key {
+                        path: path.to_path_buf(),
+                        key,
+                        message,
+                    },
+                    _ => ConfigError::Invalid(format!("{key}: {message}")),
+                }
+            })?;
+        settings.resolve_secrets()?;
         settings.validate()?;
         Ok(settings)
     }
@@ -42,17 +55,15 @@ impl Settings {
         toml::to_string_pretty(&settings).map_err(|e| ConfigError::Invalid(e.to_string()))
     }
 
+    /// The layers merged, and the file layer alone (to tell where a bad key came from).
     fn merged(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Table, ConfigError> {
-        let mut table: Table =
-            DEFAULT_TOML
-                .parse()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: "config/default.toml (embedded)".into(),
-                    message: e.to_string(),
-                })?;
+    ) -> Result<(Table, Option<Table>), ConfigError> {
+        let mut table: Table = DEFAULT_TOML
+            .parse()
+            .map_err(|e| ConfigError::parse("config/default.toml (embedded)", DEFAULT_TOML, &e))?;
+        let mut file_layer = None;
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                 path: path.to_path_buf(),
@@ -60,11 +71,9 @@ impl Settings {
             })?;
             let layer: Table = text
                 .parse()
-                .map_err(|e: toml::de::Error| ConfigError::Parse {
-                    path: path.to_path_buf(),
-                    message: e.message().to_string(),
-                })?;
-            merge(&mut table, layer);
+                .map_err(|e| ConfigError::parse(path, &text, &e))?;
+            merge(&mut table, layer.clone());
+            file_layer = Some(layer);
         }
         let mut vars: Vec<(String, String)> = env
             .into_iter()
@@ -74,7 +83,7 @@ impl Settings {
         for (var, raw) in vars {
             apply_env(&mut table, &var, &raw)?;
         }
-        Ok(table)
+        Ok((table, file_layer))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -143,6 +152,34 @@ impl Settings {
         }
         Ok(())
     }
+}
+
+/// Whether `layer` sets the dotted `key` (`fetch.concurrency`, `sink[0].url`) or a table holding it.
+fn sets(layer: &Table, key: &str) -> bool {
+    let mut here = Some(layer);
+    let mut found = false;
+    for part in key.split('.') {
+        let (name, index) = match part.split_once('[') {
+            Some((n, i)) => (n, i.trim_end_matches(']').parse::<usize>().ok()),
+            None => (part, None),
+        };
+        let Some(table) = here else {
+            break;
+        };
+        let mut value = table.get(name);
+        if let (Some(Value::Array(items)), Some(i)) = (value, index) {
+            value = items.get(i);
+        }
+        match value {
+            Some(Value::Table(t)) => {
+                found = true;
+                here = Some(t);
+            }
+            Some(_) => return true,
+            None => return false,
+        }
+    }
+    found
 }
 
 /// Proxy schemes reqwest speaks (with its `socks` feature). `socks5`

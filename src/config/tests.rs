@@ -1,16 +1,66 @@
 use super::*;
 
 #[test]
-fn sink_secrets_can_come_from_the_environment() {
-    let path = std::env::var("PATH").unwrap();
-    let got = resolve_secret(&Secret::from("env:PATH")).unwrap();
-    assert_eq!(got.expose(), path);
-    let plain = resolve_secret(&Secret::from("openIM123")).unwrap();
-    assert_eq!(plain.expose(), "openIM123");
-    let missing = resolve_secret(&Secret::from("env:AW_NO_SUCH_VARIABLE_X")).unwrap_err();
+fn secrets_can_come_from_the_environment_or_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("db-url");
+    std::fs::write(&db, "postgres://app:s3cret@db:5432/app\n").unwrap();
+    let hook = dir.path().join("hook-secret");
+    std::fs::write(&hook, "hmac-key\r\n").unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile]\nurl = \"file:{}\"\n[storage]\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"env:PATH\"\nsecret_access_key = \"file:{}\"\n\n[[sink]]\nkind = \"webhook\"\nurl = \"http://hooks/\"\nsecret = \"file:{}\"\n",
+            db.display(),
+            hook.display(),
+            hook.display()
+        ),
+    )
+    .unwrap();
+    let s = Settings::from_layers(Some(&config), env(&[])).unwrap();
+    assert_eq!(s.profile.url.expose(), "postgres://app:s3cret@db:5432/app");
+    let StorageSettings::S3(s3) = &s.storage else {
+        panic!("s3")
+    };
+    assert_eq!(
+        s3.access_key_id.as_ref().unwrap().expose(),
+        std::env::var("PATH").unwrap()
+    );
+    assert_eq!(s3.secret_access_key.as_ref().unwrap().expose(), "hmac-key");
+    let SinkSettings::Webhook(w) = &s.sink[0] else {
+        panic!("webhook")
+    };
+    assert_eq!(w.secret.expose(), "hmac-key");
+    // Printed, the resolved values are still secrets.
+    let shown = Settings::redacted_toml(Some(&config), env(&[])).unwrap();
     assert!(
-        missing.to_string().contains("AW_NO_SUCH_VARIABLE_X"),
-        "{missing}"
+        !shown.contains("s3cret") && !shown.contains("hmac-key"),
+        "{shown}"
+    );
+
+    // A reference that points nowhere names the key and the file or variable.
+    std::fs::write(
+        &config,
+        "[[sink]]\nkind = \"webhook\"\nurl = \"http://hooks/\"\nsecret = \"file:/run/secrets/nope\"\n",
+    )
+    .unwrap();
+    let err = Settings::from_layers(Some(&config), env(&[]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("sink[0].secret: cannot read secret file /run/secrets/nope: "),
+        "{err}"
+    );
+    let err = Settings::from_layers(
+        None,
+        env(&[("AVATAR_WARDEN__PROFILE__URL", "env:AW_NO_SUCH_VARIABLE_X")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "invalid configuration: profile.url: environment variable AW_NO_SUCH_VARIABLE_X is not set"
     );
 }
 
@@ -179,4 +229,57 @@ fn secrets_are_not_printed_by_debug() {
     )
     .unwrap();
     assert!(!format!("{s:?}").contains("hunter2"));
+}
+
+fn file_error(toml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("worker.toml");
+    std::fs::write(&path, toml).unwrap();
+    let err = Settings::from_layers(Some(&path), Vec::new()).unwrap_err();
+    err.to_string()
+        .replace(&path.display().to_string(), "worker.toml")
+}
+
+#[test]
+fn a_toml_syntax_error_names_the_file_line_and_column() {
+    let err = file_error("[profile]\nurl = \"sqlite://x.db\"\ntable = \n");
+    assert!(
+        err.starts_with("configuration file worker.toml, line 3, column 9: invalid TOML: "),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unknown_or_mistyped_key_names_the_file_and_its_section() {
+    let err = file_error("[fetch]\nconcurrencyy = 3\n");
+    assert!(
+        err.starts_with(
+            "configuration file worker.toml, section [fetch]: unknown field `concurrencyy`"
+        ),
+        "{err}"
+    );
+    let err = file_error("[fetchh]\nx = 1\n");
+    assert!(
+        err.starts_with("configuration file worker.toml, top level: unknown field `fetchh`"),
+        "{err}"
+    );
+    let err = file_error(
+        "[[sink]]\nkind = \"webhook\"\nurl = \"http://a/\"\nsecret = \"s\"\n\n[[sink]]\nkind = \"webhook\"\nname = \"b\"\nsecret = \"s\"\nurll = \"x\"\n",
+    );
+    assert!(
+        err.starts_with("configuration file worker.toml, [[sink]] table #2: unknown field `urll`"),
+        "{err}"
+    );
+    let err = file_error("[[sink]]\nkind = \"webhook\"\nurl = \"http://a/\"\n");
+    assert!(
+        err.starts_with(
+            "configuration file worker.toml, [[sink]] table #1: missing field `secret`"
+        ),
+        "{err}"
+    );
+    let err = file_error("[fetch]\nconcurrency = \"many\"\n");
+    assert!(
+        err.starts_with("configuration file worker.toml, section [fetch]: invalid type"),
+        "{err}"
+    );
 }

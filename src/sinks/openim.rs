@@ -9,7 +9,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
-use crate::config::{ConfigError, OnExpired, OpenImSettings, resolve_secret};
+use crate::config::{ConfigError, OnExpired, OpenImSettings};
 
 /// OpenIM's token errors (TokenExpiredError … TokenNotExistError): get a new
 /// admin token and try once more.
@@ -45,7 +45,7 @@ impl OpenImSink {
         Ok(OpenImSink {
             name,
             api: c.api.expose().trim_end_matches('/').to_string(),
-            secret: resolve_secret(&c.secret)?,
+            secret: c.secret.clone(),
             admin_user_id: c.admin_user_id.clone(),
             on_expired: c.on_expired,
             http: http_client(c.timeout_secs)?,

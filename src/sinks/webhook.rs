@@ -5,7 +5,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
-use crate::config::{ConfigError, WebhookSettings, resolve_secret};
+use crate::config::{ConfigError, WebhookSettings};
 
 pub struct WebhookSink {
     name: String,
@@ -44,7 +44,7 @@ impl WebhookSink {
         Ok(WebhookSink {
             name,
             url: c.url.expose().to_string(),
-            secret: resolve_secret(&c.secret)?,
+            secret: c.secret.clone(),
             events,
             signature_header: c.signature_header.clone(),
             http: http_client(c.timeout_secs)?,

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use sha1::{Digest, Sha1};
 
 use super::{Event, EventKind, Sink, SinkError, http_client, status_error};
-use crate::config::{ConfigError, OnExpired, YunxinSettings, resolve_secret};
+use crate::config::{ConfigError, OnExpired, YunxinSettings};
 
 /// Yunxin refuses an `icon` longer than this.
 pub(super) const MAX_ICON_BYTES: usize = 1024;
@@ -38,7 +38,7 @@ impl YunxinSink {
                 c.base_url.expose().trim_end_matches('/')
             ),
             app_key: c.app_key.clone(),
-            app_secret: resolve_secret(&c.app_secret)?,
+            app_secret: c.app_secret.clone(),
             on_expired: c.on_expired,
             http: http_client(c.timeout_secs)?,
         })

@@ -156,6 +156,82 @@ async fn a_configuration_typo_exits_1_and_names_the_variable() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_fails_when_no_worker_answers_and_says_why_once() {
+    let mut app = TestApp::spawn().await;
+    let port = crate::ops::free_port();
+    app.set("METRICS__LISTEN", &format!("0.0.0.0:{port}"));
+    let out = run(&app, &["healthcheck", "--timeout", "2"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    // A wildcard listen address is asked on loopback; the URL is said once.
+    assert_eq!(
+        err.matches(&format!("http://127.0.0.1:{port}/healthz"))
+            .count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn completions_for_each_shell_and_a_version_with_the_commit() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for word in ["verify-store", "healthcheck", "failing-exit-code"] {
+            assert!(text.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    let version = String::from_utf8_lossy(&out.stdout);
+    let head = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let expected = match head {
+        Some(commit) => format!("avatar-warden {} ({commit})\n", env!("CARGO_PKG_VERSION")),
+        // Built outside a checkout (a source tarball): says so.
+        None => format!("avatar-warden {} (unknown)\n", env!("CARGO_PKG_VERSION")),
+    };
+    assert_eq!(version, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_that_is_missing_or_mistyped_is_named_with_where_it_went_wrong() {
+    let mut app = TestApp::spawn().await;
+    let missing = app.dir.path().join("nope.toml");
+    app.config_file = Some(missing.clone());
+    let out = run(&app, &["status"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read configuration file {}",
+            missing.display()
+        )) && err.contains("No such file"),
+        "{err}"
+    );
+    app.config_toml(
+        "[profile]
+table = users
+",
+    );
+    let out = run(&app, &["config"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(", line 2, column 9: invalid TOML"), "{err}");
+    // Said once: the cause is not repeated by its context.
+    assert_eq!(err.matches("invalid TOML").count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_every_verdict_and_leaves_mirrors_on_disk() {
     let app = TestApp::empty().await;
     let dir = app.dir.path().join("demo-run");
@@ -212,7 +288,7 @@ async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
         );
         if let Ok(r) = http.get(format!("{base}/metrics")).send().await {
             let text = r.text().await.unwrap();
-            if text.contains("avatar_warden_scans_total{result=\"completed\"}") {
+            if text.contains("avatar_warden_scans_total{result=\"completed\"} 1") {
                 break text;
             }
         }
@@ -247,6 +323,11 @@ async fn run_scans_on_schedule_serves_metrics_and_stops_on_sigterm() {
     assert_eq!(health.status(), 200);
     let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
+    // The container health check asks the same endpoints, without curl.
+    for args in [&["healthcheck"][..], &["healthcheck", "--ready"]] {
+        let out = run(&app, args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+    }
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -292,6 +292,8 @@ async fn status_shows_the_backlog_the_oldest_due_item_and_the_last_run() {
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()
     };
+    // `status` reads only: the tables come from `migrate` (or a first scan).
+    assert_eq!(run(&app, &["migrate"]).status.code(), Some(0));
     let before = status(&app);
     assert_eq!(before["due_backlog"], 13, "{before}");
     assert!(before["last_run"].is_null());
@@ -318,9 +320,7 @@ async fn status_shows_the_backlog_the_oldest_due_item_and_the_last_run() {
 
 /// The container spec of a manifest: its args and literal env values.
 fn container(path: &str) -> (Vec<String>, Vec<(String, String)>, serde_yaml::Value) {
-    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
-    let doc: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    let doc = manifest(path);
     let pod = if doc["kind"] == "CronJob" {
         &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     } else {
@@ -335,8 +335,8 @@ fn container(path: &str) -> (Vec<String>, Vec<(String, String)>, serde_yaml::Val
         .collect();
     let env = c["env"]
         .as_sequence()
-        .unwrap()
-        .iter()
+        .into_iter()
+        .flatten()
         .map(|e| {
             (
                 e["name"].as_str().unwrap().to_string(),
@@ -347,10 +347,60 @@ fn container(path: &str) -> (Vec<String>, Vec<(String, String)>, serde_yaml::Val
     (args, env, c)
 }
 
-/// The binary with a manifest's arguments and its own settings, except where
-/// they point at cluster services (storage is the test's).
+/// The manifests' ConfigMap and Secret as the kubelet mounts them: the
+/// config file, with the Secret volume's path pointing at a local copy of
+/// the Secret's keys (the profile URL being the test's database).
+fn mounted(app: &TestApp) -> (String, std::path::PathBuf) {
+    let dir = app.dir.path().join("mounts");
+    let secrets = dir.join("secrets");
+    std::fs::create_dir_all(&secrets).unwrap();
+    let secret = manifest("deploy/kubernetes/secret.example.yaml");
+    for (key, value) in secret["stringData"].as_mapping().unwrap() {
+        let key = key.as_str().unwrap();
+        let value = if key == "profile-url" {
+            // As `kubectl create secret --from-file` leaves it: a trailing newline.
+            format!("{}\n", app.db_url)
+        } else {
+            value.as_str().unwrap().to_string()
+        };
+        std::fs::write(secrets.join(key), value).unwrap();
+    }
+    let config = manifest("deploy/kubernetes/configmap.yaml")["data"]["config.toml"]
+        .as_str()
+        .unwrap()
+        .replace(
+            "/run/secrets/avatar-warden/",
+            &format!("{}/", secrets.display()),
+        );
+    let file = dir.join("config.toml");
+    std::fs::write(&file, config).unwrap();
+    ("/etc/avatar-warden/config.toml".to_string(), file)
+}
+
+fn manifest(path: &str) -> serde_yaml::Value {
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    serde_yaml::from_str(&std::fs::read_to_string(file).unwrap()).unwrap()
+}
+
+/// The binary with a manifest's arguments, its ConfigMap and its Secret
+/// (mounted as files), except where they point at cluster services: storage
+/// is the test's.
 fn manifest_command(app: &TestApp, args: &[String], env: &[(String, String)]) -> Command {
+    let (mount, local) = mounted(app);
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if *a == mount {
+                local.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
     let mut cmd = command(app, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    // The database URL comes from the Secret file the ConfigMap names.
+    cmd.env_remove("AVATAR_WARDEN__PROFILE__URL");
+    cmd.env("AVATAR_WARDEN__STORAGE__KIND", "fs");
     for (k, v) in env {
         if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
             cmd.env(k, v);
@@ -364,7 +414,10 @@ fn manifest_command(app: &TestApp, args: &[String], env: &[(String, String)]) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cronjob_manifest_runs_as_written() {
     let (args, env, _) = container("deploy/kubernetes/cronjob.yaml");
-    assert_eq!(args[0], "scan");
+    assert_eq!(
+        args[..3],
+        ["--config", "/etc/avatar-warden/config.toml", "scan"]
+    );
     let Some((_gateway, base)) = pushgateway().await else {
         return;
     };
@@ -394,7 +447,8 @@ async fn the_cronjob_manifest_runs_as_written() {
         "{pushed}"
     );
     // Every AVATAR_WARDEN__ key the manifest sets is one the binary knows.
-    let mut cmd = command(&app, &["config"]);
+    let config_args = ["--config", "/etc/avatar-warden/config.toml", "config"].map(String::from);
+    let mut cmd = manifest_command(&app, &config_args, &[]);
     cmd.envs(env.iter().cloned());
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -405,7 +459,7 @@ async fn the_cronjob_manifest_runs_as_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gc_cronjob_manifest_runs_as_written() {
     let (args, env, _) = container("deploy/kubernetes/gc-cronjob.yaml");
-    assert_eq!(args, vec!["gc"]);
+    assert_eq!(args, ["--config", "/etc/avatar-warden/config.toml", "gc"]);
     let app = TestApp::spawn().await;
     app.scan().await;
     let referenced = app.object_keys().await;
@@ -434,7 +488,7 @@ async fn the_gc_cronjob_manifest_runs_as_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_deployment_manifest_serves_its_probes_on_its_port() {
     let (args, env, c) = container("deploy/kubernetes/deployment.yaml");
-    assert_eq!(args, ["run"]);
+    assert_eq!(args, ["--config", "/etc/avatar-warden/config.toml", "run"]);
     let port = c["ports"][0]["containerPort"].as_u64().unwrap();
     // The manifest's port is the built-in default listen port.
     let settings = avatar_warden::config::Settings::from_layers(None, Vec::new()).unwrap();
@@ -442,12 +496,7 @@ async fn the_deployment_manifest_serves_its_probes_on_its_port() {
     let mut app = TestApp::spawn().await;
     let local = free_port();
     app.set("METRICS__LISTEN", &format!("127.0.0.1:{local}"));
-    let mut cmd = command(&app, &args.iter().map(String::as_str).collect::<Vec<_>>());
-    for (k, v) in &env {
-        if !k.starts_with("AVATAR_WARDEN__STORAGE__") {
-            cmd.env(k, v);
-        }
-    }
+    let mut cmd = manifest_command(&app, &args, &env);
     let child = KillOnDrop(
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -518,10 +567,175 @@ fn the_release_build_is_stripped_and_the_image_labelled() {
         "perf and callgrind need the line tables"
     );
     let dockerfile = repo_file("Dockerfile");
-    for label in ["title", "description", "version", "licenses"] {
+    for label in ["title", "description", "version", "revision", "licenses"] {
         assert!(
             dockerfile.contains(&format!("org.opencontainers.image.{label}=")),
             "Dockerfile lacks the OCI label {label}"
         );
     }
+}
+
+/// The pod spec of a Deployment or a CronJob.
+fn pod_spec(doc: &serde_yaml::Value) -> &serde_yaml::Value {
+    if doc["kind"] == "CronJob" {
+        &doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    } else {
+        &doc["spec"]["template"]["spec"]
+    }
+}
+
+/// The core manifests pass the Kubernetes schemas (strict: an unknown field
+/// fails), and the pieces fit together: what the kustomization lists exists,
+/// the Service selects the Deployment's pods, the ServiceMonitor the Service
+/// and its port, and every pod runs without an API token, with CPU and memory
+/// limits, the ConfigMap and the Secret mounted read-only.
+#[test]
+fn the_kubernetes_manifests_pass_the_schemas_and_fit_together() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+    let kustomization = manifest("deploy/kubernetes/kustomization.yaml");
+    let mut listed: Vec<String> = kustomization["resources"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap().to_string())
+        .collect();
+    for file in &listed {
+        assert!(dir.join(file).is_file(), "kustomization lists {file}");
+    }
+    let deployment = manifest("deploy/kubernetes/deployment.yaml");
+    let service = manifest("deploy/kubernetes/service.yaml");
+    let monitor = manifest("deploy/kubernetes/servicemonitor.yaml");
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in service["spec"]["selector"].as_mapping().unwrap() {
+        assert_eq!(&pod_labels[k.as_str().unwrap()], v, "Service selects {k:?}");
+    }
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(
+            &service["metadata"]["labels"][k.as_str().unwrap()],
+            v,
+            "ServiceMonitor selects {k:?}"
+        );
+    }
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["port"],
+        service["spec"]["ports"][0]["name"]
+    );
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"],
+        pod_spec(&deployment)["containers"][0]["ports"][0]["name"]
+    );
+    for file in ["deployment.yaml", "cronjob.yaml", "gc-cronjob.yaml"] {
+        let doc = manifest(&format!("deploy/kubernetes/{file}"));
+        let pod = pod_spec(&doc);
+        assert_eq!(pod["automountServiceAccountToken"], false, "{file}");
+        let c = &pod["containers"][0];
+        for resource in ["cpu", "memory"] {
+            assert!(
+                c["resources"]["limits"][resource].as_str().is_some(),
+                "{file}: no {resource} limit"
+            );
+        }
+        let mounts: Vec<&str> = c["volumeMounts"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .inspect(|m| assert_eq!(m["readOnly"], true, "{file}"))
+            .map(|m| m["mountPath"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            mounts,
+            ["/etc/avatar-warden", "/run/secrets/avatar-warden"],
+            "{file}"
+        );
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], "avatar-warden");
+        assert_eq!(pod["volumes"][1]["secret"]["secretName"], "avatar-warden");
+    }
+
+    let Some(validate) = crate::helpers::tool(
+        "kubernetes-validate",
+        "scripts/install-tools, or pip install kubernetes-validate",
+    ) else {
+        return;
+    };
+    // Custom resources have no schema there; the checks above cover them.
+    listed.retain(|f| f != "servicemonitor.yaml");
+    listed.extend(["cronjob.yaml", "secret.example.yaml"].map(String::from));
+    let out = Command::new(&validate)
+        .arg("--strict")
+        .args(&listed)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        said.matches(" passed for resource ").count(),
+        listed.len(),
+        "{said}"
+    );
+
+    // The validator does reject a manifest with a misspelt field.
+    let bad = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(dir.join("deployment.yaml"))
+        .unwrap()
+        .replace("readOnlyRootFilesystem", "readOnlyRootFileSystem");
+    std::fs::write(bad.path().join("deployment.yaml"), text).unwrap();
+    let out = Command::new(&validate)
+        .args(["--strict", "deployment.yaml"])
+        .current_dir(bad.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a misspelt field passed");
+}
+
+/// The compose try-out: every image pinned to a version, a restart policy on
+/// every service, a health check the binary itself answers, and environment
+/// keys the binary knows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_file_pins_its_images_restarts_and_checks_health_with_the_binary() {
+    let compose = manifest("deploy/compose.yaml");
+    let services = compose["services"].as_mapping().unwrap();
+    for (name, service) in services {
+        let name = name.as_str().unwrap();
+        if let Some(image) = service["image"].as_str() {
+            let (_, tag) = image.rsplit_once(':').unwrap_or((image, ""));
+            assert!(
+                !tag.is_empty() && tag != "latest",
+                "{name}: image {image} is not pinned"
+            );
+        }
+        assert!(
+            service["restart"].as_str().is_some(),
+            "{name}: no restart policy"
+        );
+    }
+    let warden = &compose["services"]["avatar-warden"];
+    let test: Vec<&str> = warden["healthcheck"]["test"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(test[..2], ["CMD", "avatar-warden"]);
+    // The binary accepts those arguments: with no worker up it answers
+    // "unhealthy" (1), not a usage error (64).
+    let app = TestApp::spawn().await;
+    let mut args: Vec<&str> = test[2..].to_vec();
+    args.extend(["--timeout", "1"]);
+    let mut cmd = command(&app, &args);
+    cmd.env(
+        "AVATAR_WARDEN__METRICS__LISTEN",
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let mut cmd = command(&app, &["config"]);
+    for (k, v) in warden["environment"].as_mapping().unwrap() {
+        cmd.env(k.as_str().unwrap(), v.as_str().unwrap());
+    }
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

@@ -31,9 +31,10 @@ pub struct GcReport {
     pub dry_run: bool,
     /// Objects of this worker's shape listed.
     pub listed: u64,
-    /// Old enough, but still pointed at by some avatar.
+    /// Pointed at by some avatar (whatever their age): kept. Every listed
+    /// object is in exactly one of `referenced`, `too_young`, `unreferenced`.
     pub referenced: u64,
-    /// Younger than the grace period: kept without asking.
+    /// Unreferenced, but written within the grace period: kept.
     pub too_young: u64,
     /// Unreferenced and old enough: deleted (or, in a dry run, would be).
     pub unreferenced: u64,
@@ -90,16 +91,17 @@ pub async fn collect_garbage(
             .partition(|o| is_avatar_key(store.prefix(), &o.key));
         report.foreign += foreign.len() as u64;
         report.listed += ours.len() as u64;
-        let (old, young): (Vec<_>, Vec<_>) = ours.into_iter().partition(|o| o.modified <= cutoff);
-        let keys: Vec<String> = old.iter().map(|o| o.key.clone()).collect();
+        // Every object is asked about, whatever its age, so each lands in
+        // exactly one count and "referenced" does not depend on the grace.
+        let keys: Vec<String> = ours.iter().map(|o| o.key.clone()).collect();
         let referenced: HashSet<String> = db.referenced_keys(&keys).await?.into_iter().collect();
         report.referenced += referenced.len() as u64;
-        // Not asked about: referenced or not, they stay.
-        report.too_young += young.len() as u64;
-        let doomed: Vec<_> = old
+        let (old, young): (Vec<_>, Vec<_>) = ours
             .into_iter()
             .filter(|o| !referenced.contains(&o.key))
-            .collect();
+            .partition(|o| o.modified <= cutoff);
+        report.too_young += young.len() as u64;
+        let doomed = old;
         report.unreferenced += doomed.len() as u64;
         report.unreferenced_bytes += doomed.iter().map(|o| o.size).sum::<u64>();
         for o in &doomed {

@@ -15,8 +15,8 @@ use super::{EXIT_OK, EXIT_SOME_FAILING};
 pub(super) fn print_gc(r: &crate::gc::GcReport, opts: &crate::gc::GcOptions) {
     let hours = opts.grace.as_secs() / 3600;
     println!(
-        "objects: {} listed, {} referenced, {} younger than {hours} h (kept)",
-        r.listed, r.referenced, r.too_young
+        "objects: {} listed: {} referenced, {} unreferenced but younger than {hours} h (kept), {} unreferenced and older",
+        r.listed, r.referenced, r.too_young, r.unreferenced
     );
     let verb = if r.dry_run { "would delete" } else { "deleted" };
     let n = if r.dry_run { r.unreferenced } else { r.deleted };

@@ -177,7 +177,12 @@ pub(super) async fn connect(
         .application_name("avatar-warden")
         // The server enforces the same deadline the client does, so an
         // abandoned statement does not keep running after we gave up.
-        .options([("statement_timeout", statement_ms.as_str())]);
+        // Warnings only: every start-up migration's `IF NOT EXISTS` would
+        // otherwise log "relation … already exists, skipping" at INFO.
+        .options([
+            ("statement_timeout", statement_ms.as_str()),
+            ("client_min_messages", "warning"),
+        ]);
     let pool = open_pool(pool_options(settings), options, endpoint).await?;
     // The profile table may not exist yet when only `migrate` runs.
     let dialect = Postgres::of_profile(&pool, &names)

@@ -538,3 +538,18 @@ async fn bad_output_arguments_fail_before_any_work() {
     }
     assert_eq!(app.origin.total_hits(), 0, "nothing was fetched");
 }
+
+/// PostgreSQL's "relation … already exists, skipping" notices (every
+/// `CREATE … IF NOT EXISTS` of a start-up migration) are not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_notices_do_not_reach_the_log_on_every_start() {
+    let Some(app) = TestApp::spawn_on(crate::helpers::Backend::Postgres).await else {
+        return;
+    };
+    assert_eq!(run(&app, &["migrate"]).status.code(), Some(0));
+    let out = run(&app, &["scan", "--no-progress", "--failing-exit-code", "0"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("scan finished"), "logging at INFO: {err}");
+    assert!(!err.contains("already exists, skipping"), "{err}");
+}

@@ -122,7 +122,7 @@ struct Inner {
     host_push_backs: Family<ProviderLabels, Counter>,
     host_concurrency: Family<ProviderLabels, TimeGauge>,
     downloaded_bytes: Family<DownloadLabels, Counter>,
-    /// Avatars finished since start, for progress display (not exported).
+    /// Avatars checked since start, for progress display (not exported).
     progress: AtomicU64,
 }
 
@@ -469,7 +469,6 @@ impl Metrics {
                 provider: provider.unwrap_or("other").to_string(),
             })
             .inc();
-        m.progress.fetch_add(1, Ordering::Relaxed);
         if record.reauth_required {
             m.reauth_flagged.inc();
         }
@@ -515,8 +514,10 @@ impl Metrics {
         self.inner.response_bytes.observe(bytes as f64);
     }
 
+    /// One avatar checked (counted for progress now, not when its batch is written).
     pub fn observe_avatar(&self, elapsed: Duration) {
         self.inner.avatar_seconds.observe(elapsed.as_secs_f64());
+        self.inner.progress.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The hook the storage writer's `observed` takes.
@@ -634,7 +635,7 @@ impl Metrics {
         self.inner.in_flight.get()
     }
 
-    /// Avatars finished since this registry was made (for progress display).
+    /// Avatars checked since this registry was made (for progress display).
     pub fn progress(&self) -> u64 {
         self.inner.progress.load(Ordering::Relaxed)
     }

@@ -74,6 +74,9 @@ pub(crate) enum Command {
         /// No progress bar (or, off a terminal, no periodic progress lines).
         #[arg(long)]
         no_progress: bool,
+        /// Off a terminal, seconds between progress log lines.
+        #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+        progress_every: u64,
         /// Exit code when the scan finished but some avatars are failing
         /// (0 for a Kubernetes Job, where the next run retries them).
         #[arg(long, value_name = "CODE", default_value_t = EXIT_SOME_FAILING)]

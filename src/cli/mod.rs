@@ -129,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             metrics_file,
             pushgateway,
             no_progress,
+            progress_every,
             failing_exit_code,
         } => {
             let deps = App::build(&settings).await?.into_deps();
@@ -170,6 +171,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 progress::Mode::detect(no_progress || json),
                 &deps.metrics,
                 limit,
+                std::time::Duration::from_secs(progress_every),
             );
             let deliverer = crate::app::deliverer(&deps, &settings.outbox)
                 .filter(|_| !dry_run)
@@ -409,7 +411,8 @@ fn init_logging(format: LogFormat, default_level: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(color)
-        .with_writer(std::io::stderr);
+        // Log lines go around the progress bar, never through it.
+        .with_writer(progress::LogWriter);
     let _ = LOG_FORMAT.set(format);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),

@@ -739,3 +739,33 @@ async fn the_compose_file_pins_its_images_restarts_and_checks_health_with_the_bi
     let out = cmd.output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+/// Off a terminal, `scan` logs progress lines that a log shipper can read:
+/// total, done, the rate as a number and the ETA; `done` moves per avatar
+/// checked, not per batch written (here one batch holds the whole scan).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_lines_count_avatars_as_they_are_checked_with_numbers_a_shipper_can_read() {
+    let mut app = slow_app(Duration::from_millis(40), 120).await;
+    app.set("FETCH__CONCURRENCY", "4");
+    app.set("SCAN__BATCH_SIZE", "1000");
+    app.set("LOG__FORMAT", "json");
+    let out = run(&app, &["scan", "--progress-every", "1"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let lines: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .filter(|v: &serde_json::Value| v["fields"]["message"] == "progress")
+        .collect();
+    assert!(!lines.is_empty(), "{}", stderr(&out));
+    let mid = lines
+        .iter()
+        .map(|v| &v["fields"])
+        .find(|f| f["done"].as_u64().is_some_and(|d| d > 0 && d < 120))
+        .unwrap_or_else(|| panic!("no line saw the scan half done: {lines:?}"));
+    assert_eq!(mid["total"], 120, "{mid}");
+    assert!(
+        mid["rate_per_sec"].as_f64().is_some_and(|r| r > 0.0),
+        "{mid}"
+    );
+    assert!(mid["eta_secs"].as_u64().is_some(), "{mid}");
+}

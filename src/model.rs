@@ -239,6 +239,9 @@ pub struct ScanReport {
     pub changed: u64,
     /// `method/outcome` of re-verifications, e.g. `head/unchanged`, `conditional/changed`.
     pub reverified: BTreeMap<String, u64>,
+    /// Users whose written-back values or mirror URL were rewritten, without
+    /// fetching, after the settings they derive from changed.
+    pub rewritten: u64,
 }
 
 impl ScanReport {

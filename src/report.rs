@@ -111,6 +111,12 @@ pub(crate) fn to_markdown(r: &ScanReport) -> String {
         r.objects_deduplicated,
         r.count(Status::Expired) + r.count(Status::Invalid)
     ));
+    if r.rewritten > 0 {
+        out.push_str(&format!(
+            "\nRewritten for the current settings (nothing fetched): {} users' write-back columns or mirror URLs.\n",
+            r.rewritten
+        ));
+    }
     out
 }
 

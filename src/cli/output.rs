@@ -270,6 +270,12 @@ pub(super) fn print_report(report: &ScanReport) {
             report.abandoned
         );
     }
+    if report.rewritten > 0 {
+        println!(
+            "rewritten: {} users' write-back columns or mirror URLs, for the current settings (nothing fetched)",
+            report.rewritten
+        );
+    }
     if report.lease_lost > 0 {
         println!(
             "{} results not written: their lease had passed to another worker",

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use super::dialect::Dialect;
-use crate::model::{Status, UserId, Validators};
+use crate::model::{AvatarRecord, Status, UserId, Validators};
 
 /// The mirrored picture as last recorded: carried over while the mirror stays.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -29,6 +29,29 @@ pub struct Previous {
     pub attempts: i64,
     pub expiry_signals: i64,
     pub reauth_required: bool,
+}
+
+impl From<&AvatarRecord> for Previous {
+    /// What a recorded state row leaves behind for the next check.
+    fn from(r: &AvatarRecord) -> Self {
+        Previous {
+            source_url: r.source_url.clone(),
+            status: r.status,
+            mirror_url: r.mirror_url.clone(),
+            object_key: r.object_key.clone(),
+            sha256: r.sha256.clone(),
+            meta: MirrorMeta {
+                size_bytes: r.size_bytes,
+                width: r.width,
+                height: r.height,
+                format: r.format.clone(),
+            },
+            validators: r.validators.clone(),
+            attempts: r.attempts,
+            expiry_signals: r.expiry_signals,
+            reauth_required: r.reauth_required,
+        }
+    }
 }
 
 /// One avatar this worker holds a lease on and must check now.

@@ -42,6 +42,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "run_errors",
         sql: include_str!("../../migrations/sqlite/0006_run_errors.sql"),
     },
+    Migration {
+        version: 7,
+        name: "meta",
+        sql: include_str!("../../migrations/sqlite/0007_meta.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -75,6 +80,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         name: "run_errors",
         sql: include_str!("../../migrations/postgres/0006_run_errors.sql"),
     },
+    Migration {
+        version: 7,
+        name: "meta",
+        sql: include_str!("../../migrations/postgres/0007_meta.sql"),
+    },
 ];
 
 pub(super) const MYSQL: &[Migration] = &[
@@ -107,6 +117,11 @@ pub(super) const MYSQL: &[Migration] = &[
         version: 6,
         name: "run_errors",
         sql: include_str!("../../migrations/mysql/0006_run_errors.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "meta",
+        sql: include_str!("../../migrations/mysql/0007_meta.sql"),
     },
 ];
 

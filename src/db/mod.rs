@@ -14,6 +14,7 @@ mod mysql;
 pub mod outbox;
 mod postgres;
 mod profile;
+mod rewrite;
 mod runs;
 mod sqlite;
 mod store;
@@ -30,6 +31,7 @@ pub use error::DbError;
 pub use ident::{Quote, quote};
 pub use outbox::{Delivery, OUTBOX_TABLE, OutboxBacklog, OutboxRow, Settle};
 pub use profile::ProfileNames;
+pub use rewrite::{Rewrite, WrittenBack};
 
 use ident::Quote as Q;
 use store::StateStore;
@@ -40,6 +42,8 @@ pub struct Database {
     timeout: Duration,
     /// host:port (or the SQLite file), to name in errors; never credentials.
     endpoint: String,
+    /// `profile.mirror_url_column` and `profile.reauth_column`, when set.
+    write_back_columns: (Option<String>, Option<String>),
 }
 
 /// Where a database URL points: `host:port` for a server, the path for
@@ -125,6 +129,7 @@ impl ProfileSettings {
                 store,
                 timeout: self.statement_timeout(),
                 endpoint,
+                write_back_columns: (self.mirror_url_column.clone(), self.reauth_column.clone()),
             }),
             // The socket's own reason ("connection refused") says more than the pool's "timed out".
             Err(DbError::Connect { endpoint, source }) if scheme != "sqlite" => {
@@ -403,6 +408,37 @@ impl Database {
 
     pub async fn count_due(&self, now: i64) -> Result<i64, DbError> {
         self.timed(self.store.count_due(now)).await
+    }
+
+    /// A fact kept between runs (`avatar_warden_meta`).
+    pub async fn meta(&self, name: &str) -> Result<Option<String>, DbError> {
+        self.timed(self.store.meta(name)).await
+    }
+
+    pub async fn set_meta(&self, name: &str, value: &str) -> Result<(), DbError> {
+        self.timed(self.store.set_meta(name, value)).await
+    }
+
+    /// What the profile table's write-back columns hold for `ids` (users
+    /// the table does not have are absent).
+    pub async fn written_back(
+        &self,
+        ids: &[UserId],
+    ) -> Result<std::collections::HashMap<String, WrittenBack>, DbError> {
+        self.timed(self.store.written_back(ids)).await
+    }
+
+    /// Writes one page of late write-back corrections in one transaction.
+    pub async fn rewrite(&self, page: &Rewrite) -> Result<(), DbError> {
+        rerun_deadlocks(|| async { self.timed(self.store.rewrite(page)).await }).await
+    }
+
+    /// The configured write-back columns: (mirror URL, re-auth flag).
+    pub fn writes_back(&self) -> (Option<&str>, Option<&str>) {
+        (
+            self.write_back_columns.0.as_deref(),
+            self.write_back_columns.1.as_deref(),
+        )
     }
 
     /// When the last completed scan finished, if one ever did.

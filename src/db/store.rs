@@ -15,15 +15,16 @@ use super::migrate::MIGRATIONS_TABLE;
 use super::outbox::OutboxRow;
 use super::outbox::OutboxStore;
 use super::profile::ProfileNames;
+use super::rewrite::RewriteStore;
 use super::runs::RunStore;
 use super::{DbError, Recorded};
 use crate::model::AvatarRecord;
 
 /// The state tables' operations, whatever the backend: a scan's own
 /// (here), the outbox's (`outbox`) and those of reports and `gc` (`runs`).
-pub(super) trait StateStore: ScanStore + OutboxStore + RunStore {}
+pub(super) trait StateStore: ScanStore + OutboxStore + RunStore + RewriteStore {}
 
-impl<T: ScanStore + OutboxStore + RunStore> StateStore for T {}
+impl<T: ScanStore + OutboxStore + RunStore + RewriteStore> StateStore for T {}
 
 #[async_trait]
 pub(super) trait ScanStore: Send + Sync {
@@ -227,7 +228,11 @@ impl<D: Dialect> Store<D> {
     }
 
     /// Writes the configured columns of the user's table.
-    async fn write_back(&self, tx: &mut Tx<D>, records: &[&AvatarRecord]) -> Result<(), DbError> {
+    pub(super) async fn write_back(
+        &self,
+        tx: &mut Tx<D>,
+        records: &[&AvatarRecord],
+    ) -> Result<(), DbError> {
         if self.names.mirror_url.is_none() && self.names.reauth.is_none() {
             return Ok(());
         }

@@ -23,6 +23,7 @@ pub(crate) use crate::model::{
 use crate::storage::{ImageWriter, StoredObject};
 
 mod policy;
+mod rewrite;
 mod stages;
 mod writer;
 
@@ -200,7 +201,15 @@ async fn scan_traced(
     deps.metrics.scan_started();
     deps.images.forget_all();
     update_backlog(deps).await;
-    let result = scan_with_lease(deps, opts, token).await;
+    let result = match rewrite_first(deps, opts).await {
+        Ok(rewritten) => scan_with_lease(deps, opts, token)
+            .await
+            .map(|report| ScanReport {
+                rewritten,
+                ..report
+            }),
+        Err(e) => Err(e),
+    };
     // Give back what was claimed but not checked (shutdown, or an error mid-way).
     if let Err(e) = deps.db.release(token).await {
         tracing::warn!(error = %e, "could not release leases; they expire by themselves");
@@ -266,6 +275,14 @@ async fn scan_traced(
         "scan finished"
     );
     Ok(report)
+}
+
+/// Late write-back before the scan, when the settings it derives from changed.
+async fn rewrite_first(deps: &Deps, opts: &ScanOptions) -> Result<u64, ScanError> {
+    if !rewrite::applies(opts) {
+        return Ok(0);
+    }
+    Ok(rewrite::rewrite_stale(deps, &opts.shutdown).await?)
 }
 
 /// The due backlog gauges; a count that fails is logged, never fatal.

@@ -25,6 +25,7 @@ mod proxy;
 mod readonly;
 mod retries;
 mod reverify;
+mod rewrite;
 mod rules;
 mod s3;
 mod scan;

@@ -769,3 +769,42 @@ async fn progress_lines_count_avatars_as_they_are_checked_with_numbers_a_shipper
     );
     assert!(mid["eta_secs"].as_u64().is_some(), "{mid}");
 }
+
+/// On a terminal, log lines are printed above the progress bar, never glued
+/// to it: no line of the screen holds both the bar and a log message.
+/// (`script` gives the scan a pseudo-terminal, so the bar is drawn.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_lines_on_a_terminal_never_share_a_line_with_the_progress_bar() {
+    let Some(script) = crate::helpers::tool("script", "apt-get install bsdutils") else {
+        return;
+    };
+    let mut app = slow_app(Duration::from_millis(30), 150).await;
+    app.set("FETCH__CONCURRENCY", "4");
+    // A debug line per avatar: many log lines while the bar is drawn.
+    let env: Vec<(String, String)> = app.env.clone();
+    let out = Command::new(script)
+        .args(["-qfec", &format!("{} scan", crate::cli::BIN), "/dev/null"])
+        .envs(env)
+        .env("RUST_LOG", "avatar_warden=debug")
+        .env("NO_COLOR", "1")
+        .env("TERM", "xterm")
+        .env("COLUMNS", "200")
+        .current_dir(app.dir.path())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("avatars"), "no bar was drawn:\n{screen}");
+    assert!(screen.contains("avatar checked"), "no log lines:\n{screen}");
+    // The terminal's lines as the bar and the log left them: a carriage
+    // return or an escape sequence (erase line, cursor up) starts a new
+    // piece; a piece holding both the bar and a log message is the defect.
+    let glued: Vec<&str> = screen
+        .split(['\n', '\r', '\u{1b}'])
+        .filter(|piece| piece.contains("avatars") && piece.contains("DEBUG"))
+        .collect();
+    assert!(
+        glued.is_empty(),
+        "a log line glued to the bar:\n{}",
+        glued.join("\n")
+    );
+}

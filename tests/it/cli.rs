@@ -553,3 +553,31 @@ async fn postgres_notices_do_not_reach_the_log_on_every_start() {
     assert!(err.contains("scan finished"), "logging at INFO: {err}");
     assert!(!err.contains("already exists, skipping"), "{err}");
 }
+
+/// A database that is down is named with its host:port and the socket's
+/// own reason, not the pool's "timed out", on both server backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_named_with_host_port_and_connection_refused() {
+    for url in [
+        "postgres://warden@127.0.0.1:1/app",
+        "mysql://warden@127.0.0.1:1/app",
+    ] {
+        let mut app = TestApp::empty().await;
+        app.set("PROFILE__URL", url);
+        app.set("PROFILE__CONNECT_TIMEOUT_SECS", "1");
+        let out = run(&app, &["status"]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("127.0.0.1:1"), "{url}: {err}");
+        assert!(
+            err.to_lowercase().contains("connection refused"),
+            "{url}: {err}"
+        );
+        assert!(!err.contains("timed out"), "{url}: {err}");
+        assert_eq!(
+            err.to_lowercase().matches("connection refused").count(),
+            1,
+            "said once: {err}"
+        );
+    }
+}

@@ -47,6 +47,9 @@ struct Scenario {
     /// Keep the default per-host politeness (adaptive, up to 10 at once)
     /// instead of lifting it for the single benchmark host.
     default_politeness: bool,
+    /// Measure the first scan and then the re-verification of the same
+    /// table (`scale`: the cost per avatar against the table's size).
+    both: bool,
 }
 
 /// How the measured second scan re-verifies the mirrored avatars.
@@ -89,6 +92,7 @@ impl Scenario {
             recheck: None,
             host_limit: None,
             default_politeness: false,
+            both: false,
         }
     }
 }
@@ -128,7 +132,36 @@ fn presets(name: &str) -> Vec<Scenario> {
         s.default_politeness = true;
         s
     };
+    // Cost per avatar against table size (#19): the first scan and the
+    // re-verification of 20k, 200k and 1M users, 10 % WeChat-expired.
+    let scale = |users: u64, db| {
+        let label = match users {
+            n if n >= 1_000_000 => format!("{}m", n / 1_000_000),
+            n => format!("{}k", n / 1000),
+        };
+        let mut s = Scenario::new(
+            &format!("scale-{label}-{}", format!("{db:?}").to_lowercase()),
+            users,
+            0,
+            64,
+            db,
+        );
+        (s.valid_pct, s.expired_pct) = (90, 10);
+        s.both = true;
+        s
+    };
     match name {
+        "scale" => [Db::Sqlite, Db::Postgres]
+            .into_iter()
+            .flat_map(|db| [20_000, 200_000, 1_000_000].map(|n| scale(n, db)))
+            .collect(),
+        "scale-200k" => vec![
+            scale(20_000, Db::Sqlite),
+            scale(200_000, Db::Sqlite),
+            scale(20_000, Db::Postgres),
+            scale(200_000, Db::Postgres),
+        ],
+        "scale-smoke" => vec![scale(2_000, Db::Sqlite)],
         "reverify" => reverify,
         "slow-host" => vec![slow_host("slow-host-50ms-limit6", 5_000, Db::Postgres)],
         "slow-host-smoke" => vec![slow_host("slow-host-smoke", 300, Db::Sqlite)],
@@ -144,7 +177,7 @@ fn presets(name: &str) -> Vec<Scenario> {
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
         other => panic!(
-            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, smoke)"
+            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, smoke)"
         ),
     }
 }
@@ -632,7 +665,7 @@ fn histogram_quantile(metrics: &str, name: &str, q: f64) -> Option<f64> {
     None
 }
 
-async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Value {
+async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<Value> {
     eprintln!(
         "== {} ({} users, {} ms, c{}, {:?}, {:?})",
         s.name, s.users, s.latency_ms, s.concurrency, s.db, s.store
@@ -649,7 +682,27 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
     let storage_env = garage.as_ref().map(|g| g.env.clone()).unwrap_or_default();
     let mut storage_env = storage_env;
     let mut extra_args: Vec<&str> = Vec::new();
-    if let Some(how) = s.recheck {
+    let mut results = Vec::new();
+    if s.both {
+        // The first scan, measured; then every avatar due again for the
+        // re-verification, measured below.
+        let mut first = s.clone();
+        first.name = format!("{}-first", s.name);
+        results.push(
+            measure(
+                &first,
+                http,
+                &origin.base,
+                &profile_url,
+                dir.path(),
+                &storage_env,
+                &[],
+                capacity,
+            )
+            .await,
+        );
+        all_due_now(&profile_url).await;
+    } else if let Some(how) = s.recheck {
         // The first scan mirrors everything; the second, measured, re-verifies it.
         run_worker(s, &profile_url, dir.path(), &storage_env, &[]);
         all_due_now(&profile_url).await;
@@ -670,11 +723,53 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
             Recheck::Redownload => extra_args.push("--redownload"),
         }
     }
-    let before = origin_stats(http, &origin.base).await;
-    let requests_before = before["requests"].as_u64().unwrap();
-    let run = run_worker(s, &profile_url, dir.path(), &storage_env, &extra_args);
+    let mut measured = s.clone();
+    if s.both {
+        measured.name = format!("{}-reverify", s.name);
+        measured.recheck = Some(Recheck::Conditional);
+    }
+    results.push(
+        measure(
+            &measured,
+            http,
+            &origin.base,
+            &profile_url,
+            dir.path(),
+            &storage_env,
+            &extra_args,
+            capacity,
+        )
+        .await,
+    );
     drop(garage);
-    let stats = origin_stats(http, &origin.base).await;
+    drop(origin);
+    if s.db == Db::Postgres {
+        // Leave no multi-gigabyte database behind.
+        if let Ok(admin) = sqlx::PgPool::connect(&args.postgres_url).await {
+            let _ = sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
+                .execute(&admin)
+                .await;
+        }
+    }
+    results
+}
+
+/// One measured worker run of scenario `s`, as a result row.
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    s: &Scenario,
+    http: &reqwest::Client,
+    origin: &str,
+    profile_url: &str,
+    dir: &Path,
+    storage_env: &[(String, String)],
+    extra_args: &[&str],
+    capacity: Option<f64>,
+) -> Value {
+    let before = origin_stats(http, origin).await;
+    let requests_before = before["requests"].as_u64().unwrap();
+    let run = run_worker(s, profile_url, dir, storage_env, extra_args);
+    let stats = origin_stats(http, origin).await;
     let requests = stats["requests"].as_u64().unwrap() - requests_before - 1;
     let processed = run.report["processed"].as_u64().unwrap_or(0);
     let scan_secs = run.report["duration_secs"]
@@ -688,11 +783,17 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
     );
     let bytes_downloaded = run.report["bytes_downloaded"].as_u64().unwrap_or(0);
     if s.recheck.is_some() {
-        // Every avatar must have been re-verified, none mirrored anew.
+        // Every mirrored avatar must have been re-verified, none mirrored anew.
         assert_eq!(
             run.report["unchanged"].as_u64(),
-            Some(processed),
+            run.report["by_status"]["mirrored"].as_u64(),
             "not all re-verified unchanged: {}",
+            run.report
+        );
+        assert_eq!(
+            run.report["by_status"]["mirrored"].as_u64(),
+            Some(processed * s.valid_pct / 100),
+            "{}",
             run.report
         );
     }
@@ -733,6 +834,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "origin_capacity_rps": capacity,
         "recheck": s.recheck.map(|r| format!("{r:?}").to_lowercase()),
         "bytes_downloaded": bytes_downloaded,
+        "objects_uploaded": run.report["objects_uploaded"],
         "bytes_per_avatar": bytes_downloaded as f64 / processed.max(1) as f64,
         "reverified": run.report["reverified"],
         "first_row_secs": run.first_row_secs,
@@ -742,15 +844,6 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Valu
         "hosts": run.report["hosts"],
     });
     eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
-    drop(origin);
-    if s.db == Db::Postgres {
-        // Leave no multi-gigabyte database behind.
-        if let Ok(admin) = sqlx::PgPool::connect(&args.postgres_url).await {
-            let _ = sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
-                .execute(&admin)
-                .await;
-        }
-    }
     result
 }
 
@@ -870,7 +963,7 @@ async fn main() {
     let http = reqwest::Client::new();
     let mut results = Vec::new();
     for s in &args.scenarios {
-        results.push(run_scenario(s, &args, &http).await);
+        results.extend(run_scenario(s, &args, &http).await);
     }
     let machine = machine();
     let date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string();

@@ -47,6 +47,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "meta",
         sql: include_str!("../../migrations/sqlite/0007_meta.sql"),
     },
+    Migration {
+        version: 8,
+        name: "lease_index_partial",
+        sql: include_str!("../../migrations/sqlite/0008_lease_index_partial.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -85,6 +90,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         name: "meta",
         sql: include_str!("../../migrations/postgres/0007_meta.sql"),
     },
+    Migration {
+        version: 8,
+        name: "lease_index_partial",
+        sql: include_str!("../../migrations/postgres/0008_lease_index_partial.sql"),
+    },
 ];
 
 pub(super) const MYSQL: &[Migration] = &[
@@ -122,6 +132,11 @@ pub(super) const MYSQL: &[Migration] = &[
         version: 7,
         name: "meta",
         sql: include_str!("../../migrations/mysql/0007_meta.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "lease_index_partial",
+        sql: include_str!("../../migrations/mysql/0008_lease_index_partial.sql"),
     },
 ];
 

@@ -1,0 +1,2 @@
+-- SQLite and PostgreSQL replace the lease index with a partial one here;
+-- MySQL and MariaDB have no partial indexes, so nothing changes.

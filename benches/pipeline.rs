@@ -6,6 +6,9 @@
 //!   cargo bench --bench pipeline -- --users 20000 --db postgres --latency-ms 0 --concurrency 64
 //!   cargo bench --bench pipeline -- --scenario reverify   (a second scan of mirrored avatars)
 //!   cargo bench --bench pipeline -- --scenario slow-host  (one host, 50 ms, 429 beyond N at once)
+//!   cargo bench --bench pipeline -- --scenario scale      (20k/200k/1M users: first scan, re-verification)
+//!   cargo bench --bench pipeline -- --scenario fleet      (1, 2, 4 scanners sharing one PostgreSQL)
+//!   cargo bench --bench pipeline -- --scenario idle       (a scan that finds nothing due, 1M/10M rows)
 //!
 //! Measured from outside the worker: avatars/s (the scan's own duration),
 //! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
@@ -38,6 +41,8 @@ struct Scenario {
     valid_pct: u64,
     expired_pct: u64,
     image_bytes: usize,
+    /// 640x640 JPEGs of 20-120 KB, median ~45 KB, instead of `image_bytes`.
+    realistic_images: bool,
     batch: usize,
     store: Store,
     /// Measure a second scan of the same, already mirrored avatars (#9).
@@ -47,9 +52,23 @@ struct Scenario {
     /// Keep the default per-host politeness (adaptive, up to 10 at once)
     /// instead of lifting it for the single benchmark host.
     default_politeness: bool,
-    /// Measure the first scan and then the re-verification of the same
-    /// table (`scale`: the cost per avatar against the table's size).
-    both: bool,
+    measured: Measured,
+}
+
+/// Which runs of a scenario are measured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Measured {
+    /// One scan (or, with `recheck`, the second scan).
+    Scan,
+    /// The first scan and then the re-verification of the same table
+    /// (`scale`: the cost per avatar against the table's size).
+    FirstThenReverify,
+    /// Re-verification by this many scanner processes at once, one run per
+    /// entry, on one PostgreSQL (`fleet`: what the database sustains).
+    Fleet(Vec<usize>),
+    /// A scan that finds nothing due: every row already checked and not due
+    /// for years (`idle`: the cost of walking the table every tick).
+    Idle,
 }
 
 /// How the measured second scan re-verifies the mirrored avatars.
@@ -87,12 +106,13 @@ impl Scenario {
             valid_pct: 100,
             expired_pct: 0,
             image_bytes: 20_000,
+            realistic_images: false,
             batch: 1000,
             store: Store::Fs,
             recheck: None,
             host_limit: None,
             default_politeness: false,
-            both: false,
+            measured: Measured::Scan,
         }
     }
 }
@@ -147,7 +167,30 @@ fn presets(name: &str) -> Vec<Scenario> {
             db,
         );
         (s.valid_pct, s.expired_pct) = (90, 10);
-        s.both = true;
+        s.realistic_images = true;
+        s.measured = Measured::FirstThenReverify;
+        s
+    };
+    // One PostgreSQL, 1/2/4 scanners re-verifying at once against an origin
+    // that answers 304 at once: the database's share of a fleet (#19).
+    let fleet = |name: &str, users, scanners: &[usize]| {
+        let mut s = Scenario::new(name, users, 0, 64, Db::Postgres);
+        s.measured = Measured::Fleet(scanners.to_vec());
+        s
+    };
+    let idle = |users: u64, db| {
+        let label = match users {
+            n if n >= 1_000_000 => format!("{}m", n / 1_000_000),
+            n => format!("{}k", n / 1000),
+        };
+        let mut s = Scenario::new(
+            &format!("idle-{label}-{}", format!("{db:?}").to_lowercase()),
+            users,
+            0,
+            64,
+            db,
+        );
+        s.measured = Measured::Idle;
         s
     };
     match name {
@@ -162,6 +205,15 @@ fn presets(name: &str) -> Vec<Scenario> {
             scale(200_000, Db::Postgres),
         ],
         "scale-smoke" => vec![scale(2_000, Db::Sqlite)],
+        "fleet" => vec![fleet("fleet-200k", 200_000, &[1, 2, 4])],
+        "fleet-smoke" => vec![fleet("fleet-smoke", 2_000, &[1, 2])],
+        "idle" => vec![
+            idle(1_000_000, Db::Sqlite),
+            idle(1_000_000, Db::Postgres),
+            idle(10_000_000, Db::Sqlite),
+            idle(10_000_000, Db::Postgres),
+        ],
+        "idle-smoke" => vec![idle(2_000, Db::Sqlite), idle(2_000, Db::Postgres)],
         "reverify" => reverify,
         "slow-host" => vec![slow_host("slow-host-50ms-limit6", 5_000, Db::Postgres)],
         "slow-host-smoke" => vec![slow_host("slow-host-smoke", 300, Db::Sqlite)],
@@ -177,7 +229,7 @@ fn presets(name: &str) -> Vec<Scenario> {
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
         other => panic!(
-            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, smoke)"
+            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, fleet, fleet-smoke, idle, idle-smoke, smoke)"
         ),
     }
 }
@@ -202,6 +254,7 @@ fn parse_args() -> Args {
             "--latency-ms" => (custom.latency_ms, is_custom) = (value().parse().unwrap(), true),
             "--concurrency" => (custom.concurrency, is_custom) = (value().parse().unwrap(), true),
             "--image-bytes" => (custom.image_bytes, is_custom) = (value().parse().unwrap(), true),
+            "--realistic-images" => (custom.realistic_images, is_custom) = (true, true),
             "--batch" => (custom.batch, is_custom) = (value().parse().unwrap(), true),
             "--valid-pct" => (custom.valid_pct, is_custom) = (value().parse().unwrap(), true),
             "--expired-pct" => (custom.expired_pct, is_custom) = (value().parse().unwrap(), true),
@@ -273,6 +326,7 @@ fn spawn_origin(s: &Scenario) -> OriginProcess {
                 .map(|n| vec!["--limit".to_string(), n.to_string()])
                 .unwrap_or_default(),
         )
+        .args(s.realistic_images.then_some("--realistic-images"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -376,14 +430,26 @@ async fn seed(s: &Scenario, args: &Args, base: &str, dir: &Path) -> String {
 
 /// Makes every mirrored avatar due again, as a week passing would.
 async fn all_due_now(profile_url: &str) {
-    let sql = "UPDATE avatar_warden_avatars SET next_check_at = 0 WHERE next_check_at IS NOT NULL";
+    execute(
+        profile_url,
+        &["UPDATE avatar_warden_avatars SET next_check_at = 0 WHERE next_check_at IS NOT NULL"],
+    )
+    .await;
+}
+
+/// Runs statements, each on its own, on the benchmark's database.
+async fn execute(profile_url: &str, statements: &[&str]) {
     if profile_url.starts_with("sqlite") {
         let pool = sqlx::SqlitePool::connect(profile_url).await.unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
+        for sql in statements {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
         pool.close().await;
     } else {
         let pool = sqlx::PgPool::connect(profile_url).await.unwrap();
-        sqlx::query(sql).execute(&pool).await.unwrap();
+        for sql in statements {
+            sqlx::query(sql).execute(&pool).await.unwrap();
+        }
         pool.close().await;
     }
 }
@@ -399,6 +465,40 @@ fn children_cpu_secs() -> (f64, f64) {
     let u = getrusage(UsageWho::RUSAGE_CHILDREN).expect("getrusage");
     let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
     (secs(u.user_time()), secs(u.system_time()))
+}
+
+/// CPU seconds (user + system) a live process has used so far.
+fn process_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    (ticks(11).unwrap_or(0.0) + ticks(12).unwrap_or(0.0)) / CLOCK_TICKS
+}
+
+/// Linux reports CPU time in `USER_HZ` ticks, 100 per second on every
+/// architecture it exports them for.
+const CLOCK_TICKS: f64 = 100.0;
+
+/// CPU seconds the whole machine has been busy (all CPUs, not idle or
+/// waiting for I/O), from `/proc/stat`.
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let total: f64 = ticks.iter().take(8).sum();
+    let idle = ticks.get(3).unwrap_or(&0.0) + ticks.get(4).unwrap_or(&0.0);
+    (total - idle) / CLOCK_TICKS
 }
 
 /// `VmHWM` (peak resident set) of a running process, in KiB.
@@ -424,12 +524,13 @@ fn watch_first_row(
             .unwrap();
         rt.block_on(async move {
             sqlx::any::install_default_drivers();
-            let sql = "SELECT COUNT(*) FROM avatar_warden_avatars WHERE status <> 'pending'";
+            // One row, not a count: this polls while a 10M-row table is measured.
+            let sql = "SELECT user_id FROM avatar_warden_avatars WHERE status <> 'pending' LIMIT 1";
             while !done.load(Ordering::Relaxed) {
                 if let Ok(pool) = sqlx::AnyPool::connect(&profile_url).await {
-                    let n: Result<i64, _> = sqlx::query_scalar(sql).fetch_one(&pool).await;
+                    let row = sqlx::query(sql).fetch_optional(&pool).await;
                     pool.close().await;
-                    if n.is_ok_and(|n| n > 0) {
+                    if row.is_ok_and(|r| r.is_some()) {
                         return Some(started.elapsed().as_secs_f64());
                     }
                 }
@@ -517,14 +618,13 @@ fn start_garage(dir: &Path) -> GarageProcess {
     }
 }
 
-fn run_worker(
+/// The worker binary with the scenario's settings in its environment.
+fn worker_command(
     s: &Scenario,
     profile_url: &str,
     dir: &Path,
     storage_env: &[(String, String)],
-    extra_args: &[&str],
-) -> WorkerRun {
-    let metrics_file = dir.join("metrics.prom");
+) -> Command {
     let mut cmd = Command::new(BIN);
     for (k, _) in std::env::vars() {
         if k.starts_with("AVATAR_WARDEN") || k == "RUST_LOG" {
@@ -551,6 +651,29 @@ fn run_worker(
         .iter()
         .filter(|_| !s.default_politeness)
         .map(|(k, v)| (format!("AVATAR_WARDEN__FETCH__{k}"), v.clone()));
+    cmd.envs(
+        env.iter()
+            .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
+    )
+    .envs(storage_env.iter().cloned())
+    .envs(politeness);
+    cmd
+}
+
+fn run_worker(
+    s: &Scenario,
+    profile_url: &str,
+    dir: &Path,
+    storage_env: &[(String, String)],
+    extra_args: &[&str],
+) -> WorkerRun {
+    // Scanners running at once (`fleet`) each keep their own metrics file.
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let metrics_file = dir.join(format!(
+        "metrics-{}.prom",
+        RUN.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut cmd = worker_command(s, profile_url, dir, storage_env);
     cmd.args([
         "scan",
         "--json",
@@ -559,12 +682,6 @@ fn run_worker(
         metrics_file.to_str().unwrap(),
     ])
     .args(extra_args)
-    .envs(
-        env.iter()
-            .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
-    )
-    .envs(storage_env.iter().cloned())
-    .envs(politeness)
     // sqlx logs every statement it executes at debug under `sqlx::query`.
     .env("RUST_LOG", "warn,sqlx::query=debug")
     .stdout(Stdio::piped())
@@ -672,18 +789,47 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
     );
     let dir = tempfile::tempdir().unwrap();
     let origin = spawn_origin(s);
-    // A host that refuses beyond N at once has no capacity to speak of.
+    // A host that refuses beyond N at once has no capacity to speak of, and
+    // a scan that finds nothing due asks the origin nothing.
     let capacity = match s.host_limit {
-        None => Some(origin_capacity(http, &origin.base, s).await),
-        Some(_) => None,
+        None if s.measured != Measured::Idle => Some(origin_capacity(http, &origin.base, s).await),
+        _ => None,
     };
     let profile_url = seed(s, args, &origin.base, dir.path()).await;
-    let garage = (s.store == Store::Garage).then(|| start_garage(dir.path()));
+    let results = match &s.measured {
+        Measured::Scan | Measured::FirstThenReverify => {
+            run_single(s, http, &origin.base, &profile_url, dir.path(), capacity).await
+        }
+        Measured::Idle => run_idle(s, http, &origin.base, &profile_url, dir.path()).await,
+        Measured::Fleet(sizes) => run_fleet(s, sizes, &origin, &profile_url, dir.path()).await,
+    };
+    drop(origin);
+    if s.db == Db::Postgres {
+        // Leave no multi-gigabyte database behind.
+        if let Ok(admin) = sqlx::PgPool::connect(&args.postgres_url).await {
+            let _ = sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
+                .execute(&admin)
+                .await;
+        }
+    }
+    results
+}
+
+/// One worker: the first scan and/or a re-verification, each measured.
+async fn run_single(
+    s: &Scenario,
+    http: &reqwest::Client,
+    origin: &str,
+    profile_url: &str,
+    dir: &Path,
+    capacity: Option<f64>,
+) -> Vec<Value> {
+    let garage = (s.store == Store::Garage).then(|| start_garage(dir));
     let storage_env = garage.as_ref().map(|g| g.env.clone()).unwrap_or_default();
     let mut storage_env = storage_env;
     let mut extra_args: Vec<&str> = Vec::new();
     let mut results = Vec::new();
-    if s.both {
+    if s.measured == Measured::FirstThenReverify {
         // The first scan, measured; then every avatar due again for the
         // re-verification, measured below.
         let mut first = s.clone();
@@ -692,24 +838,24 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
             measure(
                 &first,
                 http,
-                &origin.base,
-                &profile_url,
-                dir.path(),
+                origin,
+                profile_url,
+                dir,
                 &storage_env,
                 &[],
                 capacity,
             )
             .await,
         );
-        all_due_now(&profile_url).await;
+        all_due_now(profile_url).await;
     } else if let Some(how) = s.recheck {
         // The first scan mirrors everything; the second, measured, re-verifies it.
-        run_worker(s, &profile_url, dir.path(), &storage_env, &[]);
-        all_due_now(&profile_url).await;
+        run_worker(s, profile_url, dir, &storage_env, &[]);
+        all_due_now(profile_url).await;
         match how {
             Recheck::Conditional => {}
             Recheck::Head => {
-                let rules = dir.path().join("providers.toml");
+                let rules = dir.join("providers.toml");
                 std::fs::write(
                     &rules,
                     "[[provider]]\nname = \"bench\"\nhosts = [\"127.0.0.1\"]\nreverify = \"head\"\n",
@@ -724,7 +870,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
         }
     }
     let mut measured = s.clone();
-    if s.both {
+    if s.measured == Measured::FirstThenReverify {
         measured.name = format!("{}-reverify", s.name);
         measured.recheck = Some(Recheck::Conditional);
     }
@@ -732,9 +878,9 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
         measure(
             &measured,
             http,
-            &origin.base,
-            &profile_url,
-            dir.path(),
+            origin,
+            profile_url,
+            dir,
             &storage_env,
             &extra_args,
             capacity,
@@ -742,15 +888,130 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
         .await,
     );
     drop(garage);
-    drop(origin);
-    if s.db == Db::Postgres {
-        // Leave no multi-gigabyte database behind.
-        if let Ok(admin) = sqlx::PgPool::connect(&args.postgres_url).await {
-            let _ = sqlx::query("DROP DATABASE IF EXISTS avatar_warden_bench WITH (FORCE)")
-                .execute(&admin)
-                .await;
-        }
+    results
+}
+
+/// A scan that finds nothing due: every profile row already has a state row,
+/// checked, its URL unchanged, not due for decades. The state is written in
+/// SQL (a first scan of 10M avatars would take an hour); one scan runs
+/// unmeasured (it records the mirror fingerprint), then one is measured.
+async fn run_idle(
+    s: &Scenario,
+    http: &reqwest::Client,
+    origin: &str,
+    profile_url: &str,
+    dir: &Path,
+) -> Vec<Value> {
+    let status = worker_command(s, profile_url, dir, &[])
+        .arg("migrate")
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "avatar-warden migrate: {status}");
+    // Rows as wide as real mirrored ones: the walk reads every page.
+    let seed_state = "INSERT INTO avatar_warden_avatars (user_id, source_url, status, reason, \
+         checked_at, next_check_at, mirror_url, object_key, sha256, size_bytes, width, height, format) \
+         SELECT CAST(id AS TEXT), avatar_url, 'mirrored', 'unchanged', 1700000000, 4000000000, \
+         'https://cdn.example.com/avatars/9f/86/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-' || id || '.jpg', \
+         'avatars/9f/86/9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08-' || id || '.jpg', \
+         '9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08', 45000, 640, 640, 'jpeg' \
+         FROM bench_users";
+    let analyze = if s.db == Db::Postgres {
+        "VACUUM ANALYZE avatar_warden_avatars"
+    } else {
+        "ANALYZE"
+    };
+    execute(profile_url, &[seed_state, analyze]).await;
+    run_worker(s, profile_url, dir, &[], &[]);
+    vec![measure(s, http, origin, profile_url, dir, &[], &[], None).await]
+}
+
+/// `fleet` re-verifications of every avatar, each by that many scanner
+/// processes at once on one PostgreSQL; the origin answers 304 at once, so
+/// what is measured is claims and batched writes. WAL bytes come from
+/// `pg_current_wal_lsn()`, CPU from the workers, the origin and the machine.
+async fn run_fleet(
+    s: &Scenario,
+    fleet: &[usize],
+    origin: &OriginProcess,
+    profile_url: &str,
+    dir: &Path,
+) -> Vec<Value> {
+    // The first scan mirrors every avatar, unmeasured.
+    run_worker(s, profile_url, dir, &[], &[]);
+    let pool = sqlx::PgPool::connect(profile_url).await.unwrap();
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut results = Vec::new();
+    for &scanners in fleet {
+        all_due_now(profile_url).await;
+        // Each run starts from a table without the last run's dead rows.
+        execute(profile_url, &["VACUUM ANALYZE avatar_warden_avatars"]).await;
+        let lsn: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        let (busy, origin_cpu, workers_cpu) = (
+            machine_busy_secs(),
+            process_cpu_secs(origin.child.id()),
+            children_cpu_secs(),
+        );
+        let started = Instant::now();
+        let runs: Vec<WorkerRun> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..scanners)
+                .map(|_| scope.spawn(|| run_worker(s, profile_url, dir, &[], &[])))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let wall_secs = started.elapsed().as_secs_f64();
+        let wal_bytes: i64 = sqlx::query_scalar(
+            "SELECT CAST(pg_wal_lsn_diff(pg_current_wal_lsn(), CAST($1 AS pg_lsn)) AS BIGINT)",
+        )
+        .bind(&lsn)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        let count = |key: &str| -> u64 {
+            runs.iter()
+                .map(|r| r.report[key].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let processed = count("processed");
+        // Every avatar once, across the fleet, and each re-verified unchanged.
+        assert_eq!(
+            processed,
+            s.users * s.valid_pct / 100,
+            "fleet of {scanners}"
+        );
+        assert_eq!(count("unchanged"), processed, "fleet of {scanners}");
+        let workers_cpu = {
+            let after = children_cpu_secs();
+            after.0 + after.1 - workers_cpu.0 - workers_cpu.1
+        };
+        let origin_cpu = process_cpu_secs(origin.child.id()) - origin_cpu;
+        let busy = machine_busy_secs() - busy;
+        let per_k = |x: f64| x / processed.max(1) as f64 * 1000.0;
+        let statements: u64 = runs.iter().map(|r| r.db_statements).sum();
+        let result = json!({
+            "scenario": format!("{}-x{scanners}", s.name),
+            "fleet_scanners": scanners,
+            "users": s.users,
+            "db": "postgres",
+            "processed": processed,
+            "per_scanner": runs.iter().map(|r| r.report["processed"].clone()).collect::<Vec<_>>(),
+            "wall_secs": wall_secs,
+            "avatars_per_sec": processed as f64 / wall_secs,
+            "worker_cpu_secs_per_1000": per_k(workers_cpu),
+            "origin_cpu_secs_per_1000": per_k(origin_cpu),
+            "database_and_rest_cpu_secs_per_1000": per_k(busy - workers_cpu - origin_cpu),
+            "machine_busy_pct": busy / (wall_secs * cpus as f64) * 100.0,
+            "db_statements_per_1000": per_k(statements as f64),
+            "wal_bytes_per_1000": per_k(wal_bytes as f64),
+            "peak_rss_mib": runs.iter().map(|r| r.peak_rss_kib).max().unwrap_or(0) as f64 / 1024.0,
+        });
+        eprintln!("{}", serde_json::to_string_pretty(&result).unwrap());
+        results.push(result);
     }
+    pool.close().await;
     results
 }
 
@@ -777,7 +1038,9 @@ async fn measure(
         .unwrap_or(run.wall_secs);
     // A benchmark that silently measured less than it was asked to would lie.
     // A re-verification takes the mirrored avatars (expired ones wait for a new URL).
-    let expected = if s.recheck.is_some() {
+    let expected = if s.measured == Measured::Idle {
+        0
+    } else if s.recheck.is_some() {
         s.users * s.valid_pct / 100
     } else {
         s.users
@@ -818,7 +1081,9 @@ async fn measure(
         "origin_latency_ms": s.latency_ms,
         "concurrency": s.concurrency,
         "batch_size": s.batch,
-        "image_bytes": s.image_bytes,
+        "image_bytes": (!s.realistic_images).then_some(s.image_bytes),
+        "image_mix": if s.realistic_images { "realistic: 640x640, 20-120 KB, median ~45 KB" } else { "uniform" },
+        "idle": s.measured == Measured::Idle,
         "mix": {"valid_pct": s.valid_pct, "expired_pct": s.expired_pct, "gone_pct": 100 - s.valid_pct - s.expired_pct},
         "processed": processed,
         "by_status": run.report["by_status"],
@@ -830,6 +1095,9 @@ async fn measure(
         "cpu_secs": run.cpu_secs,
         "cpu_secs_per_1000": per_k(run.cpu_secs),
         "user_cpu_secs_per_1000": per_k(run.user_secs),
+        "sys_cpu_secs_per_1000": per_k(run.cpu_secs - run.user_secs),
+        "cpu_secs_total": run.cpu_secs,
+        "user_cpu_secs_total": run.user_secs,
         "peak_rss_mib": run.peak_rss_kib as f64 / 1024.0,
         "db_statements": run.db_statements,
         "db_statements_per_1000": per_k(run.db_statements as f64),
@@ -934,15 +1202,69 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         }
         md.push('\n');
     }
-    md.push_str("| scenario | users | db | store | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s | bytes dl/avatar |\n");
-    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for r in results {
+    let fleet: Vec<&Value> = results
+        .iter()
+        .filter(|r| !r["fleet_scanners"].is_null())
+        .collect();
+    if !fleet.is_empty() {
+        md.push_str("| fleet scenario | users | scanners | avatars/s | worker CPU s/1k | origin CPU s/1k | PostgreSQL + rest CPU s/1k | machine busy | DB stmts/1k | WAL bytes/1k | peak RSS MiB (one scanner) |\n");
+        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
+        for r in &fleet {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} |\n",
+                r["scenario"].as_str().unwrap_or(""),
+                r["users"],
+                r["fleet_scanners"],
+                fmt_opt(&r["avatars_per_sec"], 0),
+                fmt_opt(&r["worker_cpu_secs_per_1000"], 3),
+                fmt_opt(&r["origin_cpu_secs_per_1000"], 3),
+                fmt_opt(&r["database_and_rest_cpu_secs_per_1000"], 3),
+                fmt_opt(&r["machine_busy_pct"], 0),
+                fmt_opt(&r["db_statements_per_1000"], 1),
+                fmt_opt(&r["wal_bytes_per_1000"], 0),
+                fmt_opt(&r["peak_rss_mib"], 1),
+            ));
+        }
+        md.push('\n');
+    }
+    let idle: Vec<&Value> = results.iter().filter(|r| r["idle"] == true).collect();
+    if !idle.is_empty() {
+        md.push_str("| idle scenario | rows | db | scan s (nothing due) | s per 1M rows | worker CPU s | user CPU s | DB statements | peak RSS MiB |\n");
+        md.push_str("|---|---|---|---|---|---|---|---|---|\n");
+        for r in &idle {
+            let secs = r["scan_secs"].as_f64().unwrap_or(0.0);
+            let rows = r["users"].as_f64().unwrap_or(1.0);
+            md.push_str(&format!(
+                "| {} | {} | {} | {secs:.2} | {:.2} | {} | {} | {} | {} |\n",
+                r["scenario"].as_str().unwrap_or(""),
+                r["users"],
+                r["db"].as_str().unwrap_or(""),
+                secs / rows * 1e6,
+                fmt_opt(&r["cpu_secs_total"], 2),
+                fmt_opt(&r["user_cpu_secs_total"], 2),
+                r["db_statements"],
+                fmt_opt(&r["peak_rss_mib"], 1),
+            ));
+        }
+        md.push('\n');
+    }
+    let rest: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["fleet_scanners"].is_null() && r["idle"] != true)
+        .collect();
+    if rest.is_empty() {
+        return md;
+    }
+    md.push_str("| scenario | users | db | store | images | latency | conc. | avatars/s | p50 ms | p99 ms | CPU s/1k | user CPU s/1k | sys CPU s/1k | peak RSS MiB | DB stmts/1k | origin req | origin capacity req/s | bytes dl/avatar |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for r in rest {
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} ms | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["scenario"].as_str().unwrap_or(""),
             r["users"],
             r["db"].as_str().unwrap_or(""),
             r["store"].as_str().unwrap_or(""),
+            if r["image_bytes"].is_null() { "realistic".to_string() } else { format!("{} B", r["image_bytes"]) },
             r["origin_latency_ms"],
             r["concurrency"],
             fmt_opt(&r["avatars_per_sec"], 0),
@@ -950,6 +1272,7 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
             fmt_opt(&r["latency_p99_ms"], 2),
             fmt_opt(&r["cpu_secs_per_1000"], 3),
             fmt_opt(&r["user_cpu_secs_per_1000"], 3),
+            fmt_opt(&r["sys_cpu_secs_per_1000"], 3),
             fmt_opt(&r["peak_rss_mib"], 1),
             fmt_opt(&r["db_statements_per_1000"], 1),
             r["origin_requests"],

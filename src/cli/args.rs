@@ -174,6 +174,9 @@ pub(crate) enum Command {
         /// Approximate size of the `/bench/` JPEGs.
         #[arg(long, default_value_t = 20_000)]
         image_bytes: usize,
+        /// Serve 640x640 JPEGs of 20-120 KB (median ~45 KB) instead, as real avatars are.
+        #[arg(long, conflicts_with = "image_bytes")]
+        realistic_images: bool,
         /// Answer 429 when more than this many `/bench/` requests are in flight.
         #[arg(long)]
         limit: Option<u64>,

@@ -74,6 +74,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         bind,
         latency_ms,
         image_bytes,
+        realistic_images,
         limit,
     } = cli.command
     {
@@ -81,6 +82,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             latency: std::time::Duration::from_millis(latency_ms),
             bind,
             bench_image_bytes: image_bytes,
+            bench_realistic: realistic_images,
             bench_limit: limit,
             ..demo::OriginOptions::default()
         })

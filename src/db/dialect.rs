@@ -6,7 +6,7 @@
 use sqlx::Database;
 
 use super::DbError;
-use super::columns::{SETTLE_LEASE, STATE, STATE_TABLE, state_names};
+use super::columns::{Assign, SETTLE_LEASE, STATE, STATE_TABLE, state_names};
 use super::driver::{Driver, Params, question};
 use super::migrate::Migration;
 use super::profile::ProfileNames;
@@ -110,13 +110,13 @@ pub(super) trait Dialect: Send + Sync + Sized + 'static {
     fn upsert_state<'q>(
         &self,
         records: &[&AvatarRecord],
+        assign: Assign,
     ) -> Result<(String, Args<'q, Self>), DbError> {
-        let names: Vec<&str> = STATE.iter().map(|c| c.name).collect();
         let sql = format!(
             "INSERT INTO {STATE_TABLE} ({}) VALUES {} {}, {SETTLE_LEASE}",
             state_names(),
             Self::params().rows(records.len(), STATE.len()),
-            self.update_existing("user_id", &names[1..]),
+            self.update_existing("user_id", &assign.columns()),
         );
         let mut args = Args::<Self>::default();
         for r in records {

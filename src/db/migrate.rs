@@ -140,12 +140,19 @@ pub(super) const MYSQL: &[Migration] = &[
     },
 ];
 
-/// Splits a migration file into statements (our files keep `;` out of literals).
-pub(super) fn statements(sql: &str) -> impl Iterator<Item = &str> {
-    sql.split(';').map(str::trim).filter(|s| {
-        s.lines()
-            .any(|l| !l.trim().is_empty() && !l.trim_start().starts_with("--"))
-    })
+/// Splits a migration file into statements. Comments go first, so a `;` in
+/// one cannot cut a statement (our files keep `;` and `--` out of literals).
+pub(super) fn statements(sql: &str) -> Vec<String> {
+    let code: String = sql
+        .lines()
+        .map(|l| l.split_once("--").map_or(l, |(code, _)| code))
+        .collect::<Vec<_>>()
+        .join("\n");
+    code.split(';')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[cfg(test)]
@@ -161,8 +168,34 @@ mod tests {
         }
         assert_eq!(SQLITE.len(), POSTGRES.len());
         assert_eq!(SQLITE.len(), MYSQL.len());
-        let stmts: Vec<_> = statements(SQLITE[0].sql).collect();
+        let stmts = statements(SQLITE[0].sql);
         assert_eq!(stmts.len(), 4);
         assert!(stmts[0].contains("CREATE TABLE IF NOT EXISTS avatar_warden_avatars"));
+    }
+
+    #[test]
+    fn a_semicolon_in_a_comment_does_not_split_a_statement() {
+        let sql = "-- Why: the old index; it was full.\nDROP INDEX IF EXISTS a;\n\
+                   CREATE INDEX b ON t (c); -- trailing; note\n";
+        let stmts = statements(sql);
+        assert_eq!(stmts, ["DROP INDEX IF EXISTS a", "CREATE INDEX b ON t (c)"]);
+    }
+
+    #[test]
+    fn every_embedded_statement_starts_with_a_sql_keyword() {
+        for m in SQLITE.iter().chain(POSTGRES).chain(MYSQL) {
+            for stmt in statements(m.sql) {
+                let first = stmt.split_whitespace().next().unwrap_or("");
+                assert!(
+                    [
+                        "CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE", "SELECT"
+                    ]
+                    .contains(&first),
+                    "migration {} {}: statement starts with {first:?}: {stmt}",
+                    m.version,
+                    m.name
+                );
+            }
+        }
     }
 }

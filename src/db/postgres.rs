@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgQueryResult, PgRow};
 use sqlx::{Arguments, Column, Executor, Row, Statement, TypeInfo};
 
-use super::columns::{Kind, SETTLE_LEASE, STATE, STATE_TABLE, state_names};
+use super::columns::{Assign, Kind, SETTLE_LEASE, STATE, STATE_TABLE, state_names};
 use super::dialect::{Args, Dialect};
 use super::driver::{Params, Value, dollar};
 use super::migrate::{self, Migration};
@@ -18,21 +18,23 @@ use super::{DbError, open_pool, pool_options};
 use crate::config::ProfileSettings;
 use crate::model::{AvatarRecord, UserId};
 
-/// The batch upsert never changes: built once from the column table.
-static UPSERT_SQL: LazyLock<String> = LazyLock::new(|| {
+/// The batch upserts never change: built once from the column table.
+static UPSERT_SQL: LazyLock<[String; 2]> =
+    LazyLock::new(|| [Assign::All, Assign::KeepIndexed].map(upsert_sql));
+
+fn upsert_sql(assign: Assign) -> String {
     let arrays: Vec<String> = STATE
         .iter()
         .enumerate()
         .map(|(i, c)| format!("${}::{}[]", i + 1, c.kind.postgres_type()))
         .collect();
-    let names: Vec<&str> = STATE.iter().map(|c| c.name).collect();
     format!(
         "INSERT INTO {STATE_TABLE} ({}) SELECT * FROM UNNEST({}) {}, {SETTLE_LEASE}",
         state_names(),
         arrays.join(", "),
-        Postgres::default().update_existing("user_id", &names[1..]),
+        Postgres::default().update_existing("user_id", &assign.columns()),
     )
-});
+}
 
 /// What the profile table's column types ask of the SQL.
 pub(super) struct Postgres {
@@ -118,6 +120,7 @@ impl Dialect for Postgres {
     fn upsert_state<'q>(
         &self,
         records: &[&AvatarRecord],
+        assign: Assign,
     ) -> Result<(String, Args<'q, Self>), DbError> {
         let mut args = PgArguments::default();
         for c in &STATE {
@@ -129,7 +132,8 @@ impl Dialect for Postgres {
             }
             .map_err(|e| DbError::Query(sqlx::Error::Encode(e)))?;
         }
-        Ok((UPSERT_SQL.clone(), args))
+        let sql = &UPSERT_SQL[usize::from(assign == Assign::KeepIndexed)];
+        Ok((sql.clone(), args))
     }
 }
 

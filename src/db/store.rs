@@ -2,13 +2,13 @@
 //! record a batch, leases, runs, export, `gc`'s questions, the outbox and
 //! migrations. A backend contributes its `Dialect` (spelling) and a pool.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use sqlx::Pool;
 
 use super::claim::{Candidate, Claim, ClaimedPage, Locked, Selection, select_claims, unclaimed};
-use super::columns::{LOCK_COLUMNS, STATE_TABLE, locked};
+use super::columns::{Assign, LOCK_COLUMNS, STATE_TABLE, locked};
 use super::dialect::{Args, Dialect, ROWS_PER_STATEMENT, bind_id};
 use super::driver::{Driver, Params, Row, Value};
 use super::migrate::MIGRATIONS_TABLE;
@@ -203,16 +203,18 @@ impl<D: Dialect> Store<D> {
 
     /// Which of `ids` are still leased to `token`, locked until commit: a
     /// lease cannot be taken over between this check and the writes.
+    /// The rows of `ids` this worker still holds, with their stored
+    /// `STABLE_INDEXED` values (status, object key).
     async fn owned(
         tx: &mut Tx<D>,
         ids: &[String],
         token: &str,
-    ) -> Result<HashSet<String>, DbError> {
-        let mut owned = HashSet::with_capacity(ids.len());
+    ) -> Result<HashMap<String, (String, Option<String>)>, DbError> {
+        let mut owned = HashMap::with_capacity(ids.len());
         for chunk in ids.chunks(ROWS_PER_STATEMENT) {
             let mut p = D::params();
             let sql = format!(
-                "SELECT user_id FROM {STATE_TABLE} WHERE lease_token = {} AND user_id IN ({}){}",
+                "SELECT user_id, status, object_key FROM {STATE_TABLE} WHERE lease_token = {} AND user_id IN ({}){}",
                 p.one(),
                 p.list(chunk.len()),
                 D::WRITE_LOCK,
@@ -221,7 +223,13 @@ impl<D: Dialect> Store<D> {
                 std::iter::once(token.into()).chain(chunk.iter().map(|id| id.as_str().into())),
             )?;
             for row in D::Db::fetch_all(tx, &sql, args).await? {
-                owned.insert(D::Db::required_text(&row, "user_id")?);
+                owned.insert(
+                    D::Db::required_text(&row, "user_id")?,
+                    (
+                        D::Db::required_text(&row, "status")?,
+                        D::Db::text(&row, "object_key")?,
+                    ),
+                );
             }
         }
         Ok(owned)
@@ -382,16 +390,27 @@ impl<D: Dialect> ScanStore for Store<D> {
         let owned = Self::owned(&mut tx, &ids, token).await?;
         let mine: Vec<&AvatarRecord> = records
             .iter()
-            .filter(|r| owned.contains(&r.user_id.to_string()))
+            .filter(|r| owned.contains_key(&r.user_id.to_string()))
             .collect();
-        for chunk in mine.chunks(ROWS_PER_STATEMENT) {
-            let (sql, args) = self.dialect.upsert_state(chunk)?;
-            D::Db::execute(&mut tx, &sql, args).await?;
+        // Most of a re-verification leaves status and object key as stored.
+        let (same, changed): (Vec<&AvatarRecord>, Vec<&AvatarRecord>) =
+            mine.iter().partition(|r| {
+                owned
+                    .get(&r.user_id.to_string())
+                    .is_some_and(|(status, key)| {
+                        status == r.status.as_str() && *key == r.object_key
+                    })
+            });
+        for (rows, assign) in [(&same, Assign::KeepIndexed), (&changed, Assign::All)] {
+            for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+                let (sql, args) = self.dialect.upsert_state(chunk, assign)?;
+                D::Db::execute(&mut tx, &sql, args).await?;
+            }
         }
         self.write_back(&mut tx, &mine).await?;
         let deliveries: Vec<&OutboxRow> = outbox
             .iter()
-            .filter(|o| owned.contains(&o.user_id.to_string()))
+            .filter(|o| owned.contains_key(&o.user_id.to_string()))
             .collect();
         self.insert_outbox(&mut tx, &deliveries).await?;
         tx.commit().await?;
@@ -438,7 +457,7 @@ async fn migrate_in<D: Dialect>(tx: &mut Tx<D>) -> Result<Vec<i64>, DbError> {
     let mut applied = Vec::new();
     for m in D::MIGRATIONS.iter().filter(|m| !done.contains(&m.version)) {
         for stmt in super::migrate::statements(m.sql) {
-            D::Db::execute(tx, stmt, Args::<D>::default())
+            D::Db::execute(tx, &stmt, Args::<D>::default())
                 .await
                 .map_err(|source| DbError::Migration {
                     version: m.version,

@@ -34,6 +34,9 @@ pub struct OriginOptions {
     pub bind: SocketAddr,
     /// Approximate size of the JPEGs under `/bench/` (the benchmark's avatars).
     pub bench_image_bytes: usize,
+    /// Serve `/bench/` avatars as 640x640 JPEGs of 20-120 KB (median ~45 KB),
+    /// as WeChat's `/0` avatars are, instead of `bench_image_bytes` each.
+    pub bench_realistic: bool,
     /// `/bench/` answers 429 when more than this many requests are in flight
     /// (a host that limits concurrency, for the slow-host benchmark).
     pub bench_limit: Option<u64>,
@@ -46,6 +49,7 @@ impl Default for OriginOptions {
             image_side: 132,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             bench_image_bytes: 20_000,
+            bench_realistic: false,
             bench_limit: None,
         }
     }
@@ -578,6 +582,71 @@ pub fn render_avatar(name: &str, side: u32, format: image::ImageFormat) -> Vec<u
         .write_to(&mut out, format)
         .expect("encoding to memory cannot fail");
     out.into_inner()
+}
+
+/// A `side`x`side` JPEG of at least `target` bytes where one can be made:
+/// the avatar pattern at a searched "detail level": up to 45 the JPEG
+/// quality rises (30 to 75), above it deterministic noise covers more pixels. Real
+/// photos carry detail flat renders lack; this is how a 640x640 picture
+/// reaches the sizes real avatars have, small or large.
+#[allow(clippy::cast_possible_truncation)] // channel values wrap on purpose
+pub fn render_jpeg_of_size(name: &str, side: u32, target: usize) -> Vec<u8> {
+    const QUALITY_STEPS: u32 = 45;
+    let seed = name.bytes().fold(2_166_136_261_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
+    });
+    let render = |level: u32| {
+        // Noise of a fixed amplitude on a growing share of the pixels: the
+        // size grows in small steps (a growing amplitude jumps).
+        let (quality, density) = if level <= QUALITY_STEPS {
+            (30 + level, 0)
+        } else {
+            // Quadratic: the first noisy pixels cost the most bytes.
+            (30 + QUALITY_STEPS, (level - QUALITY_STEPS).pow(2))
+        };
+        let [r, g, b, _] = seed.to_le_bytes();
+        let img = image::RgbImage::from_fn(side, side, |x, y| {
+            let h = (x.wrapping_mul(73_856_093) ^ y.wrapping_mul(19_349_663) ^ seed)
+                .wrapping_mul(2_654_435_761);
+            let noisy = (h >> 16) < density;
+            let noise = |shift: u32| if noisy { ((h >> shift) % 48) as u8 } else { 0 };
+            image::Rgb([
+                r.wrapping_add((x * 255 / side.max(1)) as u8)
+                    .wrapping_add(noise(0)),
+                g.wrapping_add((y * 255 / side.max(1)) as u8)
+                    .wrapping_add(noise(8)),
+                (b ^ ((x ^ y) as u8 & 0x1F)).wrapping_add(noise(16)),
+            ])
+        });
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality as u8)
+            .encode_image(&img)
+            .expect("encoding to memory cannot fail");
+        out
+    };
+    // The lowest level that reaches `target` (size grows with the level).
+    let (mut lo, mut hi) = (0_u32, QUALITY_STEPS + 255);
+    let mut best = render(hi);
+    if best.len() < target {
+        return best;
+    }
+    best = render(lo);
+    if best.len() >= target {
+        return best;
+    }
+    while lo + 1 < hi {
+        let mid = u32::midpoint(lo, hi);
+        let img = render(mid);
+        if img.len() >= target {
+            (hi, best) = (mid, img);
+        } else {
+            lo = mid;
+        }
+    }
+    if best.len() < target {
+        best = render(hi);
+    }
+    best
 }
 
 /// The gray "temporarily unavailable" picture WeChat serves for dead avatars.

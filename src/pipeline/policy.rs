@@ -78,7 +78,7 @@ pub(crate) fn build_record(
             let wait = if record.expiry_signals > 0 {
                 saturating_i64(policy.expiry.min_interval_secs)
             } else {
-                jitter(policy.recheck.mirrored_secs, 0.1, rng)
+                jitter_of_second(policy.recheck.mirrored_secs, 0.1, now)
             };
             record.next_check_at = Some(now + wait);
         }
@@ -230,7 +230,26 @@ pub(crate) fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
     crate::model::exponential_backoff(recheck.failing_initial_secs, recheck.failing_max_secs, exp)
 }
 
-/// Spreads re-checks so a million avatars mirrored on one day are not all due on the same second.
+/// The mirrored re-check's spread, the same for every avatar checked in the
+/// same second and drawn anew each second: a backfill still comes due spread
+/// over +-`fraction` of the interval, second by second. One draw per avatar
+/// would put each `next_check_at` index entry at a random place in an index
+/// as large as the table, so each batch dirtied a page per avatar and
+/// re-verification slowed as the table grew (BENCHMARKS.md, #19); a shared
+/// value keeps one second's entries side by side.
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // rounded seconds
+fn jitter_of_second(secs: u64, fraction: f64, now: i64) -> i64 {
+    // SplitMix64 of the second: a fixed, well-spread draw per second.
+    let mut z = now.cast_unsigned().wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let unit = (z >> 11) as f64 / (1_u64 << 53) as f64;
+    let spread = secs as f64 * fraction;
+    (secs as f64 + spread * (2.0 * unit - 1.0)).max(1.0) as i64
+}
+
+/// Spreads re-tries so a million avatars failing on one day are not all due on the same second.
 #[allow(clippy::cast_possible_truncation)] // rounded seconds, at least 1
 fn jitter(secs: u64, fraction: f64, rng: &mut impl Rng) -> i64 {
     let spread = secs as f64 * fraction;
@@ -348,6 +367,30 @@ mod tests {
         // Without a mirror there is nothing to show: flag.
         let r = record(&due(None), expired(), &p);
         assert!(r.reauth_required);
+    }
+
+    #[test]
+    fn avatars_checked_in_one_second_share_a_recheck_time_spread_over_the_seconds() {
+        let week = 7 * 86_400_u64;
+        let at = |now| jitter_of_second(week, 0.1, now);
+        assert_eq!(at(1_700_000_000), at(1_700_000_000));
+        let waits: Vec<i64> = (0..2_000).map(|s| at(1_700_000_000 + s)).collect();
+        let spread = i64::try_from(week / 10).unwrap();
+        let week = i64::try_from(week).unwrap();
+        assert!(
+            waits
+                .iter()
+                .all(|w| (week - spread..=week + spread).contains(w))
+        );
+        // Spread over the whole window, not clumped: each tenth of it is used.
+        for tenth in 0..10 {
+            let lo = week - spread + tenth * spread / 5;
+            let hits = waits
+                .iter()
+                .filter(|w| (lo..lo + spread / 5).contains(w))
+                .count();
+            assert!((120..=280).contains(&hits), "tenth {tenth}: {hits} of 2000");
+        }
     }
 
     #[test]

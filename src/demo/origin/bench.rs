@@ -74,9 +74,13 @@ pub(super) async fn serve_bench_answer(
     }
     let (kind, id) = rest.split_once('/').unwrap_or((rest, "0"));
     let id: u64 = id.parse().unwrap_or(0);
-    let pool = state
-        .bench
-        .get_or_init(|| bench_pool(state.options.bench_image_bytes));
+    let pool = state.bench.get_or_init(|| {
+        if state.options.bench_realistic {
+            realistic_pool()
+        } else {
+            bench_pool(state.options.bench_image_bytes)
+        }
+    });
     match kind {
         "valid" => {
             let etag = format!("\"v{id}\"");
@@ -116,6 +120,22 @@ pub(super) fn bench_pool(target: usize) -> Vec<Bytes> {
                 image::ImageFormat::Jpeg,
             ))
         })
+        .collect()
+}
+
+/// Sizes in bytes of the realistic pool: 20-120 KB, median ~45 KB, skewed
+/// toward the small end as a population of phone-camera avatars is.
+pub(super) const REALISTIC_SIZES: [usize; 16] = [
+    20_000, 24_000, 28_000, 32_000, 36_000, 39_000, 42_000, 44_000, 46_000, 49_000, 53_000, 58_000,
+    66_000, 78_000, 95_000, 120_000,
+];
+
+/// 16 JPEGs of 640x640 (WeChat's `/0` size), one per `REALISTIC_SIZES` entry.
+pub(super) fn realistic_pool() -> Vec<Bytes> {
+    REALISTIC_SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| Bytes::from(render_jpeg_of_size(&format!("real-{i}"), 640, size)))
         .collect()
 }
 

@@ -314,19 +314,17 @@ impl Drop for OriginProcess {
 
 fn spawn_origin(s: &Scenario) -> OriginProcess {
     let mut child = Command::new(BIN)
-        .args([
-            "origin",
-            "--latency-ms",
-            &s.latency_ms.to_string(),
-            "--image-bytes",
-            &s.image_bytes.to_string(),
-        ])
+        .args(["origin", "--latency-ms", &s.latency_ms.to_string()])
+        .args(if s.realistic_images {
+            vec!["--realistic-images".to_string()]
+        } else {
+            vec!["--image-bytes".to_string(), s.image_bytes.to_string()]
+        })
         .args(
             s.host_limit
                 .map(|n| vec!["--limit".to_string(), n.to_string()])
                 .unwrap_or_default(),
         )
-        .args(s.realistic_images.then_some("--realistic-images"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -356,6 +354,9 @@ async fn origin_stats(http: &reqwest::Client, base: &str) -> Value {
 /// Requests/s the origin serves alone, at the scenario's concurrency.
 async fn origin_capacity(http: &reqwest::Client, base: &str, s: &Scenario) -> f64 {
     let n = (s.concurrency as u64 * 40).clamp(2_000, 20_000);
+    // The first request renders the picture pool: not part of the capacity.
+    let warm = format!("{base}/bench/valid/{}", 9_999_999);
+    http.get(warm).send().await.unwrap().bytes().await.unwrap();
     let started = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {

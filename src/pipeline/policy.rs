@@ -5,7 +5,7 @@ use rand::Rng;
 
 use crate::classify::{Reason, Status, Verdict};
 use crate::config::{RecheckSettings, WhenMirrorExists};
-use crate::db::{AvatarRecord, DueAvatar, Previous, Validators};
+use crate::db::{AvatarRecord, DueAvatar, Previous, UserId, Validators};
 use crate::media::ImageInfo;
 use crate::model::saturating_i64;
 use crate::storage::StoredObject;
@@ -78,7 +78,7 @@ pub(crate) fn build_record(
             let wait = if record.expiry_signals > 0 {
                 saturating_i64(policy.expiry.min_interval_secs)
             } else {
-                jitter_of_second(policy.recheck.mirrored_secs, 0.1, now)
+                recheck_wait(policy.recheck.mirrored_secs, 0.1, now, &due.user_id)
             };
             record.next_check_at = Some(now + wait);
         }
@@ -230,23 +230,40 @@ pub(crate) fn backoff_secs(attempts: i64, recheck: &RecheckSettings) -> u64 {
     crate::model::exponential_backoff(recheck.failing_initial_secs, recheck.failing_max_secs, exp)
 }
 
-/// The mirrored re-check's spread, the same for every avatar checked in the
-/// same second and drawn anew each second: a backfill still comes due spread
-/// over +-`fraction` of the interval, second by second. One draw per avatar
-/// would put each `next_check_at` index entry at a random place in an index
-/// as large as the table, so each batch dirtied a page per avatar and
-/// re-verification slowed as the table grew (BENCHMARKS.md, #19); a shared
-/// value keeps one second's entries side by side.
+/// The mirrored re-check's wait: a spread drawn once per second (the same
+/// for every avatar checked in that second) plus a few minutes that depend
+/// on the user. A backfill still comes due spread over +-`fraction` of the
+/// interval, second by second, and no two users of a second share a time.
+/// One draw per avatar put each `next_check_at` index entry at a random
+/// place in an index as large as the table, so each batch dirtied a page per
+/// avatar and re-verification slowed as the table grew (BENCHMARKS.md, #19);
+/// this keeps one second's entries within a few minutes of each other.
 #[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)] // rounded seconds
-fn jitter_of_second(secs: u64, fraction: f64, now: i64) -> i64 {
-    // SplitMix64 of the second: a fixed, well-spread draw per second.
-    let mut z = now.cast_unsigned().wrapping_add(0x9E37_79B9_7F4A_7C15);
+fn recheck_wait(secs: u64, fraction: f64, now: i64, user: &UserId) -> i64 {
+    let unit = |x: u64| (splitmix64(x) >> 11) as f64 / (1_u64 << 53) as f64;
+    let spread = secs as f64 * fraction;
+    let of_second = spread * (2.0 * unit(now.cast_unsigned()) - 1.0);
+    let id_hash = user
+        .to_string()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let of_user = (spread.min(USER_SPREAD_SECS) * (2.0 * unit(id_hash) - 1.0)).round();
+    // Within the configured window whatever the user adds.
+    let wait = (of_second + of_user).clamp(-spread, spread);
+    (secs as f64 + wait).max(1.0) as i64
+}
+
+/// How far apart one second's users may come due (+-).
+const USER_SPREAD_SECS: f64 = 300.0;
+
+/// SplitMix64: a fixed, well-spread 64-bit value for each input.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^= z >> 31;
-    let unit = (z >> 11) as f64 / (1_u64 << 53) as f64;
-    let spread = secs as f64 * fraction;
-    (secs as f64 + spread * (2.0 * unit - 1.0)).max(1.0) as i64
+    z ^ (z >> 31)
 }
 
 /// Spreads re-tries so a million avatars failing on one day are not all due on the same second.
@@ -370,19 +387,32 @@ mod tests {
     }
 
     #[test]
-    fn avatars_checked_in_one_second_share_a_recheck_time_spread_over_the_seconds() {
+    fn one_seconds_avatars_come_due_within_minutes_and_the_seconds_spread_over_the_window() {
         let week = 7 * 86_400_u64;
-        let at = |now| jitter_of_second(week, 0.1, now);
-        assert_eq!(at(1_700_000_000), at(1_700_000_000));
-        let waits: Vec<i64> = (0..2_000).map(|s| at(1_700_000_000 + s)).collect();
-        let spread = i64::try_from(week / 10).unwrap();
-        let week = i64::try_from(week).unwrap();
+        let at = |now, user: i64| recheck_wait(week, 0.1, now, &UserId::Int(user));
+        let (spread, week) = (
+            i64::try_from(week / 10).unwrap(),
+            i64::try_from(week).unwrap(),
+        );
+        // One second: 1,000 users within +-5 minutes of each other, spread over
+        // that window (601 possible seconds; a random draw fills ~490).
+        let mut second: Vec<i64> = (0..1_000).map(|u| at(1_700_000_000, u)).collect();
+        second.sort_unstable();
+        assert!(
+            second[999] - second[0] <= 600,
+            "{} s apart",
+            second[999] - second[0]
+        );
+        second.dedup();
+        assert!(second.len() > 450, "only {} distinct times", second.len());
+        assert_eq!(at(1_700_000_000, 7), at(1_700_000_000, 7));
+        // 2,000 seconds: spread over the whole window, each tenth of it used.
+        let waits: Vec<i64> = (0..2_000).map(|s| at(1_700_000_000 + s, s)).collect();
         assert!(
             waits
                 .iter()
                 .all(|w| (week - spread..=week + spread).contains(w))
         );
-        // Spread over the whole window, not clumped: each tenth of it is used.
         for tenth in 0..10 {
             let lo = week - spread + tenth * spread / 5;
             let hits = waits

@@ -28,6 +28,11 @@ pub(super) trait Dialect: Send + Sync + Sized + 'static {
     const BEGIN_WRITE: Option<&'static str> = None;
     /// Locks the rows being claimed; rows another worker holds are skipped, not waited for.
     const CLAIM_LOCK: &'static str = " FOR UPDATE SKIP LOCKED";
+    /// Leave unchanged `STABLE_INDEXED` columns out of a batch's update
+    /// (`Assign::KeepIndexed`). Only SQLite gains: it rewrites the index entry
+    /// of every assigned column. MySQL compares values itself, and on
+    /// PostgreSQL the narrower update measured slower (BENCHMARKS.md, #19).
+    const KEEP_INDEXED: bool = false;
     /// Locks the rows about to be written until commit.
     const WRITE_LOCK: &'static str = " FOR UPDATE";
     const MIGRATIONS: &'static [Migration];

@@ -21,6 +21,7 @@ impl Dialect for Sqlite {
     type Db = sqlx::Sqlite;
     const BEGIN_WRITE: Option<&'static str> = Some("BEGIN IMMEDIATE");
     const CLAIM_LOCK: &'static str = "";
+    const KEEP_INDEXED: bool = true;
     const WRITE_LOCK: &'static str = "";
     const MIGRATIONS: &'static [Migration] = migrate::SQLITE;
     const COUNT_TABLES_NAMED: &'static str =

@@ -395,11 +395,12 @@ impl<D: Dialect> ScanStore for Store<D> {
         // Most of a re-verification leaves status and object key as stored.
         let (same, changed): (Vec<&AvatarRecord>, Vec<&AvatarRecord>) =
             mine.iter().partition(|r| {
-                owned
-                    .get(&r.user_id.to_string())
-                    .is_some_and(|(status, key)| {
-                        status == r.status.as_str() && *key == r.object_key
-                    })
+                D::KEEP_INDEXED
+                    && owned
+                        .get(&r.user_id.to_string())
+                        .is_some_and(|(status, key)| {
+                            status == r.status.as_str() && *key == r.object_key
+                        })
             });
         for (rows, assign) in [(&same, Assign::KeepIndexed), (&changed, Assign::All)] {
             for chunk in rows.chunks(ROWS_PER_STATEMENT) {

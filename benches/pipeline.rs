@@ -154,18 +154,17 @@ fn presets(name: &str) -> Vec<Scenario> {
     };
     // Cost per avatar against table size (#19): the first scan and the
     // re-verification of 20k, 200k and 1M users, 10 % WeChat-expired.
-    let scale = |users: u64, db| {
+    // `<kind>-<users>-<db>` at 0 ms and concurrency 64, e.g. `scale-1m-sqlite`.
+    let sized = |kind: &str, users: u64, db: Db| {
         let label = match users {
             n if n >= 1_000_000 => format!("{}m", n / 1_000_000),
             n => format!("{}k", n / 1000),
         };
-        let mut s = Scenario::new(
-            &format!("scale-{label}-{}", format!("{db:?}").to_lowercase()),
-            users,
-            0,
-            64,
-            db,
-        );
+        let db_name = format!("{db:?}").to_lowercase();
+        Scenario::new(&format!("{kind}-{label}-{db_name}"), users, 0, 64, db)
+    };
+    let scale = |users: u64, db| {
+        let mut s = sized("scale", users, db);
         (s.valid_pct, s.expired_pct) = (90, 10);
         s.realistic_images = true;
         s.measured = Measured::FirstThenReverify;
@@ -179,17 +178,7 @@ fn presets(name: &str) -> Vec<Scenario> {
         s
     };
     let idle = |users: u64, db| {
-        let label = match users {
-            n if n >= 1_000_000 => format!("{}m", n / 1_000_000),
-            n => format!("{}k", n / 1000),
-        };
-        let mut s = Scenario::new(
-            &format!("idle-{label}-{}", format!("{db:?}").to_lowercase()),
-            users,
-            0,
-            64,
-            db,
-        );
+        let mut s = sized("idle", users, db);
         s.measured = Measured::Idle;
         s
     };

@@ -1158,6 +1158,16 @@ fn fmt_opt(v: &Value, digits: usize) -> String {
         .map_or_else(|| "-".into(), |x| format!("{x:.digits$}"))
 }
 
+/// A Markdown table and a blank line after it.
+fn md_table(md: &mut String, header: &[&str], rows: impl Iterator<Item = Vec<String>>) {
+    md.push_str(&format!("| {} |\n", header.join(" | ")));
+    md.push_str(&format!("|{}\n", "---|".repeat(header.len())));
+    for row in rows {
+        md.push_str(&format!("| {} |\n", row.join(" | ")));
+    }
+    md.push('\n');
+}
+
 fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commit: &str) -> String {
     let mut md = format!(
         "\n## {date} — commit {commit}\n\nMachine: {} CPUs ({}), {} GiB; {}.\nCommand: `{command}`\n\n",
@@ -1197,46 +1207,71 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         .filter(|r| !r["fleet_scanners"].is_null())
         .collect();
     if !fleet.is_empty() {
-        md.push_str("| fleet scenario | users | scanners | avatars/s | worker CPU s/1k | origin CPU s/1k | PostgreSQL + rest CPU s/1k | machine busy | DB stmts/1k | WAL bytes/1k | peak RSS MiB (one scanner) |\n");
-        md.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
-        for r in &fleet {
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} % | {} | {} | {} |\n",
-                r["scenario"].as_str().unwrap_or(""),
-                r["users"],
-                r["fleet_scanners"],
+        let rows = fleet.iter().map(|r| {
+            vec![
+                r["scenario"].as_str().unwrap_or("").to_string(),
+                r["users"].to_string(),
+                r["fleet_scanners"].to_string(),
                 fmt_opt(&r["avatars_per_sec"], 0),
                 fmt_opt(&r["worker_cpu_secs_per_1000"], 3),
                 fmt_opt(&r["origin_cpu_secs_per_1000"], 3),
                 fmt_opt(&r["database_and_rest_cpu_secs_per_1000"], 3),
-                fmt_opt(&r["machine_busy_pct"], 0),
+                format!("{} %", fmt_opt(&r["machine_busy_pct"], 0)),
                 fmt_opt(&r["db_statements_per_1000"], 1),
                 fmt_opt(&r["wal_bytes_per_1000"], 0),
                 fmt_opt(&r["peak_rss_mib"], 1),
-            ));
-        }
-        md.push('\n');
+            ]
+        });
+        md_table(
+            &mut md,
+            &[
+                "fleet scenario",
+                "users",
+                "scanners",
+                "avatars/s",
+                "worker CPU s/1k",
+                "origin CPU s/1k",
+                "PostgreSQL + rest CPU s/1k",
+                "machine busy",
+                "DB stmts/1k",
+                "WAL bytes/1k",
+                "peak RSS MiB (one scanner)",
+            ],
+            rows,
+        );
     }
     let idle: Vec<&Value> = results.iter().filter(|r| r["idle"] == true).collect();
     if !idle.is_empty() {
-        md.push_str("| idle scenario | rows | db | scan s (nothing due) | s per 1M rows | worker CPU s | user CPU s | DB statements | peak RSS MiB |\n");
-        md.push_str("|---|---|---|---|---|---|---|---|---|\n");
-        for r in &idle {
+        let rows = idle.iter().map(|r| {
             let secs = r["scan_secs"].as_f64().unwrap_or(0.0);
             let rows = r["users"].as_f64().unwrap_or(1.0);
-            md.push_str(&format!(
-                "| {} | {} | {} | {secs:.2} | {:.2} | {} | {} | {} | {} |\n",
-                r["scenario"].as_str().unwrap_or(""),
-                r["users"],
-                r["db"].as_str().unwrap_or(""),
-                secs / rows * 1e6,
+            vec![
+                r["scenario"].as_str().unwrap_or("").to_string(),
+                r["users"].to_string(),
+                r["db"].as_str().unwrap_or("").to_string(),
+                format!("{secs:.2}"),
+                format!("{:.2}", secs / rows * 1e6),
                 fmt_opt(&r["cpu_secs_total"], 2),
                 fmt_opt(&r["user_cpu_secs_total"], 2),
-                r["db_statements"],
+                r["db_statements"].to_string(),
                 fmt_opt(&r["peak_rss_mib"], 1),
-            ));
-        }
-        md.push('\n');
+            ]
+        });
+        md_table(
+            &mut md,
+            &[
+                "idle scenario",
+                "rows",
+                "db",
+                "scan s (nothing due)",
+                "s per 1M rows",
+                "worker CPU s",
+                "user CPU s",
+                "DB statements",
+                "peak RSS MiB",
+            ],
+            rows,
+        );
     }
     let rest: Vec<&Value> = results
         .iter()

@@ -25,7 +25,9 @@ use std::time::Duration;
 use crate::config::ProfileSettings;
 pub use crate::model::{AvatarRecord, Status, UnknownCode, UserId, Validators};
 
-pub use claim::{Claim, ClaimedPage, DueAvatar, MirrorMeta, Previous, Selection, Shard, UrlFilter};
+pub use claim::{
+    Claim, ClaimedPage, DueAvatar, MirrorMeta, Previous, Selection, Shard, UrlFilter, WALK_WINDOW,
+};
 pub use columns::{RUNS_TABLE, STATE_TABLE};
 pub use error::DbError;
 pub use ident::{Quote, quote};
@@ -406,8 +408,20 @@ impl Database {
         self.timed(self.store.status_counts(now)).await
     }
 
+    /// Avatars due now, counted one window of the walk per statement, each
+    /// under the statement timeout (one statement over 10M rows was not).
     pub async fn count_due(&self, now: i64) -> Result<i64, DbError> {
-        self.timed(self.store.count_due(now)).await
+        let (mut total, mut after) = (0, None);
+        loop {
+            let (n, end) = self
+                .timed(self.store.count_due_in(after.as_ref(), now))
+                .await?;
+            total += n;
+            match end {
+                Some(end) => after = Some(end),
+                None => return Ok(total),
+            }
+        }
     }
 
     /// A fact kept between runs (`avatar_warden_meta`).

@@ -8,7 +8,7 @@ use super::dialect::{Args, Dialect};
 use super::driver::{Driver, Row};
 use super::store::Store;
 use super::{DbError, RunRecord, Selection, StatusCounts};
-use crate::model::AvatarRecord;
+use crate::model::{AvatarRecord, UserId};
 
 /// Object keys asked about in one `gc` statement.
 const KEYS_PER_STATEMENT: usize = 500;
@@ -21,7 +21,13 @@ pub(super) trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<AvatarRecord>, DbError>;
     async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError>;
-    async fn count_due(&self, now: i64) -> Result<i64, DbError>;
+    /// Due avatars in the walk's window after `after`, and where it ended
+    /// (`None`: at the table's end).
+    async fn count_due_in(
+        &self,
+        after: Option<&UserId>,
+        now: i64,
+    ) -> Result<(i64, Option<UserId>), DbError>;
     async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError>;
     async fn record_run(&self, run: &RunRecord) -> Result<(), DbError>;
     async fn last_run(&self) -> Result<Option<RunRecord>, DbError>;
@@ -95,17 +101,30 @@ impl<D: Dialect> RunStore for Store<D> {
         })
     }
 
-    async fn count_due(&self, now: i64) -> Result<i64, DbError> {
+    async fn count_due_in(
+        &self,
+        after: Option<&UserId>,
+        now: i64,
+    ) -> Result<(i64, Option<UserId>), DbError> {
+        let end = self.window_end(after).await?;
         let mut p = D::params();
         let sql = format!(
             "SELECT COUNT(*) AS n {}",
-            self.due_from(false, &Selection::default(), &mut p)
+            self.due_from(
+                after.is_some(),
+                end.is_some(),
+                &Selection::default(),
+                &mut p
+            )
         );
-        let rows = self
-            .fetch(&sql, Self::args([now.into(), now.into()])?)
-            .await?;
+        let mut args = Args::<D>::default();
+        Self::bind_range(&mut args, after, end.as_ref())?;
+        for v in [now, now] {
+            D::Db::bind(&mut args, v.into())?;
+        }
+        let rows = self.fetch(&sql, args).await?;
         let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-        Ok(D::Db::required_int(row, "n")?)
+        Ok((D::Db::required_int(row, "n")?, end))
     }
 
     async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError> {

@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use sqlx::Pool;
 
-use super::claim::{Candidate, Claim, ClaimedPage, Locked, Selection, select_claims, unclaimed};
+use super::claim::{
+    Candidate, Claim, ClaimedPage, Locked, Selection, WALK_WINDOW, select_claims, unclaimed,
+};
 use super::columns::{Assign, LOCK_COLUMNS, STATE_TABLE, locked};
 use super::dialect::{Args, Dialect, ROWS_PER_STATEMENT, bind_id};
 use super::driver::{Driver, Params, Row, Value};
@@ -18,7 +20,7 @@ use super::profile::ProfileNames;
 use super::rewrite::RewriteStore;
 use super::runs::RunStore;
 use super::{DbError, Recorded};
-use crate::model::AvatarRecord;
+use crate::model::{AvatarRecord, UserId};
 
 /// The state tables' operations, whatever the backend: a scan's own
 /// (here), the outbox's (`outbox`) and those of reports and `gc` (`runs`).
@@ -91,26 +93,29 @@ impl<D: Dialect> Store<D> {
         Ok(args)
     }
 
-    /// The due avatars' FROM and WHERE (parameters: [cursor], now, now).
-    /// Due: never checked, URL changed since the last check, or its time
-    /// has come, and not leased by a worker right now.
+    /// The due avatars' FROM and WHERE (parameters: [cursor], [window end],
+    /// now, now). Due: never checked, URL changed since the last check, or
+    /// its time has come, and not leased by a worker right now.
     pub(super) fn due_from(
         &self,
         with_cursor: bool,
+        with_end: bool,
         selection: &Selection,
         p: &mut Params,
     ) -> String {
         let d = &self.dialect;
-        let cursor = if with_cursor {
-            format!("p.id > {} AND ", d.id_param(p.one()))
-        } else {
-            String::new()
-        };
+        let mut range = String::new();
+        if with_cursor {
+            range += &format!("p.id > {} AND ", d.id_param(p.one()));
+        }
+        if with_end {
+            range += &format!("p.id <= {} AND ", d.id_param(p.one()));
+        }
         let (due_or, and) = selection.sql(d);
         let avatar = d.compare_text("p.avatar");
         format!(
             "FROM {source} AS p LEFT JOIN {STATE_TABLE} AS s ON s.user_id = {id} \
-             WHERE {cursor}p.avatar IS NOT NULL AND TRIM({avatar}) <> '' \
+             WHERE {range}p.avatar IS NOT NULL AND TRIM({avatar}) <> '' \
              AND (s.user_id IS NULL OR s.source_url <> {avatar} OR s.next_check_at <= {now}{due_or}) \
              AND (s.lease_expires_at IS NULL OR s.lease_expires_at <= {now2}){and}",
             source = self.names.source(),
@@ -120,10 +125,55 @@ impl<D: Dialect> Store<D> {
         )
     }
 
-    async fn candidates(&self, c: &Claim<'_>) -> Result<Vec<Candidate>, DbError> {
+    /// Where the walk's next window ends: the `WALK_WINDOW`-th profile row
+    /// after `after`, or `None` when fewer remain (the window runs to the end).
+    /// Bounding each statement by rows read, not by rows found, keeps a tick
+    /// over a table where little is due from being one statement as long as
+    /// the table.
+    pub(super) async fn window_end(
+        &self,
+        after: Option<&UserId>,
+    ) -> Result<Option<UserId>, DbError> {
         let d = &self.dialect;
         let mut p = D::params();
-        let from = self.due_from(c.after.is_some(), c.selection, &mut p);
+        let cursor = match after {
+            Some(_) => format!(" WHERE p.id > {}", d.id_param(p.one())),
+            None => String::new(),
+        };
+        let sql = format!(
+            "SELECT {id} AS id FROM {source} AS p{cursor} ORDER BY p.id LIMIT 1 OFFSET {skip}",
+            id = d.select_text("p.id"),
+            source = self.names.source(),
+            skip = WALK_WINDOW - 1,
+        );
+        let mut args = Args::<D>::default();
+        if let Some(after) = after {
+            bind_id::<D::Db>(&mut args, after)?;
+        }
+        let rows = self.fetch(&sql, args).await?;
+        Ok(rows.first().map(|row| d.user_id(row)).transpose()?)
+    }
+
+    /// Binds the walk's range: the cursor, then the window's end.
+    pub(super) fn bind_range(
+        args: &mut Args<'_, D>,
+        after: Option<&UserId>,
+        end: Option<&UserId>,
+    ) -> Result<(), DbError> {
+        for id in [after, end].into_iter().flatten() {
+            bind_id::<D::Db>(args, id)?;
+        }
+        Ok(())
+    }
+
+    async fn candidates(
+        &self,
+        c: &Claim<'_>,
+        end: Option<&UserId>,
+    ) -> Result<Vec<Candidate>, DbError> {
+        let d = &self.dialect;
+        let mut p = D::params();
+        let from = self.due_from(c.after.is_some(), end.is_some(), c.selection, &mut p);
         let sql = format!(
             "SELECT {id} AS id, {avatar} AS avatar, {has_state} AS has_state {from} ORDER BY p.id LIMIT {limit}",
             id = d.select_text("p.id"),
@@ -132,9 +182,7 @@ impl<D: Dialect> Store<D> {
             limit = p.one(),
         );
         let mut args = Args::<D>::default();
-        if let Some(after) = c.after {
-            bind_id::<D::Db>(&mut args, after)?;
-        }
+        Self::bind_range(&mut args, c.after, end)?;
         for v in [c.now, c.now, crate::model::saturating_i64(c.limit)] {
             D::Db::bind(&mut args, v.into())?;
         }
@@ -337,8 +385,15 @@ impl<D: Dialect> ScanStore for Store<D> {
     }
 
     async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let mut candidates = self.candidates(c).await?;
-        let cursor = candidates.last().map(|c| c.user_id.clone());
+        let end = self.window_end(c.after).await?;
+        let mut candidates = self.candidates(c, end.as_ref()).await?;
+        // A full page may leave due rows in its window: go on after its last
+        // row. Otherwise the window is done: go on after it, or stop at the end.
+        let cursor = if candidates.len() >= c.limit {
+            candidates.last().map(|c| c.user_id.clone())
+        } else {
+            end
+        };
         c.narrow(&mut candidates);
         if candidates.is_empty() {
             return Ok(ClaimedPage {

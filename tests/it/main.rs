@@ -32,4 +32,5 @@ mod scan;
 mod secrets;
 mod sinks;
 mod standins;
+mod walk;
 mod writepath;

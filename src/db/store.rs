@@ -385,7 +385,12 @@ impl<D: Dialect> ScanStore for Store<D> {
     }
 
     async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        let end = self.window_end(c.after).await?;
+        // A list of users is read by id, not walked: no window to bound.
+        let end = if c.selection.users.is_empty() {
+            self.window_end(c.after).await?
+        } else {
+            None
+        };
         let mut candidates = self.candidates(c, end.as_ref()).await?;
         // A full page may leave due rows in its window: go on after its last
         // row. Otherwise the window is done: go on after it, or stop at the end.

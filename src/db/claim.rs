@@ -66,7 +66,8 @@ pub struct DueAvatar {
 /// What to claim: the next page after `after`, leased to `token` until `lease_until`.
 #[derive(Clone)]
 pub struct Claim<'a> {
-    pub after: Option<&'a UserId>,
+    /// Where the previous page left the walk; `None` starts at the table's first row.
+    pub after: Option<&'a WalkCursor>,
     pub now: i64,
     pub limit: usize,
     pub token: &'a str,
@@ -198,8 +199,36 @@ pub const WALK_WINDOW: usize = 10_000;
 #[derive(Debug, Clone, Default)]
 pub struct ClaimedPage {
     pub claimed: Vec<DueAvatar>,
-    /// Last id read (claimed or not); `None` when the walk is over.
-    pub cursor: Option<UserId>,
+    /// Where the next page starts; `None` when the walk is over.
+    pub cursor: Option<WalkCursor>,
+}
+
+/// Where the keyset walk goes on: after the last id read (claimed or not),
+/// and, when that lies inside a window an earlier page measured, that
+/// window's end, so the next page does not measure it again (a first scan
+/// fills many pages per window).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalkCursor {
+    pub(super) after: UserId,
+    pub(super) window: WindowEnd,
+}
+
+impl WalkCursor {
+    /// The last id read.
+    pub fn after(&self) -> &UserId {
+        &self.after
+    }
+}
+
+/// The end of the window a cursor lies in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum WindowEnd {
+    /// Not measured yet: the cursor is a window's end.
+    Unknown,
+    /// Its last row.
+    At(UserId),
+    /// The window runs to the table's end (or the walk has no windows).
+    TableEnd,
 }
 
 /// A due candidate from the keyset query, before its lease is taken.

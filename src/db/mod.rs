@@ -27,6 +27,7 @@ pub use crate::model::{AvatarRecord, Status, UnknownCode, UserId, Validators};
 
 pub use claim::{
     Claim, ClaimedPage, DueAvatar, MirrorMeta, Previous, Selection, Shard, UrlFilter, WALK_WINDOW,
+    WalkCursor,
 };
 pub use columns::{RUNS_TABLE, STATE_TABLE};
 pub use error::DbError;

@@ -8,7 +8,8 @@ use async_trait::async_trait;
 use sqlx::Pool;
 
 use super::claim::{
-    Candidate, Claim, ClaimedPage, Locked, Selection, WALK_WINDOW, select_claims, unclaimed,
+    Candidate, Claim, ClaimedPage, Locked, Selection, WALK_WINDOW, WalkCursor, WindowEnd,
+    select_claims, unclaimed,
 };
 use super::columns::{Assign, LOCK_COLUMNS, STATE_TABLE, locked};
 use super::dialect::{Args, Dialect, ROWS_PER_STATEMENT, bind_id};
@@ -173,7 +174,8 @@ impl<D: Dialect> Store<D> {
     ) -> Result<Vec<Candidate>, DbError> {
         let d = &self.dialect;
         let mut p = D::params();
-        let from = self.due_from(c.after.is_some(), end.is_some(), c.selection, &mut p);
+        let after = c.after.map(|cursor| &cursor.after);
+        let from = self.due_from(after.is_some(), end.is_some(), c.selection, &mut p);
         let sql = format!(
             "SELECT {id} AS id, {avatar} AS avatar, {has_state} AS has_state {from} ORDER BY p.id LIMIT {limit}",
             id = d.select_text("p.id"),
@@ -182,7 +184,7 @@ impl<D: Dialect> Store<D> {
             limit = p.one(),
         );
         let mut args = Args::<D>::default();
-        Self::bind_range(&mut args, c.after, end)?;
+        Self::bind_range(&mut args, after, end)?;
         for v in [c.now, c.now, crate::model::saturating_i64(c.limit)] {
             D::Db::bind(&mut args, v.into())?;
         }
@@ -385,19 +387,28 @@ impl<D: Dialect> ScanStore for Store<D> {
     }
 
     async fn claim_page(&self, c: &Claim<'_>) -> Result<ClaimedPage, DbError> {
-        // A list of users is read by id, not walked: no window to bound.
-        let end = if c.selection.users.is_empty() {
-            self.window_end(c.after).await?
-        } else {
-            None
+        let after = c.after.map(|cursor| &cursor.after);
+        let end = match c.after.map(|cursor| &cursor.window) {
+            // A list of users is read by id, not walked: no window to bound.
+            _ if !c.selection.users.is_empty() => None,
+            Some(WindowEnd::At(end)) => Some(end.clone()),
+            Some(WindowEnd::TableEnd) => None,
+            Some(WindowEnd::Unknown) | None => self.window_end(after).await?,
         };
         let mut candidates = self.candidates(c, end.as_ref()).await?;
         // A full page may leave due rows in its window: go on after its last
-        // row. Otherwise the window is done: go on after it, or stop at the end.
+        // row, in the same window. Otherwise the window is done: go on after
+        // it, or stop at the end.
         let cursor = if candidates.len() >= c.limit {
-            candidates.last().map(|c| c.user_id.clone())
+            candidates.last().map(|last| WalkCursor {
+                after: last.user_id.clone(),
+                window: end.map_or(WindowEnd::TableEnd, WindowEnd::At),
+            })
         } else {
-            end
+            end.map(|end| WalkCursor {
+                after: end,
+                window: WindowEnd::Unknown,
+            })
         };
         c.narrow(&mut candidates);
         if candidates.is_empty() {

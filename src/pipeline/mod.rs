@@ -13,7 +13,7 @@ use crate::classify::{Reason, Status, Verdict};
 use crate::config::{ExpirySettings, RecheckSettings, Settings, WhenMirrorExists};
 use crate::db::{
     AvatarRecord, Claim, Database, DbError, DueAvatar, RunRecord, Selection, Shard, UrlFilter,
-    UserId, new_lease_token,
+    WalkCursor, new_lease_token,
 };
 use crate::metrics::Metrics;
 use crate::model::saturating_i64;
@@ -349,7 +349,7 @@ async fn scan_with_lease(
     let claim_token = token.to_string();
     let pace = Arc::new(Pace::new(opts.concurrency.max(1), batch, opts.lease_secs));
     let claim_pace = pace.clone();
-    let claim = move |after: Option<UserId>| {
+    let claim = move |after: Option<WalkCursor>| {
         let db = db.clone();
         let token = claim_token.clone();
         let selection = selection.clone();

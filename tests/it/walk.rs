@@ -99,6 +99,9 @@ async fn the_windowed_walk_claims_every_due_avatar_and_no_other(backend: Backend
         USERS,
     ];
     due.extend(12_001..=12_130); // 130 due in a row, pages of 50
+    // A run that ends on a window's last row (2 × window is due above): a
+    // page may end exactly there, and the next must still start a new window.
+    due.extend(2 * window - 49..2 * window);
     let ids = due
         .iter()
         .map(|i| format!("'{i}'"))

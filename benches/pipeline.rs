@@ -9,6 +9,7 @@
 //!   cargo bench --bench pipeline -- --scenario scale      (20k/200k/1M users: first scan, re-verification)
 //!   cargo bench --bench pipeline -- --scenario fleet      (1, 2, 4 scanners sharing one PostgreSQL)
 //!   cargo bench --bench pipeline -- --scenario idle       (a scan that finds nothing due, 1M/10M rows)
+//!   cargo bench --bench pipeline -- --scenario rewrite    (a new CDN domain: every mirror URL of 1M rows rewritten)
 //!
 //! Measured from outside the worker: avatars/s (the scan's own duration),
 //! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
@@ -69,6 +70,17 @@ enum Measured {
     /// A scan that finds nothing due: every row already checked and not due
     /// for years (`idle`: the cost of walking the table every tick).
     Idle,
+    /// The same table, scanned after `storage.public_base_url` changed:
+    /// nothing is due, every mirror URL is rewritten (`rewrite`: the cost of
+    /// moving to a new CDN domain).
+    NewCdn,
+}
+
+impl Measured {
+    /// Whether the measured scan finds nothing due (the seeded state is settled).
+    fn settled(&self) -> bool {
+        matches!(self, Measured::Idle | Measured::NewCdn)
+    }
 }
 
 /// How the measured second scan re-verifies the mirrored avatars.
@@ -182,6 +194,11 @@ fn presets(name: &str) -> Vec<Scenario> {
         s.measured = Measured::Idle;
         s
     };
+    let rewrite = |users: u64, db| {
+        let mut s = sized("rewrite", users, db);
+        s.measured = Measured::NewCdn;
+        s
+    };
     match name {
         "scale" => [Db::Sqlite, Db::Postgres]
             .into_iter()
@@ -202,7 +219,15 @@ fn presets(name: &str) -> Vec<Scenario> {
             idle(10_000_000, Db::Sqlite),
             idle(10_000_000, Db::Postgres),
         ],
-        "idle-smoke" => vec![idle(2_000, Db::Sqlite), idle(2_000, Db::Postgres)],
+        "idle-smoke" => vec![
+            idle(2_000, Db::Sqlite),
+            idle(2_000, Db::Postgres),
+            rewrite(2_000, Db::Sqlite),
+        ],
+        "rewrite" => vec![
+            rewrite(1_000_000, Db::Sqlite),
+            rewrite(1_000_000, Db::Postgres),
+        ],
         "reverify" => reverify,
         "slow-host" => vec![slow_host("slow-host-50ms-limit6", 5_000, Db::Postgres)],
         "slow-host-smoke" => vec![slow_host("slow-host-smoke", 300, Db::Sqlite)],
@@ -218,7 +243,7 @@ fn presets(name: &str) -> Vec<Scenario> {
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
         other => panic!(
-            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, fleet, fleet-smoke, idle, idle-smoke, smoke)"
+            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, fleet, fleet-smoke, idle, idle-smoke, rewrite, smoke)"
         ),
     }
 }
@@ -782,7 +807,7 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
     // A host that refuses beyond N at once has no capacity to speak of, and
     // a scan that finds nothing due asks the origin nothing.
     let capacity = match s.host_limit {
-        None if s.measured != Measured::Idle => Some(origin_capacity(http, &origin.base, s).await),
+        None if !s.measured.settled() => Some(origin_capacity(http, &origin.base, s).await),
         _ => None,
     };
     let profile_url = seed(s, args, &origin.base, dir.path()).await;
@@ -790,7 +815,9 @@ async fn run_scenario(s: &Scenario, args: &Args, http: &reqwest::Client) -> Vec<
         Measured::Scan | Measured::FirstThenReverify => {
             run_single(s, http, &origin.base, &profile_url, dir.path(), capacity).await
         }
-        Measured::Idle => run_idle(s, http, &origin.base, &profile_url, dir.path()).await,
+        Measured::Idle | Measured::NewCdn => {
+            run_idle(s, http, &origin.base, &profile_url, dir.path()).await
+        }
         Measured::Fleet(sizes) => run_fleet(s, sizes, &origin, &profile_url, dir.path()).await,
     };
     drop(origin);
@@ -928,7 +955,23 @@ async fn run_idle(
     };
     execute(profile_url, &[&[seed_state.as_str()], maintenance].concat()).await;
     run_worker(s, profile_url, dir, &storage_env, &[]);
-    vec![measure(s, http, origin, profile_url, dir, &storage_env, &[], None).await]
+    // `rewrite`: the CDN moved since; the measured scan rewrites every row.
+    let storage_env = match s.measured {
+        Measured::NewCdn => [(
+            storage_env[0].0.clone(),
+            "https://cdn-new.example.com/".to_string(),
+        )],
+        _ => storage_env,
+    };
+    let result = measure(s, http, origin, profile_url, dir, &storage_env, &[], None).await;
+    if s.measured == Measured::NewCdn {
+        assert_eq!(
+            result["rewritten"].as_u64(),
+            Some(s.users),
+            "every mirror URL rewritten"
+        );
+    }
+    vec![result]
 }
 
 /// `fleet` re-verifications of every avatar, each by that many scanner
@@ -1043,7 +1086,7 @@ async fn measure(
         .unwrap_or(run.wall_secs);
     // A benchmark that silently measured less than it was asked to would lie.
     // A re-verification takes the mirrored avatars (expired ones wait for a new URL).
-    let expected = if s.measured == Measured::Idle {
+    let expected = if s.measured.settled() {
         0
     } else if s.recheck.is_some() {
         s.users * s.valid_pct / 100
@@ -1088,7 +1131,8 @@ async fn measure(
         "batch_size": s.batch,
         "image_bytes": (!s.realistic_images).then_some(s.image_bytes),
         "image_mix": if s.realistic_images { "realistic: 640x640, 20-120 KB, median ~45 KB" } else { "uniform" },
-        "idle": s.measured == Measured::Idle,
+        "idle": s.measured.settled(),
+        "rewritten": run.report["rewritten"],
         "mix": {"valid_pct": s.valid_pct, "expired_pct": s.expired_pct, "gone_pct": 100 - s.valid_pct - s.expired_pct},
         "processed": processed,
         "by_status": run.report["by_status"],
@@ -1275,7 +1319,7 @@ fn markdown(results: &[Value], machine: &Value, command: &str, date: &str, commi
         md_table(
             &mut md,
             &[
-                "idle scenario",
+                "idle / rewrite scenario",
                 "rows",
                 "db",
                 "scan s (nothing due)",

@@ -230,6 +230,8 @@ fn presets(name: &str) -> Vec<Scenario> {
         ],
         "reverify" => reverify,
         "slow-host" => vec![slow_host("slow-host-50ms-limit6", 5_000, Db::Postgres)],
+        // Ten times the users: does the host-bound rate hold as the run grows?
+        "slow-host-50k" => vec![slow_host("slow-host-50k-50ms-limit6", 50_000, Db::Postgres)],
         "slow-host-smoke" => vec![slow_host("slow-host-smoke", 300, Db::Sqlite)],
         "all" => [
             vec![t1_pg, t1_sqlite, t2, mixed, s3, rss_small, rss_big],
@@ -243,7 +245,7 @@ fn presets(name: &str) -> Vec<Scenario> {
         "mixed" => vec![mixed],
         "smoke" => vec![smoke],
         other => panic!(
-            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-smoke, scale, scale-200k, scale-smoke, fleet, fleet-smoke, idle, idle-smoke, rewrite, smoke)"
+            "unknown scenario {other:?} (all, t1, t2, t3, mixed, s3, reverify, slow-host, slow-host-50k, slow-host-smoke, scale, scale-200k, scale-smoke, fleet, fleet-smoke, idle, idle-smoke, rewrite, smoke)"
         ),
     }
 }

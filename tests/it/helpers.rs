@@ -310,6 +310,18 @@ impl TestApp {
             .await;
     }
 
+    /// An app whose profile table holds users 1..=`n`, user `i`'s avatar at
+    /// the origin's `<path>u<i>`, with the worker's tables created.
+    pub async fn numbered_users(backend: Backend, n: i64, path: &str) -> Option<TestApp> {
+        let app = TestApp::empty_on(backend, Default::default()).await?;
+        let rows: Vec<(i64, String)> = (1..=n)
+            .map(|i| (i, app.origin.url(&format!("{path}u{i}"))))
+            .collect();
+        app.users(&rows).await;
+        drop(app.deps().await);
+        Some(app)
+    }
+
     /// Provider rules of the test's own (e.g. for the origin's host), used by the app.
     pub fn provider_rules(&mut self, toml: &str) {
         let path = self.dir.path().join("providers.toml");

@@ -150,14 +150,9 @@ async fn mysql_a_new_cdn_domain_rewrites_mirror_urls_and_tells_the_sinks() {
 /// fetched. Before, each row was its own `UPDATE` (10M rows: over 16 minutes).
 async fn a_new_cdn_domain_rewrites_many_rows_in_batches(backend: Backend) {
     const USERS: i64 = 2_500;
-    let Some(mut app) = TestApp::empty_on(backend, Default::default()).await else {
+    let Some(mut app) = TestApp::numbered_users(backend, USERS, "/valid/").await else {
         return;
     };
-    let rows: Vec<(i64, String)> = (1..=USERS)
-        .map(|i| (i, app.origin.url(&format!("/valid/u{i}"))))
-        .collect();
-    app.users(&rows).await;
-    drop(app.deps().await); // creates the worker's tables
     let (id, key) = match backend {
         Backend::MySql => (
             "CAST(id AS CHAR)",

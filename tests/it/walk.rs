@@ -80,14 +80,9 @@ async fn a_tick_over_a_large_settled_table_runs_only_short_statements() {
 /// page inside one window, and a changed URL; nothing else is claimed.
 async fn the_windowed_walk_claims_every_due_avatar_and_no_other(backend: Backend) {
     const USERS: i64 = 25_000;
-    let Some(mut app) = TestApp::empty_on(backend, Default::default()).await else {
+    let Some(mut app) = TestApp::numbered_users(backend, USERS, "/status/404/").await else {
         return;
     };
-    let rows: Vec<(i64, String)> = (1..=USERS)
-        .map(|i| (i, app.origin.url(&format!("/status/404/u{i}"))))
-        .collect();
-    app.users(&rows).await;
-    drop(app.deps().await);
     let window = avatar_warden::db::WALK_WINDOW as i64;
     let mut due: Vec<i64> = vec![
         1,

@@ -213,13 +213,6 @@ pub struct WalkCursor {
     pub(super) window: WindowEnd,
 }
 
-impl WalkCursor {
-    /// The last id read.
-    pub fn after(&self) -> &UserId {
-        &self.after
-    }
-}
-
 /// The end of the window a cursor lies in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum WindowEnd {

@@ -10,6 +10,8 @@
 //!   cargo bench --bench pipeline -- --scenario fleet      (1, 2, 4 scanners sharing one PostgreSQL)
 //!   cargo bench --bench pipeline -- --scenario idle       (a scan that finds nothing due, 1M/10M rows)
 //!   cargo bench --bench pipeline -- --scenario rewrite    (a new CDN domain: every mirror URL of 1M rows rewritten)
+//!   cargo bench --bench pipeline -- --users 200000 --worker-env AVATAR_WARDEN__PROFILE__MAX_CONNECTIONS=8
+//!                                                         (A/B of one worker setting)
 //!
 //! Measured from outside the worker: avatars/s (the scan's own duration),
 //! per-avatar latency p50/p99 (its `avatar_check_duration_seconds` histogram),
@@ -54,6 +56,9 @@ struct Scenario {
     /// instead of lifting it for the single benchmark host.
     default_politeness: bool,
     measured: Measured,
+    /// Extra settings for the worker (`--worker-env K=V`), for A/B runs of a
+    /// setting; the command line in BENCHMARKS.md records them.
+    worker_env: Vec<(String, String)>,
 }
 
 /// Which runs of a scenario are measured.
@@ -125,6 +130,7 @@ impl Scenario {
             host_limit: None,
             default_politeness: false,
             measured: Measured::Scan,
+            worker_env: Vec::new(),
         }
     }
 }
@@ -272,6 +278,12 @@ fn parse_args() -> Args {
             "--image-bytes" => (custom.image_bytes, is_custom) = (value().parse().unwrap(), true),
             "--realistic-images" => (custom.realistic_images, is_custom) = (true, true),
             "--batch" => (custom.batch, is_custom) = (value().parse().unwrap(), true),
+            "--worker-env" => {
+                let kv = value();
+                let (k, v) = kv.split_once('=').expect("--worker-env takes KEY=VALUE");
+                custom.worker_env.push((k.to_string(), v.to_string()));
+                is_custom = true;
+            }
             "--valid-pct" => (custom.valid_pct, is_custom) = (value().parse().unwrap(), true),
             "--expired-pct" => (custom.expired_pct, is_custom) = (value().parse().unwrap(), true),
             "--recheck" => {
@@ -673,7 +685,8 @@ fn worker_command(
             .map(|(k, v)| (format!("AVATAR_WARDEN__{k}"), v.clone())),
     )
     .envs(storage_env.iter().cloned())
-    .envs(politeness);
+    .envs(politeness)
+    .envs(s.worker_env.iter().cloned());
     cmd
 }
 

@@ -178,6 +178,7 @@ pub struct ProfileSettings {
     /// SQL condition on the profile table, from the operator (trusted).
     #[serde(deserialize_with = "empty_is_none")]
     pub filter: Option<String>,
+    /// 0: the backend's default (1 for SQLite, 8 for a server).
     pub max_connections: u32,
     pub connect_timeout_secs: u64,
     pub statement_timeout_secs: u64,

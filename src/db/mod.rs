@@ -86,10 +86,24 @@ async fn probe(endpoint: &str) -> Option<std::io::Error> {
     }
 }
 
+/// Connections to a database server when `profile.max_connections` is 0.
+const SERVER_POOL_SIZE: u32 = 8;
+
+/// The pool size: the configured one, or the backend's own default for 0.
+fn pool_size(configured: u32, backend_default: u32) -> u32 {
+    match configured {
+        0 => backend_default,
+        n => n,
+    }
+}
+
 /// The pool every backend uses: its size and how long to wait for a connection.
-fn pool_options<DB: sqlx::Database>(settings: &ProfileSettings) -> sqlx::pool::PoolOptions<DB> {
+fn pool_options<DB: sqlx::Database>(
+    settings: &ProfileSettings,
+    backend_default: u32,
+) -> sqlx::pool::PoolOptions<DB> {
     sqlx::pool::PoolOptions::new()
-        .max_connections(settings.max_connections.max(1))
+        .max_connections(pool_size(settings.max_connections, backend_default))
         .acquire_timeout(Duration::from_secs(settings.connect_timeout_secs.max(1)))
 }
 
@@ -567,6 +581,15 @@ pub fn new_lease_token() -> String {
 mod tests {
     use super::*;
     use error::connection_lost;
+
+    #[test]
+    fn a_pool_size_of_zero_means_the_backends_own_default() {
+        assert_eq!(pool_size(0, sqlite::POOL_SIZE), 1);
+        assert_eq!(pool_size(0, SERVER_POOL_SIZE), 8);
+        // An operator's explicit size wins, on SQLite too.
+        assert_eq!(pool_size(4, sqlite::POOL_SIZE), 4);
+        assert_eq!(pool_size(32, SERVER_POOL_SIZE), 32);
+    }
 
     #[test]
     fn errors_name_where_the_database_is_never_its_credentials() {

@@ -12,7 +12,7 @@ use super::driver::Params;
 use super::migrate::{self, Migration};
 use super::profile::ProfileNames;
 use super::store::{StateStore, Store};
-use super::{DbError, open_pool, pool_options};
+use super::{DbError, SERVER_POOL_SIZE, open_pool, pool_options};
 use crate::config::ProfileSettings;
 use crate::model::UserId;
 
@@ -115,8 +115,8 @@ pub(super) async fn connect(
         .map_err(DbError::Url)?
         .charset("utf8mb4");
     let lock_wait = settings.statement_timeout().as_secs().max(1);
-    let pool_options =
-        pool_options(settings).after_connect(move |conn: &mut sqlx::MySqlConnection, _| {
+    let pool_options = pool_options(settings, SERVER_POOL_SIZE).after_connect(
+        move |conn: &mut sqlx::MySqlConnection, _| {
             Box::pin(async move {
                 // A lock wait must end before our own statement deadline does.
                 conn.execute(
@@ -125,7 +125,8 @@ pub(super) async fn connect(
                 .await?;
                 Ok(())
             })
-        });
+        },
+    );
     let pool = open_pool(pool_options, options, endpoint).await?;
     let dialect = MySql::of_profile(&pool, &names)
         .await

@@ -14,7 +14,7 @@ use super::driver::{Params, Value, dollar};
 use super::migrate::{self, Migration};
 use super::profile::ProfileNames;
 use super::store::{StateStore, Store};
-use super::{DbError, open_pool, pool_options};
+use super::{DbError, SERVER_POOL_SIZE, open_pool, pool_options};
 use crate::config::ProfileSettings;
 use crate::model::{AvatarRecord, UserId};
 
@@ -187,7 +187,7 @@ pub(super) async fn connect(
             ("statement_timeout", statement_ms.as_str()),
             ("client_min_messages", "warning"),
         ]);
-    let pool = open_pool(pool_options(settings), options, endpoint).await?;
+    let pool = open_pool(pool_options(settings, SERVER_POOL_SIZE), options, endpoint).await?;
     // The profile table may not exist yet when only `migrate` runs.
     let dialect = Postgres::of_profile(&pool, &names)
         .await

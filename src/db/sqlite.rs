@@ -56,6 +56,12 @@ impl Dialect for Sqlite {
     }
 }
 
+/// One connection unless configured otherwise: SQLite has one writer, so
+/// more connections add no throughput, only memory (each its own page cache,
+/// prepared statements and thread). BENCHMARKS.md, #19: a 200k first scan
+/// peaked at 64 MiB with one, 74 with two and 80-83 with four or eight.
+pub(super) const POOL_SIZE: u32 = 1;
+
 pub(super) async fn connect(
     settings: &ProfileSettings,
     names: ProfileNames,
@@ -64,7 +70,7 @@ pub(super) async fn connect(
     let options = SqliteConnectOptions::from_str(settings.url.expose())
         .map_err(DbError::Url)?
         .busy_timeout(settings.statement_timeout());
-    let pool = open_pool(pool_options(settings), options, endpoint).await?;
+    let pool = open_pool(pool_options(settings, POOL_SIZE), options, endpoint).await?;
     Ok(Box::new(Store {
         pool,
         names,

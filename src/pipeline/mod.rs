@@ -27,7 +27,7 @@ mod rewrite;
 mod stages;
 mod writer;
 
-use stages::{Checked, examine_avatar, finish_avatar};
+use stages::{Checked, ObjectCheck, examine_avatar, finish_avatar, missing_objects};
 
 pub(crate) use policy::{Found, build_record};
 use writer::{Pace, WriteOptions, renew_leases, write_results};
@@ -346,6 +346,11 @@ async fn scan_with_lease(
     // The next page is claimed while this one is checked: waiting for the
     // claim between pages left the workers idle (t2 in BENCHMARKS.md).
     let db = deps.db.clone();
+    // A store that answers for many keys at once is asked once per page
+    // whether the re-verified avatars' objects are still there. (The writer
+    // is captured, not the `Arc<dyn ObjectStore>`: capturing that failed
+    // the `Send` proof of the spawned scan.)
+    let bulk = (deps.images.store().checks_in_bulk() && !redownload).then(|| deps.images.clone());
     let claim_token = token.to_string();
     let pace = Arc::new(Pace::new(opts.concurrency.max(1), batch, opts.lease_secs));
     let claim_pace = pace.clone();
@@ -354,20 +359,27 @@ async fn scan_with_lease(
         let token = claim_token.clone();
         let selection = selection.clone();
         let keep_url = keep_url.clone();
+        let bulk = bulk.clone();
         let limit = claim_pace.page_size();
         AbortOnDrop(tokio::spawn(async move {
             let now = unix_now();
-            db.claim_page(&Claim {
-                after: after.as_ref(),
-                now,
-                limit,
-                token: &token,
-                lease_until: now + lease_secs,
-                shard,
-                selection: &selection,
-                keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
-            })
-            .await
+            let page = db
+                .claim_page(&Claim {
+                    after: after.as_ref(),
+                    now,
+                    limit,
+                    token: &token,
+                    lease_until: now + lease_secs,
+                    shard,
+                    selection: &selection,
+                    keep_url: keep_url.as_deref().map(|f| f as &dyn UrlFilter),
+                })
+                .await?;
+            let missing = match bulk {
+                Some(images) => missing_objects(images.store().clone(), &page.claimed).await,
+                None => None,
+            };
+            Ok::<_, DbError>((page, missing))
         }))
     };
     let first = claim(None);
@@ -377,9 +389,12 @@ async fn scan_with_lease(
             let Some(pending) = pending else {
                 return Ok::<_, ScanError>(None);
             };
-            let page = pending.await.map_err(ScanError::Task)??;
+            let (page, missing) = pending.await.map_err(ScanError::Task)??;
             let next = page.cursor.map(|after| claim(Some(after)));
-            let items = page.claimed.into_iter().map(Ok::<DueAvatar, ScanError>);
+            let items = page.claimed.into_iter().map(move |due| {
+                let object = ObjectCheck::of(&due, missing.as_ref());
+                Ok::<_, ScanError>((due, object))
+            });
             Ok(Some((stream::iter(items), next)))
         }
     });
@@ -418,8 +433,8 @@ async fn scan_with_lease(
         .try_flatten()
         .take(limit)
         .take_until(async move { shutdown.cancelled().await })
-        .map_ok(|due| async move {
-            Ok::<_, ScanError>(examine_avatar(deps, due, hosts, redownload).await)
+        .map_ok(|(due, object)| async move {
+            Ok::<_, ScanError>(examine_avatar(deps, due, object, hosts, redownload).await)
         })
         .try_buffer_unordered(opts.concurrency.max(1))
         // Storing is a stage of its own with as many slots: a slow disk no

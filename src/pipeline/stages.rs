@@ -1,7 +1,10 @@
 //! The two check stages of a scan: examine an avatar (network, bounded by
 //! the fetch slots), then finish it (store the picture, build the record).
 
+use std::collections::HashSet;
+
 use super::*;
+use crate::storage::ObjectStore;
 
 /// One avatar after its fetch: what was found, not yet stored or recorded.
 pub(super) struct Examined {
@@ -38,10 +41,62 @@ pub(super) fn known_picture(due: &DueAvatar) -> Option<Known> {
     })
 }
 
+/// The mirrored object a re-verification would confirm by headers alone.
+fn rechecked_object(due: &DueAvatar) -> Option<&str> {
+    known_picture(due)?;
+    due.previous.as_ref()?.object_key.as_deref()
+}
+
+/// Whether an avatar's mirrored object is still stored, if already known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ObjectCheck {
+    /// The stage asks the store itself.
+    Ask,
+    /// Answered with the page's other avatars (`missing_objects`).
+    Answered { missing: bool },
+}
+
+impl ObjectCheck {
+    pub(super) fn of(due: &DueAvatar, missing: Option<&HashSet<String>>) -> Self {
+        match (missing, rechecked_object(due)) {
+            (Some(missing), Some(key)) => ObjectCheck::Answered {
+                missing: missing.contains(key),
+            },
+            _ => ObjectCheck::Ask,
+        }
+    }
+}
+
+/// The page's mirrored objects that are gone, asked of the store in one
+/// go; `None` if it could not say (each avatar then asks on its own). A
+/// page is checked within seconds of this answer, and `gc` never deletes
+/// an object an avatar still references.
+pub(super) async fn missing_objects(
+    store: Arc<dyn ObjectStore>,
+    page: &[DueAvatar],
+) -> Option<HashSet<String>> {
+    let keys: Vec<String> = page
+        .iter()
+        .filter_map(rechecked_object)
+        .map(str::to_owned)
+        .collect();
+    if keys.is_empty() {
+        return Some(HashSet::new());
+    }
+    match store.missing(keys).await {
+        Ok(missing) => Some(missing),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not check the page's mirrored objects at once: asking per avatar");
+            None
+        }
+    }
+}
+
 /// Stage one: fetch, classify and validate one avatar, in its own span.
 pub(super) async fn examine_avatar(
     deps: &Deps,
     due: DueAvatar,
+    object: ObjectCheck,
     hosts: &HostLimiter,
     redownload: bool,
 ) -> Examined {
@@ -62,7 +117,11 @@ pub(super) async fn examine_avatar(
         // A re-verification that would only confirm headers must not confirm
         // a mirror whose object is gone: one existence check (cheap next to
         // the request) and, if it is missing, a full download stores it again.
-        if let Ok(false) = deps.images.store().exists(key).await {
+        let missing = match object {
+            ObjectCheck::Answered { missing } => missing,
+            ObjectCheck::Ask => matches!(deps.images.store().exists(key).await, Ok(false)),
+        };
+        if missing {
             tracing::warn!(parent: &span, user_id = %due.user_id, key, "the mirrored object is missing from the store: downloading the picture again");
             deps.images.forget(key);
             known = None;

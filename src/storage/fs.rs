@@ -1,12 +1,13 @@
 //! A local directory as object store: the embedded default, and what a
 //! volume behind nginx needs.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{ListedObject, ObjectPage, ObjectStore, StoreError, join_url};
+use super::{ListedObject, ObjectPage, ObjectStore, OpObserver, StoreError, StoreOp, join_url};
 use crate::config::FsSettings;
 
 pub struct FsStore {
@@ -20,6 +21,8 @@ pub struct FsStore {
     /// its final name is always complete, even after a power cut.
     /// Keyed by final path (a map: `exists` asks for every new object).
     pending: std::sync::Mutex<std::collections::HashMap<PathBuf, PathBuf>>,
+    /// Names temp files; read once, as `getpid` is a system call each time.
+    pid: u32,
 }
 
 const PARALLEL_WRITES: usize = 8;
@@ -47,6 +50,7 @@ impl FsStore {
             base_url,
             writers: tokio::sync::Semaphore::new(PARALLEL_WRITES),
             pending: std::sync::Mutex::new(std::collections::HashMap::new()),
+            pid: std::process::id(),
         })
     }
 
@@ -57,32 +61,34 @@ impl FsStore {
     fn path(&self, key: &str) -> PathBuf {
         self.root.join(key)
     }
-}
 
-#[async_trait]
-impl ObjectStore for FsStore {
-    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
-        let path = self.path(key);
-        if self
-            .pending
+    fn is_pending(&self, path: &Path) -> bool {
+        self.pending
             .lock()
             .expect("pending lock")
-            .contains_key(&path)
-        {
-            return Ok(true);
-        }
-        Ok(tokio::fs::try_exists(path).await?)
+            .contains_key(path)
     }
 
-    async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StoreError> {
+    /// Writes `body` aside for `sync` to publish; with `unless_present`,
+    /// first returns `true` if the object is already there (published or
+    /// pending), writing nothing.
+    async fn write(
+        &self,
+        key: &str,
+        body: Bytes,
+        unless_present: bool,
+    ) -> Result<bool, StoreError> {
         let path = self.path(key);
+        if unless_present && self.is_pending(&path) {
+            return Ok(true);
+        }
         // Temp files spread over shards like the objects: creating a file
         // locks its directory, and 64 writers in one `.tmp` queued on that
         // lock (the profile in BENCHMARKS.md).
         let tmp = self.root.join(TMP_DIR).join(tmp_shard(key)).join(format!(
             "{}-{}-{:016x}",
             key.replace('/', "_"),
-            std::process::id(),
+            self.pid,
             rand::random::<u64>()
         ));
         // One blocking task for the whole write: each tokio::fs call is a
@@ -93,22 +99,90 @@ impl ObjectStore for FsStore {
         // elsewhere fsynced and renamed right here.
         let durable_now = !cfg!(target_os = "linux");
         let (t, p) = (tmp.clone(), path.clone());
-        tokio::task::spawn_blocking(move || {
+        let existed = tokio::task::spawn_blocking(move || {
+            if unless_present && p.try_exists()? {
+                return Ok(true);
+            }
             write_temp(&t, &body, durable_now)?;
             if durable_now {
                 publish(&t, &p)?;
             }
-            Ok::<_, std::io::Error>(())
+            Ok::<_, std::io::Error>(false)
         })
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))??;
-        if durable_now {
-            return Ok(());
+        if !existed && !durable_now {
+            // A second write of the same key replaces the first (same bytes);
+            // the first temp file is left for the stale-file sweep.
+            self.pending.lock().expect("pending lock").insert(path, tmp);
         }
-        // A second write of the same key replaces the first (same bytes);
-        // the first temp file is left for the stale-file sweep.
-        self.pending.lock().expect("pending lock").insert(path, tmp);
-        Ok(())
+        Ok(existed)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for FsStore {
+    async fn exists(&self, key: &str) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        if self.is_pending(&path) {
+            return Ok(true);
+        }
+        Ok(tokio::fs::try_exists(path).await?)
+    }
+
+    async fn put(&self, key: &str, body: Bytes, _content_type: &str) -> Result<(), StoreError> {
+        self.write(key, body, false).await.map(|_| ())
+    }
+
+    fn checks_in_bulk(&self) -> bool {
+        true
+    }
+
+    /// One blocking task for the whole page: a re-verification asked per
+    /// avatar spent more on the hand-offs than on the `statx` calls
+    /// (BENCHMARKS.md, #19: a fifth of its throughput).
+    async fn missing(&self, keys: Vec<String>) -> Result<HashSet<String>, StoreError> {
+        let unpublished: Vec<String> = {
+            let pending = self.pending.lock().expect("pending lock");
+            keys.into_iter()
+                .filter(|key| !pending.contains_key(&self.path(key)))
+                .collect()
+        };
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut missing = HashSet::new();
+            for key in unpublished {
+                if !root.join(&key).try_exists()? {
+                    missing.insert(key);
+                }
+            }
+            Ok::<_, std::io::Error>(missing)
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+        .map_err(StoreError::Io)
+    }
+
+    /// The check rides in the write's blocking task: one hand-off per new
+    /// picture instead of two (the first scan's profile in BENCHMARKS.md).
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        body: Bytes,
+        _content_type: &str,
+        observe: Option<&OpObserver>,
+    ) -> Result<bool, StoreError> {
+        let started = std::time::Instant::now();
+        let existed = self.write(key, body, true).await?;
+        if let Some(observe) = observe {
+            let op = if existed {
+                StoreOp::Exists
+            } else {
+                StoreOp::Put
+            };
+            observe(op, started.elapsed());
+        }
+        Ok(existed)
     }
 
     fn public_url(&self, key: &str) -> String {
@@ -274,10 +348,7 @@ fn remove_stale_in(dir: &Path, depth: u8) {
 /// Writes an object aside, in its temp shard (fsynced when `durable`).
 fn write_temp(tmp: &Path, body: &[u8], durable: bool) -> std::io::Result<()> {
     use std::io::Write;
-    if let Some(dir) = tmp.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut file = std::fs::File::create(tmp)?;
+    let mut file = in_dir(tmp, || std::fs::File::create(tmp))?;
     let written = file
         .write_all(body)
         .and_then(|()| if durable { file.sync_data() } else { Ok(()) });
@@ -290,23 +361,129 @@ fn write_temp(tmp: &Path, body: &[u8], durable: bool) -> std::io::Result<()> {
 /// Renames a complete temp file into place: readers never see half an
 /// object, and two writers of one key both end with the same complete file.
 fn publish(tmp: &Path, path: &Path) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    std::fs::rename(tmp, path).inspect_err(|_| {
+    in_dir(path, || std::fs::rename(tmp, path)).inspect_err(|_| {
         let _ = std::fs::remove_file(tmp);
     })
+}
+
+/// Runs `op` on `path`, creating its directory only when `op` finds it
+/// missing: the shard directories exist after the first few pictures, and
+/// asking first cost two system calls per file (`mkdir`, `statx`).
+fn in_dir<T>(path: &Path, op: impl Fn() -> std::io::Result<T>) -> std::io::Result<T> {
+    match op() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            op()
+        }
+        done => done,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::{Duration, SystemTime};
 
     fn temp_file(path: &Path, age: Duration) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let f = std::fs::File::create(path).unwrap();
         f.set_modified(SystemTime::now() - age).unwrap();
+    }
+
+    async fn open_store(dir: &Path) -> FsStore {
+        FsStore::open(&FsSettings {
+            root: dir.to_path_buf(),
+            public_base_url: Some("https://cdn.example.com".into()),
+        })
+        .await
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn put_if_absent_writes_a_picture_once_and_says_when_it_was_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        let ops = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = ops.clone();
+        let observe: OpObserver = Arc::new(move |op, _| seen.lock().unwrap().push(op));
+        let key = "avatars/ab/abcdef.jpg";
+        let put = |body: &'static [u8]| {
+            store.put_if_absent(key, Bytes::from_static(body), "image/jpeg", Some(&observe))
+        };
+        assert!(
+            !put(b"first").await.unwrap(),
+            "a new key was reported present"
+        );
+        // Pending (written, not yet published) counts as present.
+        assert!(put(b"second").await.unwrap());
+        store.sync().await.unwrap();
+        assert!(put(b"third").await.unwrap());
+        assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), b"first");
+        assert_eq!(
+            *ops.lock().unwrap(),
+            [StoreOp::Put, StoreOp::Exists, StoreOp::Exists]
+        );
+        let tmp_shard = std::fs::read_dir(dir.path().join(TMP_DIR).join("ab")).unwrap();
+        assert_eq!(tmp_shard.count(), 0, "a skipped write left a temp file");
+    }
+
+    #[tokio::test]
+    async fn missing_answers_for_many_keys_and_counts_unsynced_writes_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        assert!(store.checks_in_bulk());
+        let body = || Bytes::from_static(b"jpeg");
+        let (synced, unsynced, never) = (
+            "avatars/ab/ab01.jpg",
+            "avatars/cd/cd01.jpg",
+            "avatars/ef/ef01.jpg",
+        );
+        store.put(synced, body(), "image/jpeg").await.unwrap();
+        store.sync().await.unwrap();
+        store.put(unsynced, body(), "image/jpeg").await.unwrap();
+        let keys = [synced, unsynced, never].map(str::to_owned).to_vec();
+        let missing = store.missing(keys.clone()).await.unwrap();
+        assert_eq!(missing, HashSet::from([never.to_owned()]));
+        std::fs::remove_file(dir.path().join(synced)).unwrap();
+        let missing = store.missing(keys).await.unwrap();
+        assert_eq!(
+            missing,
+            HashSet::from([never.to_owned(), synced.to_owned()])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shard_directory_removed_while_running_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open_store(dir.path()).await;
+        let body = || Bytes::from_static(b"jpeg");
+        store
+            .put("avatars/ab/ab01.jpg", body(), "image/jpeg")
+            .await
+            .unwrap();
+        store.sync().await.unwrap();
+        // An operator empties the store by hand while the worker runs.
+        std::fs::remove_dir_all(dir.path().join("avatars")).unwrap();
+        std::fs::remove_dir_all(dir.path().join(TMP_DIR)).unwrap();
+        for key in ["avatars/ab/ab02.jpg", "avatars/cd/cd01.jpg"] {
+            assert!(
+                !store
+                    .put_if_absent(key, body(), "image/jpeg", None)
+                    .await
+                    .unwrap()
+            );
+        }
+        store.sync().await.unwrap();
+        for key in ["avatars/ab/ab02.jpg", "avatars/cd/cd01.jpg"] {
+            assert_eq!(
+                std::fs::read(dir.path().join(key)).unwrap(),
+                b"jpeg",
+                "{key}"
+            );
+        }
     }
 
     #[tokio::test]

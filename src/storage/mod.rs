@@ -58,6 +58,40 @@ impl StoreError {
 pub trait ObjectStore: Send + Sync {
     async fn exists(&self, key: &str) -> Result<bool, StoreError>;
     async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<(), StoreError>;
+    /// Stores `body` under `key` unless an object is there already, and says
+    /// whether it was (then nothing is written). The default asks, then
+    /// writes, timing each: for S3 a HEAD costs less than a PUT of the body,
+    /// and several servers ignore `If-None-Match: *`. The fs store checks
+    /// inside its write, saving a thread hand-off per picture.
+    async fn put_if_absent(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+        observe: Option<&OpObserver>,
+    ) -> Result<bool, StoreError> {
+        if timed(observe, StoreOp::Exists, self.exists(key)).await? {
+            return Ok(true);
+        }
+        timed(observe, StoreOp::Put, self.put(key, body, content_type)).await?;
+        Ok(false)
+    }
+    /// Whether `missing` answers for a page of keys more cheaply than
+    /// `exists` key by key (fs: one blocking task for the page instead of a
+    /// thread hand-off per key; S3 needs a request per key either way).
+    fn checks_in_bulk(&self) -> bool {
+        false
+    }
+    /// Which of `keys` are not stored; a write not yet synced counts as stored.
+    async fn missing(&self, keys: Vec<String>) -> Result<HashSet<String>, StoreError> {
+        let mut missing = HashSet::new();
+        for key in keys {
+            if !self.exists(&key).await? {
+                missing.insert(key);
+            }
+        }
+        Ok(missing)
+    }
     /// The URL the app will show for this key.
     fn public_url(&self, key: &str) -> String;
     /// Cheap reachability check for readiness and start-up.
@@ -137,6 +171,20 @@ pub fn join_url(base: &str, key: &str) -> String {
     )
 }
 
+/// Runs one store operation and reports its duration to `observe`.
+pub async fn timed<T>(
+    observe: Option<&OpObserver>,
+    op: StoreOp,
+    fut: impl Future<Output = T>,
+) -> T {
+    let started = std::time::Instant::now();
+    let out = fut.await;
+    if let Some(observe) = observe {
+        observe(op, started.elapsed());
+    }
+    out
+}
+
 /// How many keys a writer remembers as present, to skip existence checks
 /// for pictures many users share. Bounded so memory stays flat.
 const KNOWN_KEYS_CAP: usize = 16_384;
@@ -173,15 +221,6 @@ impl ImageWriter {
     pub fn observed(mut self, observe: OpObserver) -> Self {
         self.observe = Some(observe);
         self
-    }
-
-    async fn timed<T>(&self, op: StoreOp, fut: impl Future<Output = T>) -> T {
-        let started = std::time::Instant::now();
-        let out = fut.await;
-        if let Some(observe) = &self.observe {
-            observe(op, started.elapsed());
-        }
-        out
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -251,11 +290,10 @@ impl ImageWriter {
             if self.state.lock().expect("writer lock").known.contains(&key) {
                 return Ok(true);
             }
-            let exists = self.timed(StoreOp::Exists, self.store.exists(&key)).await?;
-            if !exists {
-                self.timed(StoreOp::Put, self.store.put(&key, bytes, format.mime()))
-                    .await?;
-            }
+            let exists = self
+                .store
+                .put_if_absent(&key, bytes, format.mime(), self.observe.as_ref())
+                .await?;
             self.state
                 .lock()
                 .expect("writer lock")

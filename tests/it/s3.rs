@@ -6,7 +6,7 @@
 use avatar_warden::classify::Status;
 use avatar_warden::config::{S3Settings, StorageSettings};
 use avatar_warden::media::ImageFormat;
-use avatar_warden::storage::{CACHE_CONTROL, ImageWriter, S3Store};
+use avatar_warden::storage::{CACHE_CONTROL, ImageWriter, ObjectStore, S3Store};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
@@ -255,14 +255,49 @@ async fn wrong_credentials_fail_at_start_with_a_clear_error(server: Server) {
     assert!(err.to_string().contains("403"), "{err}");
 }
 
-async fn gc_deletes_unreferenced_objects_and_nothing_else(server: Server) {
-    let Some(s3) = S3Target::start(server).await else {
+/// A re-verification must not confirm a mirror whose object left the
+/// bucket: it downloads and stores the picture again. S3 is asked per
+/// avatar (the fs store answers per page; tests/it/writepath.rs).
+async fn an_object_lost_from_the_bucket_is_stored_again(server: Server) {
+    let Some((_s3, app, store)) = scanned_sample(server).await else {
         return;
     };
+    let alice = app.state("1").await;
+    let key = alice.object_key.clone().unwrap();
+    store.delete(&key).await.unwrap();
+    assert!(!store.exists(&key).await.unwrap());
+
+    app.time_passes().await;
+    app.scan().await;
+    assert!(store.exists(&key).await.unwrap(), "{key} stored again");
+    let again = app.state("1").await;
+    assert_eq!(
+        (again.status, again.sha256.as_deref()),
+        (Status::Mirrored, alice.sha256.as_deref())
+    );
+    let bob = app.state("2").await;
+    assert_eq!(
+        bob.reason, "unchanged",
+        "the others are confirmed by headers"
+    );
+}
+
+/// The sample users scanned once into `server`, and the store they went to.
+async fn scanned_sample(
+    server: Server,
+) -> Option<(S3Target, TestApp, std::sync::Arc<dyn ObjectStore>)> {
+    let s3 = S3Target::start(server).await?;
     let mut app = TestApp::spawn().await;
     s3.configure(&mut app);
     app.scan().await;
     let store = app.settings().storage.open().await.unwrap();
+    Some((s3, app, store))
+}
+
+async fn gc_deletes_unreferenced_objects_and_nothing_else(server: Server) {
+    let Some((s3, app, store)) = scanned_sample(server).await else {
+        return;
+    };
     let referenced = app.object_keys().await;
     assert!(referenced.len() >= 3);
     let orphan_bytes = b"an old picture".to_vec();
@@ -327,6 +362,7 @@ on_every_s3_server!(
     mirrors_round_trip_through_a_real_s3_server,
     an_object_already_in_the_bucket_is_not_uploaded_again,
     dedupe_does_not_depend_on_conditional_puts,
+    an_object_lost_from_the_bucket_is_stored_again,
     wrong_credentials_fail_at_start_with_a_clear_error,
     gc_deletes_unreferenced_objects_and_nothing_else,
 );

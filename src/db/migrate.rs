@@ -52,6 +52,11 @@ pub(super) const SQLITE: &[Migration] = &[
         name: "lease_index_partial",
         sql: include_str!("../../migrations/sqlite/0008_lease_index_partial.sql"),
     },
+    Migration {
+        version: 9,
+        name: "hot_updates",
+        sql: include_str!("../../migrations/sqlite/0009_hot_updates.sql"),
+    },
 ];
 
 pub(super) const POSTGRES: &[Migration] = &[
@@ -95,6 +100,11 @@ pub(super) const POSTGRES: &[Migration] = &[
         name: "lease_index_partial",
         sql: include_str!("../../migrations/postgres/0008_lease_index_partial.sql"),
     },
+    Migration {
+        version: 9,
+        name: "hot_updates",
+        sql: include_str!("../../migrations/postgres/0009_hot_updates.sql"),
+    },
 ];
 
 pub(super) const MYSQL: &[Migration] = &[
@@ -137,6 +147,11 @@ pub(super) const MYSQL: &[Migration] = &[
         version: 8,
         name: "lease_index_partial",
         sql: include_str!("../../migrations/mysql/0008_lease_index_partial.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "hot_updates",
+        sql: include_str!("../../migrations/mysql/0009_hot_updates.sql"),
     },
 ];
 

@@ -8,6 +8,7 @@ mod columns;
 mod dialect;
 mod driver;
 mod error;
+mod held;
 mod ident;
 mod migrate;
 mod mysql;
@@ -47,6 +48,8 @@ pub struct Database {
     endpoint: String,
     /// `profile.mirror_url_column` and `profile.reauth_column`, when set.
     write_back_columns: (Option<String>, Option<String>),
+    /// What each scan holds leased, for the heartbeat and the release.
+    held: held::Held,
 }
 
 /// Where a database URL points: `host:port` for a server, the path for
@@ -147,6 +150,7 @@ impl ProfileSettings {
                 timeout: self.statement_timeout(),
                 endpoint,
                 write_back_columns: (self.mirror_url_column.clone(), self.reauth_column.clone()),
+                held: held::Held::default(),
             }),
             // The socket's own reason ("connection refused") says more than the pool's "timed out".
             Err(DbError::Connect { endpoint, source }) if scheme != "sqlite" => {
@@ -169,6 +173,27 @@ pub struct StatusCounts {
     pub counts: Vec<(String, i64)>,
     pub reauth_required: i64,
     pub due_now: i64,
+}
+
+/// What a scan would claim now, for the backlog gauges and `status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Due avatars, never-checked ones included.
+    pub due: i64,
+    /// Unix time the longest-waiting re-check became due (avatars with a
+    /// state row; never-checked ones are due from the start).
+    pub oldest_due_at: Option<i64>,
+}
+
+impl Backlog {
+    /// Adds the backlog of another window of the walk.
+    fn add(&mut self, window: Backlog) {
+        self.due += window.due;
+        self.oldest_due_at = match (self.oldest_due_at, window.oldest_due_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
 }
 
 /// What `status` shows: counts, the backlog, and the last run.
@@ -264,7 +289,14 @@ impl Database {
     pub async fn claim_page(&self, claim: &Claim<'_>) -> Result<ClaimedPage, DbError> {
         // Concurrent claims and batch writes can deadlock on InnoDB's gap
         // locks; the loser's transaction was rolled back whole: run it again.
-        rerun_deadlocks(|| async { self.timed(self.store.claim_page(claim)).await }).await
+        let page =
+            rerun_deadlocks(|| async { self.timed(self.store.claim_page(claim)).await }).await?;
+        if !claim.selection.dry_run {
+            let ids: Vec<String> = page.claimed.iter().map(|d| d.user_id.to_string()).collect();
+            self.held
+                .claimed(claim.token, ids.iter().map(String::as_str));
+        }
+        Ok(page)
     }
 
     /// Writes a batch of outcomes (state rows and write-back) in one
@@ -294,14 +326,31 @@ impl Database {
         if records.is_empty() {
             return Ok(Recorded::default());
         }
-        match self.record_once(records, outbox, token).await {
+        let recorded = match self.record_once(records, outbox, token).await {
             Err(e) if e.is_data_error() => {
                 tracing::warn!(error = %e, rows = records.len(), "a row of the batch was refused: writing them one by one");
                 self.record_one_by_one(records, outbox, token, refused)
                     .await
             }
             other => other,
-        }
+        }?;
+        // Written rows gave their lease back; so did rows another worker took
+        // over. A row refused even as `record_error` stays held (released
+        // at the end of the scan).
+        let kept: Vec<usize> = recorded
+            .replaced
+            .iter()
+            .filter(|(_, r)| r.is_none())
+            .map(|(i, _)| *i)
+            .collect();
+        let ids: Vec<String> = records
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !kept.contains(i))
+            .map(|(_, r)| r.user_id.to_string())
+            .collect();
+        self.held.settled(token, ids.iter().map(String::as_str));
+        Ok(recorded)
     }
 
     async fn record_once(
@@ -402,12 +451,14 @@ impl Database {
     /// claimed and has not written yet, so a slow page is never taken over
     /// by another replica while its holder is alive.
     pub async fn renew_leases(&self, token: &str, until: i64) -> Result<u64, DbError> {
-        rerun_deadlocks(|| async { self.timed(self.store.renew(token, until)).await }).await
+        let ids = self.held.ids(token);
+        rerun_deadlocks(|| async { self.timed(self.store.renew(token, until, &ids)).await }).await
     }
 
     /// Gives back every lease `token` still holds (avatars claimed but not checked).
     pub async fn release(&self, token: &str) -> Result<u64, DbError> {
-        self.timed(self.store.release(token)).await
+        let ids = self.held.take(token);
+        self.timed(self.store.release(token, &ids)).await
     }
 
     /// State rows after `after` (by user id text), for `export`.
@@ -425,13 +476,13 @@ impl Database {
 
     /// Avatars due now, counted one window of the walk per statement, each
     /// under the statement timeout (one statement over 10M rows was not).
-    pub async fn count_due(&self, now: i64) -> Result<i64, DbError> {
-        let (mut total, mut after) = (0, None);
+    pub async fn count_due(&self, now: i64) -> Result<Backlog, DbError> {
+        let (mut total, mut after) = (Backlog::default(), None);
         loop {
-            let (n, end) = self
+            let (window, end) = self
                 .timed(self.store.count_due_in(after.as_ref(), now))
                 .await?;
-            total += n;
+            total.add(window);
             match end {
                 Some(end) => after = Some(end),
                 None => return Ok(total),
@@ -479,20 +530,15 @@ impl Database {
         self.timed(self.store.record_run(run)).await
     }
 
-    /// When the avatar that has waited longest since it came due came due
-    /// (avatars with a state row; never-checked ones are due from the start).
-    pub async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError> {
-        self.timed(self.store.oldest_due(now)).await
-    }
-
     /// Counts, backlog, oldest due item and last run, for `status`.
     pub async fn status(&self, now: i64) -> Result<StatusSummary, DbError> {
         let counts = self.status_counts(now).await?;
+        let backlog = self.count_due(now).await?;
         Ok(StatusSummary {
             counts: counts.counts.into_iter().collect(),
             reauth_required: counts.reauth_required,
-            due_backlog: self.count_due(now).await?,
-            oldest_due_at: self.timed(self.store.oldest_due(now)).await?,
+            due_backlog: backlog.due,
+            oldest_due_at: backlog.oldest_due_at,
             last_run: self.timed(self.store.last_run()).await?,
             outbox: self.outbox_backlog().await?,
         })
@@ -621,5 +667,23 @@ mod tests {
             "the connection to the profile database at db:3306 was lost"
         );
         assert!(lost.is_retryable());
+    }
+
+    #[test]
+    fn the_backlog_of_the_walk_is_the_sum_of_its_windows_and_their_oldest() {
+        let mut total = Backlog::default();
+        for (due, oldest) in [(2, Some(2000)), (0, None), (3, Some(1000)), (1, None)] {
+            total.add(Backlog {
+                due,
+                oldest_due_at: oldest,
+            });
+        }
+        assert_eq!(
+            total,
+            Backlog {
+                due: 6,
+                oldest_due_at: Some(1000)
+            }
+        );
     }
 }

@@ -7,7 +7,7 @@ use super::columns::{RUNS_TABLE, STATE_TABLE, record, state_names};
 use super::dialect::{Args, Dialect};
 use super::driver::{Driver, Row};
 use super::store::Store;
-use super::{DbError, RunRecord, Selection, StatusCounts};
+use super::{Backlog, DbError, RunRecord, Selection, StatusCounts};
 use crate::model::{AvatarRecord, UserId};
 
 /// Object keys asked about in one `gc` statement.
@@ -21,14 +21,13 @@ pub(super) trait RunStore: Send + Sync {
         limit: usize,
     ) -> Result<Vec<AvatarRecord>, DbError>;
     async fn status_counts(&self, now: i64) -> Result<StatusCounts, DbError>;
-    /// Due avatars in the walk's window after `after`, and where it ended
+    /// The backlog in the walk's window after `after`, and where it ended
     /// (`None`: at the table's end).
     async fn count_due_in(
         &self,
         after: Option<&UserId>,
         now: i64,
-    ) -> Result<(i64, Option<UserId>), DbError>;
-    async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError>;
+    ) -> Result<(Backlog, Option<UserId>), DbError>;
     async fn record_run(&self, run: &RunRecord) -> Result<(), DbError>;
     async fn last_run(&self) -> Result<Option<RunRecord>, DbError>;
     async fn last_completed_at(&self) -> Result<Option<i64>, DbError>;
@@ -105,11 +104,14 @@ impl<D: Dialect> RunStore for Store<D> {
         &self,
         after: Option<&UserId>,
         now: i64,
-    ) -> Result<(i64, Option<UserId>), DbError> {
+    ) -> Result<(Backlog, Option<UserId>), DbError> {
         let end = self.window_end(after).await?;
         let mut p = D::params();
+        // The oldest due re-check comes from the rows this walk reads anyway:
+        // an index on next_check_at for it cost an entry per settle (#19).
         let sql = format!(
-            "SELECT COUNT(*) AS n {}",
+            "SELECT COUNT(*) AS n, MIN(CASE WHEN s.next_check_at <= {} THEN s.next_check_at END) AS oldest {}",
+            p.one(),
             self.due_from(
                 after.is_some(),
                 end.is_some(),
@@ -118,25 +120,18 @@ impl<D: Dialect> RunStore for Store<D> {
             )
         );
         let mut args = Args::<D>::default();
+        D::Db::bind(&mut args, now.into())?;
         Self::bind_range(&mut args, after, end.as_ref())?;
         for v in [now, now] {
             D::Db::bind(&mut args, v.into())?;
         }
         let rows = self.fetch(&sql, args).await?;
         let row = rows.first().ok_or(sqlx::Error::RowNotFound)?;
-        Ok((D::Db::required_int(row, "n")?, end))
-    }
-
-    async fn oldest_due(&self, now: i64) -> Result<Option<i64>, DbError> {
-        let sql = format!(
-            "SELECT MIN(next_check_at) AS t FROM {STATE_TABLE} WHERE next_check_at <= {}",
-            D::params().one()
-        );
-        let rows = self.fetch(&sql, Self::args([now.into()])?).await?;
-        Ok(match rows.first() {
-            Some(row) => D::Db::int(row, "t")?,
-            None => None,
-        })
+        let backlog = Backlog {
+            due: D::Db::required_int(row, "n")?,
+            oldest_due_at: D::Db::int(row, "oldest")?,
+        };
+        Ok((backlog, end))
     }
 
     async fn record_run(&self, run: &RunRecord) -> Result<(), DbError> {

@@ -11,7 +11,7 @@ use super::claim::{
     Candidate, Claim, ClaimedPage, Locked, Selection, WALK_WINDOW, WalkCursor, WindowEnd,
     select_claims, unclaimed,
 };
-use super::columns::{Assign, LOCK_COLUMNS, STATE_TABLE, locked};
+use super::columns::{Assign, LOCK_COLUMNS, SETTLE_LEASE, STATE_TABLE, locked};
 use super::dialect::{Args, Dialect, ROWS_PER_STATEMENT, bind_id};
 use super::driver::{Driver, Params, Row, Value};
 use super::migrate::MIGRATIONS_TABLE;
@@ -43,8 +43,10 @@ pub(super) trait ScanStore: Send + Sync {
         outbox: &[OutboxRow],
         token: &str,
     ) -> Result<Recorded, DbError>;
-    async fn renew(&self, token: &str, until: i64) -> Result<u64, DbError>;
-    async fn release(&self, token: &str) -> Result<u64, DbError>;
+    /// Extends the leases `token` holds on `ids` (found by primary key).
+    async fn renew(&self, token: &str, until: i64, ids: &[String]) -> Result<u64, DbError>;
+    /// Clears the leases `token` holds on `ids`.
+    async fn release(&self, token: &str, ids: &[String]) -> Result<u64, DbError>;
 }
 
 /// One backend: its pool, the configured profile names and its dialect.
@@ -498,23 +500,48 @@ impl<D: Dialect> ScanStore for Store<D> {
         })
     }
 
-    async fn renew(&self, token: &str, until: i64) -> Result<u64, DbError> {
-        let mut p = D::params();
-        let sql = format!(
-            "UPDATE {STATE_TABLE} SET lease_expires_at = {} WHERE lease_token = {}",
-            p.one(),
-            p.one()
-        );
-        self.execute(&sql, Self::args([until.into(), token.into()])?)
+    async fn renew(&self, token: &str, until: i64, ids: &[String]) -> Result<u64, DbError> {
+        let set = |p: &mut Params| format!("lease_expires_at = {}", p.one());
+        self.per_held_chunk(token, ids, Some(until.into()), set)
             .await
     }
 
-    async fn release(&self, token: &str) -> Result<u64, DbError> {
-        let sql = format!(
-            "UPDATE {STATE_TABLE} SET lease_token = NULL, lease_expires_at = NULL WHERE lease_token = {}",
-            D::params().one()
-        );
-        self.execute(&sql, Self::args([token.into()])?).await
+    async fn release(&self, token: &str, ids: &[String]) -> Result<u64, DbError> {
+        self.per_held_chunk(token, ids, None, |_| SETTLE_LEASE.to_string())
+            .await
+    }
+}
+
+impl<D: Dialect> Store<D> {
+    /// `UPDATE … SET {set}` on the rows of `ids` still leased to `token`, a
+    /// chunk of ids per statement (found by primary key, the token a filter);
+    /// `value` fills the parameter `set` takes, if any.
+    async fn per_held_chunk(
+        &self,
+        token: &str,
+        ids: &[String],
+        value: Option<Value>,
+        set: impl Fn(&mut Params) -> String,
+    ) -> Result<u64, DbError> {
+        let mut changed = 0;
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let mut p = D::params();
+            let sql = format!(
+                "UPDATE {STATE_TABLE} SET {} WHERE user_id IN ({}) AND lease_token = {}",
+                set(&mut p),
+                p.list(chunk.len()),
+                p.one(),
+            );
+            let args = Self::args(
+                value
+                    .clone()
+                    .into_iter()
+                    .chain(chunk.iter().map(|id| id.as_str().into()))
+                    .chain(std::iter::once(token.into())),
+            )?;
+            changed += self.execute(&sql, args).await?;
+        }
+        Ok(changed)
     }
 }
 

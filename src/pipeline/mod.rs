@@ -289,12 +289,12 @@ async fn rewrite_first(deps: &Deps, opts: &ScanOptions) -> Result<u64, ScanError
 async fn update_backlog(deps: &Deps) {
     let now = unix_now();
     match deps.db.count_due(now).await {
-        Ok(n) => deps.metrics.set_due_backlog(n),
+        Ok(backlog) => {
+            deps.metrics.set_due_backlog(backlog.due);
+            let age = backlog.oldest_due_at.map_or(0, |t| now - t);
+            deps.metrics.set_oldest_due_age(age);
+        }
         Err(e) => tracing::warn!(error = %e, "could not count the due backlog"),
-    }
-    match deps.db.oldest_due(now).await {
-        Ok(at) => deps.metrics.set_oldest_due_age(at.map_or(0, |t| now - t)),
-        Err(e) => tracing::warn!(error = %e, "could not read the oldest due avatar"),
     }
 }
 

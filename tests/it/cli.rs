@@ -85,7 +85,7 @@ async fn scan_exits_2_when_some_avatars_are_failing_and_export_follows_the_contr
     let out = run(&app, &["migrate"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("applied [1, 2, 3, 4, 5, 6, 7, 8]"),
+        stdout(&out).contains("applied [1, 2, 3, 4, 5, 6, 7, 8, 9]"),
         "{}",
         stdout(&out)
     );

@@ -264,10 +264,113 @@ async fn a_kill_loses_at_most_the_last_flush_interval(backend: Backend) {
     assert_eq!(leased.as_deref(), Some("0"), "finished rows hold no lease");
 }
 
+/// PostgreSQL with `users` numbered users, scanned once by the binary (whose
+/// exit flushes its connections' statistics).
+async fn scanned_postgres_users(users: i64) -> Option<TestApp> {
+    let app = TestApp::numbered_users(Backend::Postgres, users, "/avatar/png/").await?;
+    let out = run(&app, &["scan", "--no-progress"]);
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    Some(app)
+}
+
+/// The state table's (updates, HOT updates) so far, once at least `least`
+/// updates have been flushed to the statistics.
+async fn state_updates(app: &TestApp, least: i64) -> (i64, i64) {
+    let mut counts = (0, 0);
+    for _ in 0..100 {
+        let row = app
+            .text("SELECT n_tup_upd || ',' || n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'avatar_warden_avatars'")
+            .await
+            .unwrap_or_default();
+        if let Some((upd, hot)) = row.split_once(',') {
+            counts = (upd.parse().unwrap(), hot.parse().unwrap());
+        }
+        if counts.0 >= least {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    counts
+}
+
+/// #19: a re-verification that finds every picture unchanged changes no
+/// indexed column (the lease and next check time are not indexed since
+/// migration 9), so PostgreSQL updates its rows in place (HOT) and adds no
+/// index entry. Before, every claim and settle was a non-HOT update (0 of
+/// 4,000 here with the old indexes put back): half of PostgreSQL's CPU in a
+/// re-verification of 1M rows. Not all are HOT (65 % here): a claim updates
+/// a page of rows in one transaction, and a heap page has room for the new
+/// versions of only some of its rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_verification_updates_rows_without_touching_an_index() {
+    const USERS: i64 = 2_000;
+    let Some(app) = scanned_postgres_users(USERS).await else {
+        return;
+    };
+    app.time_passes().await;
+    // As autovacuum leaves the table between re-verifications (the test's
+    // mass update leaves a dead version of every row behind).
+    app.sql(&["VACUUM avatar_warden_avatars"]).await;
+    let (upd, hot) = state_updates(&app, 3 * USERS).await;
+    let out = run(&app, &["scan", "--no-progress", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["processed"], USERS, "{report}");
+    // The claim and the settle: two updates per avatar.
+    let (upd2, hot2) = state_updates(&app, upd + 2 * USERS).await;
+    let (upd, hot) = (upd2 - upd, hot2 - hot);
+    assert!(upd >= 2 * USERS, "{upd} updates");
+    assert!(
+        hot * 10 >= upd * 4,
+        "{hot} of {upd} updates in a re-verification were HOT"
+    );
+}
+
+/// Migration 9 on a database at version 8 that holds state rows: the lease
+/// and next-check indexes go, and scans go on (the heartbeat and release
+/// find rows by primary key, the oldest due avatar comes from the walk).
+async fn a_database_at_version_8_upgrades_and_scans(backend: Backend) {
+    let Some(app) = TestApp::spawn_on(backend).await else {
+        return;
+    };
+    app.scan().await;
+    let lease_index = match backend {
+        Backend::MySql => {
+            "CREATE INDEX avatar_warden_avatars_lease ON avatar_warden_avatars (lease_token)"
+        }
+        _ => {
+            "CREATE INDEX avatar_warden_avatars_leased ON avatar_warden_avatars (lease_token) WHERE lease_token IS NOT NULL"
+        }
+    };
+    // Back to version 8 as it was.
+    app.sql(&[
+        "DELETE FROM avatar_warden_migrations WHERE version = 9",
+        lease_index,
+        "CREATE INDEX avatar_warden_avatars_next_check ON avatar_warden_avatars (next_check_at)",
+    ])
+    .await;
+    let out = run(&app, &["migrate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", crate::cli::stderr(&out));
+    assert!(stdout(&out).contains("applied [9]"), "{}", stdout(&out));
+    app.sql(&["UPDATE avatar_warden_avatars SET next_check_at = 1000 WHERE status = 'mirrored'"])
+        .await;
+    let now = avatar_warden::app::unix_now();
+    let deps = app.deps().await;
+    let due = deps.database().status(now).await.unwrap();
+    assert_eq!((due.due_backlog, due.oldest_due_at), (6, Some(1000)));
+    let report = app.scan_with(&deps).await;
+    assert_eq!(report.processed, 6, "{report:?}");
+    let leased = app
+        .text("SELECT CAST(COUNT(*) AS VARCHAR(20)) FROM avatar_warden_avatars WHERE lease_token IS NOT NULL")
+        .await;
+    assert_eq!(leased.as_deref(), Some("0"));
+}
+
 crate::on_every_backend!(
     slow_replicas_never_fetch_twice_with_a_short_lease,
     a_kill_loses_at_most_the_last_flush_interval,
     a_failed_scan_is_recorded_with_its_error,
+    a_database_at_version_8_upgrades_and_scans,
 );
 
 /// A webhook receiver that accepts connections and never answers.
@@ -426,4 +529,50 @@ async fn a_second_sigterm_exits_at_once_with_143() {
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(143));
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
+}
+
+/// The rows PostgreSQL read through each index of the state table, once the
+/// scan's backends (gone with the process) have flushed their statistics.
+async fn state_index_reads(app: &TestApp, users: i64) -> Vec<(String, i64)> {
+    for _ in 0..100 {
+        let updated: i64 = app
+            .text("SELECT CAST(n_tup_upd AS TEXT) FROM pg_stat_user_tables WHERE relname = 'avatar_warden_avatars'")
+            .await
+            .map_or(0, |n| n.parse().unwrap());
+        if updated >= users {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let list = app
+        .text(
+            "SELECT string_agg(indexrelname || '=' || idx_tup_read, ',' ORDER BY indexrelname) \
+             FROM pg_stat_user_indexes WHERE relname = 'avatar_warden_avatars'",
+        )
+        .await
+        .unwrap_or_default();
+    list.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect()
+}
+
+/// A regression test for #19: the writer's check that it still held its
+/// leases read every leased row of the claimed window through the lease
+/// index, once per write batch (window × batches, 11 rows per avatar here),
+/// and tested each against the batch's id list. Each statement now finds its
+/// rows by primary key: a scan reads a few index entries per avatar, however
+/// large the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_reads_a_few_index_entries_per_avatar_not_the_window_per_batch() {
+    const USERS: i64 = 3_000;
+    let Some(app) = scanned_postgres_users(USERS).await else {
+        return;
+    };
+    let reads = state_index_reads(&app, USERS).await;
+    let total: i64 = reads.iter().map(|(_, n)| n).sum();
+    assert!(
+        total <= 3 * USERS,
+        "index entries read in a scan of {USERS} users: {reads:?}"
+    );
 }

@@ -25,20 +25,17 @@ impl Held {
     }
 
     /// `token` now holds `ids`.
-    pub(super) fn claimed<'a>(&self, token: &str, ids: impl IntoIterator<Item = &'a str>) {
-        self.with(|map| {
-            let held = map.entry(token.to_string()).or_default();
-            held.extend(ids.into_iter().map(str::to_string));
-        });
+    pub(super) fn claimed(&self, token: &str, ids: impl IntoIterator<Item = String>) {
+        self.with(|map| map.entry(token.to_string()).or_default().extend(ids));
     }
 
     /// `ids` were written (their leases cleared with them) or were found
     /// taken over: `token` no longer holds them.
-    pub(super) fn settled<'a>(&self, token: &str, ids: impl IntoIterator<Item = &'a str>) {
+    pub(super) fn settled(&self, token: &str, ids: impl IntoIterator<Item = String>) {
         self.with(|map| {
             if let Some(held) = map.get_mut(token) {
                 for id in ids {
-                    held.remove(id);
+                    held.remove(&id);
                 }
                 if held.is_empty() {
                     map.remove(token);
@@ -70,6 +67,10 @@ impl Held {
 mod tests {
     use super::*;
 
+    fn ids<const N: usize>(ids: [&str; N]) -> impl Iterator<Item = String> {
+        ids.into_iter().map(str::to_string)
+    }
+
     fn sorted(mut v: Vec<String>) -> Vec<String> {
         v.sort();
         v
@@ -78,12 +79,12 @@ mod tests {
     #[test]
     fn a_token_holds_what_it_claimed_until_settled_or_taken() {
         let held = Held::default();
-        held.claimed("a", ["1", "2", "3"]);
-        held.claimed("b", ["9"]);
-        held.settled("a", ["2"]);
+        held.claimed("a", ids(["1", "2", "3"]));
+        held.claimed("b", ids(["9"]));
+        held.settled("a", ids(["2"]));
         assert_eq!(sorted(held.ids("a")), ["1", "3"]);
         // Another token's settle never drops this one's ids.
-        held.settled("b", ["1"]);
+        held.settled("b", ids(["1"]));
         assert_eq!(sorted(held.ids("a")), ["1", "3"]);
         assert_eq!(sorted(held.take("a")), ["1", "3"]);
         assert!(held.ids("a").is_empty());
@@ -93,8 +94,8 @@ mod tests {
     #[test]
     fn a_fully_settled_token_leaves_nothing_behind() {
         let held = Held::default();
-        held.claimed("a", ["1"]);
-        held.settled("a", ["1"]);
+        held.claimed("a", ids(["1"]));
+        held.settled("a", ids(["1"]));
         assert!(held.with(|map| map.is_empty()));
     }
 }

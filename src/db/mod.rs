@@ -292,9 +292,8 @@ impl Database {
         let page =
             rerun_deadlocks(|| async { self.timed(self.store.claim_page(claim)).await }).await?;
         if !claim.selection.dry_run {
-            let ids: Vec<String> = page.claimed.iter().map(|d| d.user_id.to_string()).collect();
-            self.held
-                .claimed(claim.token, ids.iter().map(String::as_str));
+            let ids = page.claimed.iter().map(|d| d.user_id.to_string());
+            self.held.claimed(claim.token, ids);
         }
         Ok(page)
     }
@@ -343,13 +342,12 @@ impl Database {
             .filter(|(_, r)| r.is_none())
             .map(|(i, _)| *i)
             .collect();
-        let ids: Vec<String> = records
+        let ids = records
             .iter()
             .enumerate()
             .filter(|(i, _)| !kept.contains(i))
-            .map(|(_, r)| r.user_id.to_string())
-            .collect();
-        self.held.settled(token, ids.iter().map(String::as_str));
+            .map(|(_, r)| r.user_id.to_string());
+        self.held.settled(token, ids);
         Ok(recorded)
     }
 
